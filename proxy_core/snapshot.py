@@ -1,0 +1,402 @@
+"""The proxy snapshot: the one contract between the control plane and the data plane.
+
+Pilot compiles Istio configuration plus the service registry into one immutable
+snapshot per node (see ``mesh.compiler``); a proxy swaps it in atomically.  On the
+wire (object store, control socket, ``--snapshot file.json``) it is a plain JSON-able
+dict; ``Snapshot.from_dict`` turns it into the frozen, slotted objects below, with
+regexes compiled once, so the request path never parses configuration.
+
+Shape of the dict (every key optional unless marked *required*)::
+
+    {
+      "version": "c12.r7.3f9a1c2e",                    # required, opaque, compared for equality
+      "node": {"id": "<ray node id>", "ip": "127.0.0.1"},
+      "listeners": {
+        "http_proxy": {"host": "127.0.0.1", "port": 15001},   # HTTP_PROXY target (absolute-form)
+        "inbound":    {"host": "127.0.0.1", "port": 15006},   # node-to-node tunnel entry
+      },
+      "outbound_policy": "ALLOW_ANY" | "REGISTRY_ONLY",        # unknown authority: pass through or 502
+      "vips": [{"address": "127.10.0.3", "port": 9080,
+                "host": "reviews.default.svc.cluster.local", "protocol": "http"}],
+      "virtual_hosts": [{
+          "name": "reviews.default.svc.cluster.local:9080",
+          "host": "reviews.default.svc.cluster.local",
+          "port": 9080,
+          "domains": ["reviews", "reviews.default", "reviews.default.svc.cluster.local", "127.10.0.3"],
+          "routes": [ROUTE, ...]}],
+      "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...}
+    }
+
+ROUTE::
+
+    {"name": "reviews-v2-for-jason",
+     "match": [MATCH, ...],            # OR of the list; empty or missing = match everything
+     # exactly one of route / redirect / direct_response:
+     "route": [{"cluster": "outbound|9080|v2|reviews...", "weight": 100,
+                "headers": HEADER_OPS}],
+     "redirect": {"uri": "/x", "authority": "h", "port": 8080, "scheme": "https",
+                  "redirect_code": 301},
+     "direct_response": {"status": 503, "body": "text"},
+     "rewrite": {"uri": "/v1/", "authority": "h",
+                 "uri_regex": {"match": "^/a/(.*)", "rewrite": "/b/\\1"}},
+     "timeout": 2.5,                   # seconds; null/absent = no route timeout
+     "retries": {"attempts": 2, "per_try_timeout": 0.5,
+                 "retry_on": ["5xx", "gateway-error", "connect-failure", "reset",
+                              "retriable-4xx", "retriable-status-codes", "refused-stream"],
+                 "retriable_status_codes": [503]},          # null = no retries
+     "fault": {"delay": {"fixed_delay": 5.0, "percentage": 100.0},
+               "abort": {"http_status": 500, "percentage": 50.0}},
+     "headers": HEADER_OPS}
+
+MATCH (Istio HTTPMatchRequest, snake_cased; STRING_MATCH is {"exact"|"prefix"|"regex": str})::
+
+    {"uri": STRING_MATCH, "scheme": STRING_MATCH, "method": STRING_MATCH,
+     "authority": STRING_MATCH, "headers": {"end-user": STRING_MATCH},
+     "without_headers": {"x-debug": STRING_MATCH}, "query_params": {"u": STRING_MATCH},
+     "port": 9080, "ignore_uri_case": false}
+
+Header names are lower case.  An empty STRING_MATCH ``{}`` in ``headers`` means "present";
+in ``without_headers`` it means "absent".  Regexes are RE2-style full matches.
+
+HEADER_OPS::
+
+    {"request":  {"set": {"k": "v"}, "add": {"k": "v"}, "remove": ["k"]},
+     "response": {"set": {...}, "add": {...}, "remove": [...]}}
+
+CLUSTER::
+
+    {"service": "reviews.default.svc.cluster.local", "port": 9080, "subset": "v1",
+     "connect_timeout": 10.0,
+     "lb": {"policy": "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "RING_HASH",
+            "hash": {"header": "x-user"} | {"cookie": {"name": "u", "ttl": 0, "path": "/"}}
+                    | {"source_ip": true} | {"query_param": "user"},   # only for RING_HASH
+            "ring_size": 1024},
+     "endpoints": [{"address": "127.0.0.1", "port": 40123, "node": "<node id>",
+                    "labels": {"version": "v1"},
+                    "via": {"address": "127.0.0.1", "port": 15006} | null}]}
+
+``via`` is set when the endpoint lives on another node: the client-side proxy opens a
+tunnel to that node's inbound listener (``CONNECT address:port``) instead of dialling the
+endpoint directly.  Cluster names follow Envoy/Istio: ``outbound|PORT|SUBSET|HOST``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# -- small value objects ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio StringMatch: exactly one of exact / prefix / regex; all None means 'any value'."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "StringMatch":
+        d = d or {}
+        rx = d.get("regex")
+        return cls(exact=d.get("exact"), prefix=d.get("prefix"), regex=re.compile(rx) if rx is not None else None)
+
+    def matches(self, value: str | None, ignore_case: bool = False) -> bool:
+        if value is None:
+            return False
+        if self.exact is not None:
+            return value.lower() == self.exact.lower() if ignore_case else value == self.exact
+        if self.prefix is not None:
+            return value.lower().startswith(self.prefix.lower()) if ignore_case else value.startswith(self.prefix)
+        if self.regex is not None:
+            return self.regex.fullmatch(value) is not None
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "HeaderOps":
+        d = d or {}
+        return cls(
+            set=tuple((k.lower(), str(v)) for k, v in (d.get("set") or {}).items()),
+            add=tuple((k.lower(), str(v)) for k, v in (d.get("add") or {}).items()),
+            remove=tuple(k.lower() for k in (d.get("remove") or ())),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Headers":
+        d = d or {}
+        return cls(HeaderOps.from_dict(d.get("request")), HeaderOps.from_dict(d.get("response")))
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+    ignore_uri_case: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Match":
+        def sm(key: str) -> StringMatch | None:
+            return StringMatch.from_dict(d[key]) if d.get(key) is not None else None
+
+        def smap(key: str) -> tuple[tuple[str, StringMatch], ...]:
+            return tuple((k.lower() if key != "query_params" else k, StringMatch.from_dict(v))
+                         for k, v in (d.get(key) or {}).items())
+
+        return cls(uri=sm("uri"), scheme=sm("scheme"), method=sm("method"), authority=sm("authority"),
+                   headers=smap("headers"), without_headers=smap("without_headers"),
+                   query_params=smap("query_params"), port=d.get("port"),
+                   ignore_uri_case=bool(d.get("ignore_uri_case", False)))
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str
+    weight: int = 100
+    headers: Headers = Headers()
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    scheme: str | None = None
+    redirect_code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    uri: str | None = None
+    authority: str | None = None
+    uri_regex: tuple[re.Pattern[str], str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 0
+    per_try_timeout: float | None = None
+    retry_on: frozenset[str] = frozenset()
+    retriable_status_codes: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: float | None = None              # seconds
+    delay_percentage: float = 100.0
+    abort_status: int | None = None
+    abort_percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    matches: tuple[Match, ...] = ()
+    clusters: tuple[WeightedCluster, ...] = ()
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    timeout: float | None = None
+    retries: RetryPolicy | None = None
+    fault: Fault | None = None
+    headers: Headers = Headers()
+    total_weight: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Route":
+        clusters = tuple(WeightedCluster(c["cluster"], int(c.get("weight", 100)), Headers.from_dict(c.get("headers")))
+                         for c in d.get("route") or ())
+        rd = d.get("redirect")
+        dr = d.get("direct_response")
+        rw = d.get("rewrite")
+        rt = d.get("retries")
+        ft = d.get("fault")
+        rewrite = None
+        if rw:
+            rx = rw.get("uri_regex")
+            rewrite = Rewrite(uri=rw.get("uri"), authority=rw.get("authority"),
+                              uri_regex=(re.compile(rx["match"]), rx["rewrite"]) if rx else None)
+        fault = None
+        if ft:
+            dl, ab = ft.get("delay") or {}, ft.get("abort") or {}
+            fault = Fault(delay=dl.get("fixed_delay"), delay_percentage=float(dl.get("percentage", 100.0)),
+                          abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)))
+        body = (dr or {}).get("body", "")
+        return cls(
+            name=d.get("name", ""),
+            matches=tuple(Match.from_dict(m) for m in d.get("match") or ()),
+            clusters=clusters,
+            redirect=Redirect(**rd) if rd else None,
+            direct_response=DirectResponse(int(dr["status"]), body.encode() if isinstance(body, str) else body)
+            if dr else None,
+            rewrite=rewrite,
+            timeout=d.get("timeout"),
+            retries=RetryPolicy(int(rt.get("attempts", 0)), rt.get("per_try_timeout"),
+                                frozenset(rt.get("retry_on") or ()),
+                                frozenset(int(c) for c in rt.get("retriable_status_codes") or ()))
+            if rt else None,
+            fault=fault,
+            headers=Headers.from_dict(d.get("headers")),
+            total_weight=sum(c.weight for c in clusters),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str
+    host: str
+    port: int | None
+    domains: frozenset[str]
+    routes: tuple[Route, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VirtualHost":
+        return cls(name=d.get("name", d.get("host", "")), host=d.get("host", ""), port=d.get("port"),
+                   domains=frozenset(x.lower() for x in d.get("domains") or ()),
+                   routes=tuple(Route.from_dict(r) for r in d.get("routes") or ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    node: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    via: Address | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class LbPolicy:
+    policy: str = "LEAST_REQUEST"
+    hash_header: str | None = None
+    hash_cookie: str | None = None
+    hash_cookie_ttl: float = 0.0
+    hash_cookie_path: str | None = None
+    hash_source_ip: bool = False
+    hash_query_param: str | None = None
+    ring_size: int = 1024
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "LbPolicy":
+        d = d or {}
+        h = d.get("hash") or {}
+        cookie = h.get("cookie") or {}
+        return cls(policy=d.get("policy", "LEAST_REQUEST"), hash_header=(h.get("header") or "").lower() or None,
+                   hash_cookie=cookie.get("name"), hash_cookie_ttl=float(cookie.get("ttl") or 0.0),
+                   hash_cookie_path=cookie.get("path"), hash_source_ip=bool(h.get("source_ip")),
+                   hash_query_param=h.get("query_param"), ring_size=int(d.get("ring_size", 1024)))
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    service: str
+    port: int
+    subset: str
+    lb: LbPolicy
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
+        eps = []
+        for e in d.get("endpoints") or ():
+            via = e.get("via")
+            eps.append(Endpoint(address=e["address"], port=int(e["port"]), node=e.get("node", ""),
+                                labels=tuple(sorted((e.get("labels") or {}).items())),
+                                via=Address(via["address"], int(via["port"])) if via else None))
+        return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
+                   lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
+                   connect_timeout=float(d.get("connect_timeout", 10.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Vip:
+    address: str
+    port: int
+    host: str
+    protocol: str = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable, pre-parsed proxy configuration.  ``raw`` keeps the dict it came from."""
+
+    version: str
+    node_id: str
+    http_proxy: Address | None
+    inbound: Address | None
+    outbound_policy: str
+    vips: tuple[Vip, ...]
+    virtual_hosts: tuple[VirtualHost, ...]
+    clusters: Mapping[str, Cluster]
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Snapshot":
+        listeners = d.get("listeners") or {}
+
+        def addr(key: str) -> Address | None:
+            a = listeners.get(key)
+            return Address(a.get("host", "127.0.0.1"), int(a.get("port", 0))) if a else None
+
+        return cls(
+            version=str(d["version"]),
+            node_id=(d.get("node") or {}).get("id", ""),
+            http_proxy=addr("http_proxy"),
+            inbound=addr("inbound"),
+            outbound_policy=d.get("outbound_policy", "ALLOW_ANY"),
+            vips=tuple(Vip(v["address"], int(v["port"]), v["host"], v.get("protocol", "http"))
+                       for v in d.get("vips") or ()),
+            virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()),
+            clusters={name: Cluster.from_dict(name, c) for name, c in (d.get("clusters") or {}).items()},
+            raw=d,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Snapshot":
+        return cls.from_dict(json.loads(text))
+
+
+def cluster_name(host: str, port: int, subset: str = "") -> str:
+    """Envoy/Istio outbound cluster name: ``outbound|9080|v1|reviews.default.svc.cluster.local``."""
+    return f"outbound|{port}|{subset}|{host}"
