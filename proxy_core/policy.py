@@ -1,0 +1,254 @@
+"""Per-route request policies as pure decisions: retry, backoff, fault, header ops, rewrite.
+
+The server asks these functions *what* to do; it does the waiting and the I/O itself.
+Semantics follow Envoy, which is what Istio's VirtualService compiles to.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from proxy_core.router import RequestInfo, split_host_port
+from proxy_core.snapshot import Fault, HeaderOps, Match, Redirect, RetryPolicy, Route
+
+_RNG = random.Random()
+
+# RFC 7230 6.1 connection-specific headers plus the legacy ones proxies must not forward.
+HOP_BY_HOP: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+HOP_BY_HOP_BYTES: frozenset[bytes] = frozenset(h.encode() for h in HOP_BY_HOP)
+
+# -- retries ---------------------------------------------------------------------------------
+
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
+
+
+@lru_cache(maxsize=256)
+def _numeric_codes(retry_on: frozenset[str]) -> frozenset[int]:
+    """Status codes listed directly in ``retry_on`` (Istio accepts ``retryOn: "503,5xx"``)."""
+    return frozenset(int(x) for x in retry_on if x.isdigit())
+
+
+def retry_on_status(policy: RetryPolicy, status: int) -> bool:
+    """Whether a response with ``status`` should be retried under ``policy``.
+
+    ============================  =========================================================
+    ``retry_on`` entry            statuses retried
+    ============================  =========================================================
+    ``5xx``                       500-599
+    ``gateway-error``             502, 503, 504
+    ``retriable-4xx``             409
+    ``retriable-status-codes``    ``policy.retriable_status_codes`` (Envoy needs this entry
+                                  for the list to count)
+    ``"503"`` (a number)          that status
+    ============================  =========================================================
+    """
+    on = policy.retry_on
+    if status >= 500:
+        if "5xx" in on or (status in _GATEWAY_ERRORS and "gateway-error" in on):
+            return True
+    elif status == 409 and "retriable-4xx" in on:
+        return True
+    if status in policy.retriable_status_codes and "retriable-status-codes" in on:
+        return True
+    return status in _numeric_codes(on)
+
+
+# gRPC status code -> the retry_on entry that retries it (Envoy's x-envoy-retry-grpc-on).
+_GRPC_RETRY_ON: dict[int, str] = {
+    1: "cancelled", 4: "deadline-exceeded", 8: "resource-exhausted", 13: "internal", 14: "unavailable",
+}
+
+
+def retry_on_grpc_status(policy: RetryPolicy, grpc_status: int) -> bool:
+    """Whether a gRPC response (``grpc-status`` header or trailer) should be retried.
+
+    Istio's default retry policy relies on this: ``retryOn`` includes ``unavailable`` and
+    ``cancelled``.  Entries: cancelled (1), deadline-exceeded (4), resource-exhausted (8),
+    internal (13), unavailable (14).
+    """
+    entry = _GRPC_RETRY_ON.get(grpc_status)
+    return entry is not None and entry in policy.retry_on
+
+
+# Failure kind -> retry_on entries that retry it.  Envoy counts any upstream reset (a
+# connection that fails, is reset, refuses the stream or exceeds the per-try timeout) as a
+# 5xx, so ``5xx`` and ``gateway-error`` retry all of them, and ``reset`` covers every
+# "did not respond at all" case; ``connect-failure`` and ``refused-stream`` are narrow.
+_FAILURE_RETRY_ON: dict[str, frozenset[str]] = {
+    "connect-failure": frozenset({"connect-failure", "reset", "5xx", "gateway-error"}),
+    "reset": frozenset({"reset", "5xx", "gateway-error"}),
+    "refused-stream": frozenset({"refused-stream", "reset", "5xx", "gateway-error"}),
+    "timeout": frozenset({"reset", "5xx", "gateway-error"}),
+}
+FAILURE_KINDS: frozenset[str] = frozenset(_FAILURE_RETRY_ON)
+
+
+def retry_on_failure(policy: RetryPolicy, kind: str) -> bool:
+    """Whether an attempt that failed without a response should be retried.
+
+    ``kind`` is one of ``FAILURE_KINDS``; ``timeout`` means the *per-try* timeout (the
+    route timeout ends the request, never retried).  Table:
+
+    =====================  ================================================
+    kind                   retried when ``retry_on`` has any of
+    =====================  ================================================
+    ``connect-failure``    connect-failure, reset, 5xx, gateway-error
+    ``reset``              reset, 5xx, gateway-error
+    ``refused-stream``     refused-stream, reset, 5xx, gateway-error
+    ``timeout``            reset, 5xx, gateway-error
+    =====================  ================================================
+    """
+    return not _FAILURE_RETRY_ON[kind].isdisjoint(policy.retry_on)
+
+
+def backoff_delay(attempt: int, base: float = 0.025, cap: float = 0.25,
+                  rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1 = first retry).
+
+    Envoy's fully jittered exponential backoff: uniform in ``[0, (2**attempt - 1) * base)``
+    bounded by ``cap`` (Envoy's default cap is 10x the 25 ms base).  Attempt 0 is the
+    original request: no wait.
+    """
+    if attempt <= 0:
+        return 0.0
+    bound = min((2 ** min(attempt, 62) - 1) * base, cap)
+    return (rng or _RNG).random() * bound
+
+
+# -- faults ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDecision:
+    """What fault injection does to one request: wait ``delay`` seconds, then (or instead)
+    answer ``abort_status`` without calling the upstream.  Flags: DI for delay, FI for abort."""
+
+    delay: float | None = None
+    abort_status: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.delay is not None or self.abort_status is not None
+
+
+NO_FAULT = FaultDecision()
+
+
+def decide_fault(fault: Fault | None, rng: random.Random) -> FaultDecision:
+    """Independent draws for delay and abort, each with its percentage (0-100, fractional)."""
+    if fault is None:
+        return NO_FAULT
+    delay = None
+    if fault.delay is not None and rng.random() * 100.0 < fault.delay_percentage:
+        delay = fault.delay
+    abort = None
+    if fault.abort_status is not None and rng.random() * 100.0 < fault.abort_percentage:
+        abort = fault.abort_status
+    if delay is None and abort is None:
+        return NO_FAULT
+    return FaultDecision(delay, abort)
+
+
+# -- headers ---------------------------------------------------------------------------------
+
+
+def apply_header_ops(headers: list[tuple[str, str]], ops: HeaderOps) -> list[tuple[str, str]]:
+    """Apply Istio header operations in Envoy's order: remove, then set, then add.
+
+    ``set`` replaces the first header of that name in place and drops the others (append
+    when absent); ``add`` appends.  Names compare case-insensitively; ``ops`` names are
+    already lower case.  Returns a new list, or ``headers`` itself when ``ops`` is empty.
+    """
+    if not ops:
+        return headers
+    drop = ops.remove
+    out = [h for h in headers if h[0].lower() not in drop] if drop else list(headers)
+    for name, value in ops.set:
+        found = [i for i, h in enumerate(out) if h[0].lower() == name]
+        if found:
+            out[found[0]] = (name, value)
+            for i in reversed(found[1:]):
+                del out[i]
+        else:
+            out.append((name, value))
+    out.extend(ops.add)
+    return out
+
+
+# -- rewrite and redirect --------------------------------------------------------------------
+
+
+def _split_query(path: str) -> tuple[str, str]:
+    """``/a/b?x=1`` -> (``/a/b``, ``?x=1``)."""
+    i = path.find("?")
+    return (path, "") if i < 0 else (path[:i], path[i:])
+
+
+def _replace_matched(path_only: str, new: str, match: Match | None) -> str:
+    """Envoy ``prefix_rewrite``: replace what the route matched.  A prefix match matched
+    its prefix; exact and regex matches matched the whole path; a route without a uri
+    condition is Envoy's ``prefix: /``, so the leading ``/`` is what gets replaced."""
+    sm = match.uri if match is not None else None
+    if sm is None:
+        return new + path_only[1:] if path_only.startswith("/") else new + path_only
+    if sm.prefix is not None:
+        return new + path_only[len(sm.prefix):]
+    return new
+
+
+def rewrite_target(route: Route, path: str, authority: str, match: Match | None) -> tuple[str, str]:
+    """The (path, authority) to send upstream after Istio's ``rewrite``; query string kept.
+
+    ``rewrite.uri`` replaces the matched prefix (see ``_replace_matched``); ``uri_regex``
+    substitutes every match in the path (Envoy ``regex_rewrite``, ``\\1`` groups);
+    ``rewrite.authority`` replaces the Host.
+    """
+    rw = route.rewrite
+    if rw is None:
+        return path, authority
+    regex = rw.uri_regex
+    if rw.uri is not None or regex is not None:
+        path_only, query = _split_query(path)
+        if rw.uri is not None:
+            path_only = _replace_matched(path_only, rw.uri, match)
+        elif regex is not None:
+            path_only = regex[0].sub(regex[1], path_only)
+        path = (path_only or "/") + query    # an empty request target is not valid HTTP
+    if rw.authority is not None:
+        authority = rw.authority
+    return path, authority
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def redirect_location(redirect: Redirect, req: RequestInfo, matched: Match | None = None) -> str:
+    """The absolute ``Location`` URL for an Istio ``HTTPRedirect``.
+
+    Istio: ``uri`` replaces the *entire* path whatever kind of match selected the route
+    (Envoy ``path_redirect``), so ``matched`` does not change the result; it is accepted
+    so callers treat redirect and rewrite alike.  The query string is kept unless
+    ``uri`` carries its own.  Scheme and port come from the redirect when set, else from
+    the request; ``authority`` replaces the whole request authority, port included (Envoy
+    ``host_redirect``).  When the scheme changes, a request port that was the old
+    scheme's default is dropped (Envoy).
+    """
+    scheme = redirect.scheme or req.scheme
+    if redirect.authority is not None:
+        host, port = split_host_port(redirect.authority)
+    else:
+        host, port = split_host_port(req.authority)
+        if port is not None and scheme != req.scheme and port == _DEFAULT_PORTS.get(req.scheme):
+            port = None
+    if redirect.port is not None:
+        port = redirect.port
+    if redirect.uri is not None:
+        query = _split_query(req.path)[1]
+        path = redirect.uri if "?" in redirect.uri else redirect.uri + query
+    else:
+        path = req.path
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}"
