@@ -35,8 +35,8 @@ ROUTE::
      "route": [{"cluster": "outbound|9080|v2|reviews...", "weight": 100,
                 "headers": HEADER_OPS}],
      "redirect": {"uri": "/x", "authority": "h", "port": 8080, "scheme": "https",
-                  "redirect_code": 301},
-     "direct_response": {"status": 503, "body": "text"},
+                  "redirect_code": 301},        # port absent: keep the request's port
+     "direct_response": {"status": 503, "body": "text"},    # or "body_base64" for binary bodies
      "rewrite": {"uri": "/v1/", "authority": "h",
                  "uri_regex": {"match": "^/a/(.*)", "rewrite": "/b/\\1"}},
      "timeout": 2.5,                   # seconds; null/absent = no route timeout
@@ -56,7 +56,8 @@ MATCH (Istio HTTPMatchRequest, snake_cased; STRING_MATCH is {"exact"|"prefix"|"r
      "port": 9080, "ignore_uri_case": false}
 
 Header names are lower case.  An empty STRING_MATCH ``{}`` in ``headers`` means "present";
-in ``without_headers`` it means "absent".  Regexes are RE2-style full matches.
+in ``without_headers`` it means "absent".  Regexes are RE2 syntax, full matches, as Envoy reads
+them (so the same snapshot can be served over xDS); ``re2_to_python`` adapts them once here.
 
 HEADER_OPS::
 
@@ -67,6 +68,8 @@ CLUSTER::
 
     {"service": "reviews.default.svc.cluster.local", "port": 9080, "subset": "v1",
      "connect_timeout": 10.0,
+     "passthrough": false,       # true (ServiceEntry resolution NONE): no endpoints, forward to the
+                                 # address the client asked for
      "lb": {"policy": "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "RING_HASH",
             "hash": {"header": "x-user"} | {"cookie": {"name": "u", "ttl": 0, "path": "/"}}
                     | {"source_ip": true} | {"query_param": "user"},   # only for RING_HASH
@@ -81,10 +84,44 @@ endpoint directly.  Cluster names follow Envoy/Istio: ``outbound|PORT|SUBSET|HOS
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+# -- RE2 (Envoy) syntax to Python -------------------------------------------------------------
+
+
+def re2_to_python(pattern: str) -> str:
+    """RE2's ``\\z`` (end of text) is Python's ``\\Z``; everything else Galley accepts is shared."""
+    return _translate_escapes(pattern, {"z": "\\Z"})
+
+
+def re2_replacement_to_python(template: str) -> str:
+    """Envoy's regex_rewrite substitution: ``\\0`` is the whole match (Python's ``\\g<0>``)."""
+    return _translate_escapes(template, {"0": "\\g<0>"})
+
+
+def _translate_escapes(text: str, table: Mapping[str, str]) -> str:
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            out.append(table.get(nxt, ch + nxt))
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(re2_to_python(pattern))
+
 
 # -- small value objects ---------------------------------------------------------------------
 
@@ -101,7 +138,7 @@ class StringMatch:
     def from_dict(cls, d: Mapping[str, Any] | None) -> "StringMatch":
         d = d or {}
         rx = d.get("regex")
-        return cls(exact=d.get("exact"), prefix=d.get("prefix"), regex=re.compile(rx) if rx is not None else None)
+        return cls(exact=d.get("exact"), prefix=d.get("prefix"), regex=_compile(rx) if rx is not None else None)
 
     def matches(self, value: str | None, ignore_case: bool = False) -> bool:
         if value is None:
@@ -244,18 +281,22 @@ class Route:
         if rw:
             rx = rw.get("uri_regex")
             rewrite = Rewrite(uri=rw.get("uri"), authority=rw.get("authority"),
-                              uri_regex=(re.compile(rx["match"]), rx["rewrite"]) if rx else None)
+                              uri_regex=(_compile(rx["match"]), re2_replacement_to_python(rx["rewrite"]))
+                              if rx else None)
         fault = None
         if ft:
             dl, ab = ft.get("delay") or {}, ft.get("abort") or {}
             fault = Fault(delay=dl.get("fixed_delay"), delay_percentage=float(dl.get("percentage", 100.0)),
                           abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)))
-        body = (dr or {}).get("body", "")
+        body: str | bytes = (dr or {}).get("body", "")
+        if dr and "body_base64" in dr:
+            body = base64.b64decode(dr["body_base64"])
         return cls(
             name=d.get("name", ""),
             matches=tuple(Match.from_dict(m) for m in d.get("match") or ()),
             clusters=clusters,
-            redirect=Redirect(**rd) if rd else None,
+            redirect=Redirect(uri=rd.get("uri"), authority=rd.get("authority"), port=rd.get("port"),
+                              scheme=rd.get("scheme"), redirect_code=int(rd.get("redirect_code", 301))) if rd else None,
             direct_response=DirectResponse(int(dr["status"]), body.encode() if isinstance(body, str) else body)
             if dr else None,
             rewrite=rewrite,
@@ -335,6 +376,7 @@ class Cluster:
     lb: LbPolicy
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = 10.0
+    passthrough: bool = False
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -346,7 +388,7 @@ class Cluster:
                                 via=Address(via["address"], int(via["port"])) if via else None))
         return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
                    lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
-                   connect_timeout=float(d.get("connect_timeout", 10.0)))
+                   connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")))
 
 
 @dataclass(frozen=True, slots=True)

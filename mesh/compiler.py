@@ -1,0 +1,192 @@
+"""Pilot's compiler: Istio configuration + service registry -> one proxy snapshot per node.
+
+The output is the dict documented in ``proxy_core/snapshot.py``.  Compilation is a pure
+function of its inputs and every collection is emitted in a fixed order, so two Pilot
+replicas compiling the same revisions produce byte-identical snapshots and the same
+``version`` (``c<config rev>.r<registry rev>.<content hash>``).
+
+Pipeline, one small module per topic:
+
+* ``compiler_services``: the service index (registry workloads, ServiceEntry, WorkloadEntry);
+* ``compiler_routes``: VirtualService ``http`` rules -> routes, Istio's default route;
+* ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
+* this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
+
+Virtual hosts exist for every (host, port).  VirtualService ``http`` rules apply to ports
+whose protocol is HTTP-like (HTTP, HTTP2, GRPC, GRPC-WEB, or unset); other ports (TCP, TLS,
+HTTPS) keep the default route, which lets a proxy map an authority to its cluster (CONNECT).
+A port where the chosen VirtualService yields no rule (e.g. every match names another port)
+falls back to the default route instead of answering 404 for the whole port.
+
+Short names: Istio gives a sidecar short names only for its own namespace; a node proxy
+serves clients of every namespace, so ``reviews`` is a domain of one service only: the one
+in namespace ``default`` if there is one, else the first namespace in alphabetical order.
+The names ``name.ns`` and ``name.ns.svc`` are always unambiguous.
+
+Endpoints on the snapshot's own node are dialled directly (``via`` None); those on another
+node go through that node's inbound listener (``via``).  Remote endpoints whose node is
+unknown, not alive, or has not published an inbound port yet are left out, as Envoy leaves
+out unhealthy hosts.  Endpoints outside Ray (ServiceEntry, WorkloadEntry) never use ``via``.
+
+A ServiceEntry with ``resolution: NONE`` yields clusters with no endpoints and
+``"passthrough": true``: the proxy forwards to the address the client asked for.
+
+Inputs are expected to have passed validation; malformed values (a bad duration, say)
+raise ValueError rather than being guessed at.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from mesh.compiler_clusters import ClusterPlan, build_cluster_plans
+from mesh.compiler_routes import binds_mesh, default_route, select_virtual_service, translate_http_routes
+from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
+from mesh.registry import NodeInfo, RegistryState
+from mesh.resources import DEFAULT_NAMESPACE, Resource
+
+__all__ = ["compile_snapshot", "compile_all", "snapshot_version"]
+
+
+@dataclass(frozen=True, slots=True)
+class _MeshPlan:
+    """The node-independent part of every snapshot: compiled once per compile_all."""
+
+    vips: list[dict[str, Any]]
+    virtual_hosts: list[dict[str, Any]]
+    clusters: dict[str, ClusterPlan]
+
+
+def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
+                     config_revision: int = 0, registry_revision: int = 0,
+                     http_proxy_port: int = 0, inbound_port: int = 0, node_ip: str = "127.0.0.1",
+                     outbound_policy: str = "ALLOW_ANY") -> dict[str, Any]:
+    """The snapshot for the proxy on ``node_id``."""
+    plan = _plan_mesh(resources, registry)
+    return _assemble(plan, registry.nodes, node_id, node_ip, http_proxy_port, inbound_port, outbound_policy,
+                     config_revision, registry_revision)
+
+
+def compile_all(resources: Sequence[Resource], registry: RegistryState, *, config_revision: int = 0,
+                registry_revision: int = 0, outbound_policy: str = "ALLOW_ANY") -> dict[str, dict[str, Any]]:
+    """node_id -> snapshot for every node of the registry, using each node's own addresses.
+
+    The node-independent part (services, routes, cluster policies) is compiled once; only
+    endpoint addressing differs per node.  Nodes marked not alive get a snapshot too, so a
+    proxy that comes back finds its configuration ready.
+    """
+    plan = _plan_mesh(resources, registry)
+    return {nid: _assemble(plan, registry.nodes, nid, n.ip, n.http_proxy_port, n.inbound_port, outbound_policy,
+                           config_revision, registry_revision)
+            for nid, n in sorted(registry.nodes.items())}
+
+
+def snapshot_version(snapshot: Mapping[str, Any], config_revision: int, registry_revision: int) -> str:
+    """``c<rev>.r<rev>.<first 10 hex of sha256 over the canonical JSON of all but version>``."""
+    body = {k: v for k, v in snapshot.items() if k != "version"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
+    return f"c{config_revision}.r{registry_revision}.{digest}"
+
+
+def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshPlan:
+    by_kind = resources_by_kind(resources)
+    services = build_service_index(by_kind, registry)
+    mesh_vs = [vs for vs in by_kind.get("VirtualService", []) if binds_mesh(vs)]
+    return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
+                     clusters=build_cluster_plans(services, by_kind.get("DestinationRule", [])))
+
+
+def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
+    """One entry per (VIP, service port); the first service to claim an address:port keeps it."""
+    out, seen = [], set()
+    for svc in services.values():
+        for address in svc.vips:
+            for p in svc.ports:
+                if (address, p.number) not in seen:
+                    seen.add((address, p.number))
+                    out.append({"address": address, "port": p.number, "host": svc.host, "protocol": p.protocol})
+    return out
+
+
+def _domain_candidates(svc: Service) -> list[tuple[str, tuple[Any, ...]]]:
+    """(domain, priority) for a service; a lower priority wins a domain shared by two services."""
+    out: list[tuple[str, tuple[Any, ...]]] = [(svc.host, (0,))]
+    if svc.short_name is not None:
+        ns_alias = f"{svc.short_name}.{svc.namespace}"
+        out += [(f"{ns_alias}.svc", (1,)), (ns_alias, (1,)),
+                (svc.short_name, (2, svc.namespace != DEFAULT_NAMESPACE, svc.namespace))]
+    out += [(address, (0,)) for address in svc.vips]
+    return out
+
+
+def _domains(services: Mapping[str, Service]) -> dict[tuple[str, int], list[str]]:
+    """(host, port) -> the domains its virtual host answers to, each domain owned once per port."""
+    owner: dict[tuple[str, int], tuple[tuple[Any, ...], str]] = {}
+    for svc in services.values():
+        for domain, prio in _domain_candidates(svc):
+            for p in svc.ports:
+                key = (domain, p.number)
+                if key not in owner or (prio, svc.host) < owner[key]:
+                    owner[key] = (prio, svc.host)
+    out: dict[tuple[str, int], list[str]] = {}
+    for svc in services.values():
+        for p in svc.ports:
+            out[(svc.host, p.number)] = [d for d, _ in _domain_candidates(svc)
+                                         if owner[(d, p.number)][1] == svc.host]
+    return out
+
+
+def _virtual_hosts(services: Mapping[str, Service], mesh_vs: Sequence[Resource]) -> list[dict[str, Any]]:
+    domains = _domains(services)
+    lookup = services.get
+    out = []
+    for svc in services.values():
+        vs = select_virtual_service(svc.host, mesh_vs)
+        for p in svc.ports:
+            routes = translate_http_routes(vs, p.number, lookup) if vs and p.protocol in HTTP_PROTOCOLS else []
+            out.append({"name": f"{svc.host}:{p.number}", "host": svc.host, "port": p.number,
+                        "domains": domains[(svc.host, p.number)],
+                        "routes": routes or [default_route(svc.host, p.number)]})
+    return out
+
+
+def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any] | None:
+    via = None
+    if ep.in_ray and ep.node != node_id:
+        node = nodes.get(ep.node)
+        if node is None or not node.alive or not node.inbound_port:
+            return None
+        via = {"address": node.ip, "port": node.inbound_port}
+    return {"address": ep.address, "port": ep.port, "node": ep.node, "labels": dict(ep.labels), "via": via}
+
+
+def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any]:
+    eps = [e for e in (_endpoint(ep, node_id, nodes) for ep in plan.endpoints) if e is not None]
+    out: dict[str, Any] = {"service": plan.service, "port": plan.port, "subset": plan.subset,
+                           "connect_timeout": plan.connect_timeout, "lb": copy.deepcopy(plan.lb), "endpoints": eps}
+    if plan.passthrough:
+        out["passthrough"] = True
+    return out
+
+
+def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node_ip: str, http_proxy_port: int,
+              inbound_port: int, outbound_policy: str, config_revision: int, registry_revision: int) -> dict[str, Any]:
+    """One node's snapshot; nothing is shared with other nodes' snapshots (callers may mutate them).
+
+    The HTTP proxy listener serves local clients only and binds loopback; the inbound
+    listener is what other nodes dial (``via`` = the node's ip), so it binds the node's ip.
+    """
+    snap: dict[str, Any] = {
+        "node": {"id": node_id, "ip": node_ip},
+        "listeners": {"http_proxy": {"host": "127.0.0.1", "port": http_proxy_port},
+                      "inbound": {"host": node_ip, "port": inbound_port}},
+        "outbound_policy": outbound_policy,
+        "vips": copy.deepcopy(plan.vips),
+        "virtual_hosts": copy.deepcopy(plan.virtual_hosts),
+        "clusters": {name: _cluster(c, node_id, nodes) for name, c in plan.clusters.items()},
+    }
+    return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

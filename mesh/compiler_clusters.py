@@ -1,0 +1,161 @@
+"""DestinationRule translation: clusters per (host, port[, subset]) with their traffic policy.
+
+A cluster exists for every service port (subset ``""``) and for every subset of the
+DestinationRule that applies to the host, even when a subset selects no endpoint: a request
+routed there then fails the way Envoy fails it (503, no healthy upstream).
+
+Rule selection: among the DestinationRules whose host (resolved in the rule's namespace)
+covers a service host, an exact host beats a wildcard, a longer wildcard beats a shorter
+one, and ties go to the first rule in (namespace, name) order.  Istio instead merges rules
+for the same host; raymesh keeps one so a cluster's policy has exactly one source.
+
+Policy precedence follows Istio's MergeTrafficPolicy: the rule-level policy, replaced by
+its matching ``portLevelSettings`` entry (which does not inherit: fields the entry omits
+fall back to defaults), then each field the subset's policy sets, then the subset's own
+matching ``portLevelSettings`` entry, again without inheritance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from mesh.compiler_services import Service, ServiceEndpoint, host_covers, resolve_host, specificity
+from mesh.durations import parse_duration
+from mesh.resources import Resource
+from proxy_core.snapshot import cluster_name
+
+DEFAULT_CONNECT_TIMEOUT = 10.0       # Istio's default connectTimeout
+DEFAULT_RING_SIZE = 1024             # Envoy's default minimum ring size, Istio's default minimumRingSize
+# Fields a portLevelSettings entry replaces wholesale (Istio TrafficPolicy.PortTrafficPolicy).
+_PORT_LEVEL_FIELDS = ("loadBalancer", "connectionPool", "outlierDetection", "tls")
+# PASSTHROUGH (forward to the address the client chose) has no meaning once a cluster owns the
+# endpoints, so it degrades to RANDOM; UNSPECIFIED is Istio's default, LEAST_REQUEST.
+_SIMPLE_LB = {
+    "UNSPECIFIED": "LEAST_REQUEST",
+    "LEAST_REQUEST": "LEAST_REQUEST",
+    "LEAST_CONN": "LEAST_REQUEST",
+    "ROUND_ROBIN": "ROUND_ROBIN",
+    "RANDOM": "RANDOM",
+    "PASSTHROUGH": "RANDOM",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPlan:
+    """A cluster before node-specific endpoint addressing (``via``) is applied."""
+
+    name: str
+    service: str
+    port: int
+    subset: str
+    connect_timeout: float
+    lb: dict[str, Any]
+    endpoints: tuple[ServiceEndpoint, ...]
+    passthrough: bool
+
+
+def select_destination_rule(host: str, rules: Sequence[Resource]) -> Resource | None:
+    """The DestinationRule applying to ``host`` (rules must be in (namespace, name) order)."""
+    best: tuple[tuple[int, int], int] | None = None
+    chosen = None
+    for order, dr in enumerate(rules):
+        pattern = resolve_host(str(dr.spec.get("host") or ""), dr.namespace)
+        if not host_covers(pattern, host):
+            continue
+        key = (specificity(pattern, host), order)
+        if best is None or key < best:
+            best, chosen = key, dr
+    return chosen
+
+
+def _port_entry(policy: Mapping[str, Any], port: int) -> Mapping[str, Any] | None:
+    """The ``portLevelSettings`` entry of ``policy`` for ``port``, if any."""
+    for entry in policy.get("portLevelSettings") or ():
+        if int((entry.get("port") or {}).get("number") or 0) == port:
+            return entry
+    return None
+
+
+def _replace_port_level(policy: dict[str, Any], entry: Mapping[str, Any]) -> None:
+    """Apply a port-level entry: its fields replace the policy's, omitted ones revert to defaults."""
+    for f in _PORT_LEVEL_FIELDS:
+        policy.pop(f, None)
+        if entry.get(f) is not None:
+            policy[f] = entry[f]
+
+
+def merge_traffic_policy(rule_policy: Mapping[str, Any] | None, subset_policy: Mapping[str, Any] | None,
+                         port: int) -> dict[str, Any]:
+    """The effective TrafficPolicy of one cluster (see the module docstring for precedence)."""
+    rule_policy = rule_policy or {}
+    merged = {k: v for k, v in rule_policy.items() if k != "portLevelSettings"}
+    entry = _port_entry(rule_policy, port)
+    if entry is not None:
+        _replace_port_level(merged, entry)
+    if subset_policy:
+        merged.update({f: v for f, v in subset_policy.items() if f != "portLevelSettings" and v is not None})
+        entry = _port_entry(subset_policy, port)
+        if entry is not None:
+            _replace_port_level(merged, entry)
+    return merged
+
+
+def translate_load_balancer(lb: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Istio LoadBalancerSettings -> the snapshot's ``lb`` dict.
+
+    ``consistentHash`` becomes RING_HASH; its ``maglev`` variant too (same affinity, different
+    table), with the ring size left at the default.
+    """
+    if not lb:
+        return {"policy": "LEAST_REQUEST"}
+    ch = lb.get("consistentHash")
+    if ch:
+        out: dict[str, Any] = {"policy": "RING_HASH"}
+        if ch.get("httpHeaderName"):
+            out["hash"] = {"header": str(ch["httpHeaderName"]).lower()}
+        elif ch.get("httpCookie"):
+            c = ch["httpCookie"]
+            cookie: dict[str, Any] = {"name": c["name"], "ttl": parse_duration(c["ttl"]) if c.get("ttl") else 0.0}
+            if c.get("path"):
+                cookie["path"] = c["path"]
+            out["hash"] = {"cookie": cookie}
+        elif ch.get("useSourceIp"):
+            out["hash"] = {"source_ip": True}
+        elif ch.get("httpQueryParameterName"):
+            out["hash"] = {"query_param": ch["httpQueryParameterName"]}
+        ring = (ch.get("ringHash") or {}).get("minimumRingSize") or ch.get("minimumRingSize")
+        out["ring_size"] = int(ring) if ring else DEFAULT_RING_SIZE
+        return out
+    return {"policy": _SIMPLE_LB.get(str(lb.get("simple") or "UNSPECIFIED").upper(), "LEAST_REQUEST")}
+
+
+def _connect_timeout(policy: Mapping[str, Any]) -> float:
+    raw = ((policy.get("connectionPool") or {}).get("tcp") or {}).get("connectTimeout")
+    return parse_duration(raw) if raw else DEFAULT_CONNECT_TIMEOUT
+
+
+def _plan(service: Service, port: int, subset: str, policy: Mapping[str, Any],
+          selector: Mapping[str, str] | None) -> ClusterPlan:
+    eps = tuple(e for e in service.endpoints
+                if e.service_port == port and (selector is None or e.has_labels(selector)))
+    return ClusterPlan(cluster_name(service.host, port, subset), service.host, port, subset,
+                       _connect_timeout(policy), translate_load_balancer(policy.get("loadBalancer")),
+                       eps, service.passthrough)
+
+
+def build_cluster_plans(services: Mapping[str, Service], rules: Sequence[Resource]) -> dict[str, ClusterPlan]:
+    """Every cluster of the mesh, keyed and ordered by cluster name."""
+    plans: dict[str, ClusterPlan] = {}
+    for service in services.values():
+        dr = select_destination_rule(service.host, rules)
+        spec = dr.spec if dr is not None else {}
+        top = spec.get("trafficPolicy")
+        for sp in service.ports:
+            p = _plan(service, sp.number, "", merge_traffic_policy(top, None, sp.number), None)
+            plans[p.name] = p
+            for subset in spec.get("subsets") or ():
+                policy = merge_traffic_policy(top, subset.get("trafficPolicy"), sp.number)
+                p = _plan(service, sp.number, str(subset["name"]), policy,
+                          {str(k): str(v) for k, v in (subset.get("labels") or {}).items()})
+                plans[p.name] = p
+    return dict(sorted(plans.items()))

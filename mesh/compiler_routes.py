@@ -1,0 +1,294 @@
+"""VirtualService translation: Istio ``http`` rules -> the snapshot's ROUTE dicts.
+
+Scope for node proxies (the mesh "gateway"):
+
+* A VirtualService applies when its ``gateways`` list is empty or names ``mesh``; one bound
+  only to other gateways is skipped here (gateway listeners are compiled separately), and
+  so is a match whose own ``gateways`` list leaves ``mesh`` out.
+* For each service host one VirtualService wins: exact host before wildcard, longer
+  wildcard before shorter, then (namespace, name) order.  Istio merges VirtualServices
+  only for gateways and lets the oldest win for sidecars; raymesh stores no creation time,
+  so (namespace, name) stands in for age.
+* ``sourceLabels`` / ``sourceNamespace`` cannot be evaluated: a node proxy serves every
+  client on its node and does not know which workload opened a connection.  A match that
+  uses them is dropped (treated as never matching, so traffic falls through to the next
+  rule rather than widening a rule meant for a few clients to everyone).  A rule whose
+  matches are all dropped is dropped.
+* A match with ``port`` applies only to that port's virtual host.
+* ``tcp`` and ``tls`` rules, ``mirror``, ``corsPolicy``, ``delegate``, ``abort.grpcStatus``,
+  ``delay.exponentialDelay`` and ``retryRemoteLocalities`` are not translated yet.
+* ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
+  scheme's port (80/443); otherwise the redirect keeps the request's port.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Callable, Mapping, Sequence
+
+from mesh.compiler_services import Service, host_covers, resolve_host, specificity
+from mesh.durations import parse_duration
+from mesh.resources import Resource
+from proxy_core.snapshot import cluster_name
+
+# Istio's default HTTP retry policy (pilot/pkg/networking/core/route/retry/retry.go).
+DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes")
+DEFAULT_RETRIABLE_STATUS_CODES = (503,)
+DEFAULT_RETRY_ATTEMPTS = 2
+
+ServiceLookup = Callable[[str], "Service | None"]
+
+
+def default_retries() -> dict[str, Any]:
+    return {"attempts": DEFAULT_RETRY_ATTEMPTS, "retry_on": list(DEFAULT_RETRY_ON),
+            "retriable_status_codes": list(DEFAULT_RETRIABLE_STATUS_CODES)}
+
+
+def default_route(host: str, port: int) -> dict[str, Any]:
+    """The route Istio gives a service port no VirtualService claims: everything to its cluster."""
+    return {"name": "default", "match": [], "route": [{"cluster": cluster_name(host, port), "weight": 100}],
+            "retries": default_retries()}
+
+
+def binds_mesh(vs: Resource) -> bool:
+    gateways = vs.spec.get("gateways") or []
+    return not gateways or "mesh" in gateways
+
+
+def select_virtual_service(host: str, virtual_services: Sequence[Resource]) -> Resource | None:
+    """The mesh VirtualService for ``host`` (input in (namespace, name) order, mesh-bound only)."""
+    best: tuple[tuple[int, int], int] | None = None
+    chosen = None
+    for order, vs in enumerate(virtual_services):
+        for raw in vs.spec.get("hosts") or ():
+            pattern = resolve_host(str(raw), vs.namespace)
+            if host_covers(pattern, host):
+                key = (specificity(pattern, host), order)
+                if best is None or key < best:
+                    best, chosen = key, vs
+    return chosen
+
+
+def translate_http_routes(vs: Resource, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The routes of ``vs`` for the virtual host on ``port``, in rule order."""
+    out = []
+    for index, rule in enumerate(vs.spec.get("http") or ()):
+        route = _translate_rule(vs, index, rule, port, lookup)
+        if route is not None:
+            out.append(route)
+    return out
+
+
+def _translate_rule(vs: Resource, index: int, rule: Mapping[str, Any], port: int,
+                    lookup: ServiceLookup) -> dict[str, Any] | None:
+    raw_matches = rule.get("match") or []
+    matches = [m for m in (_translate_match(r, port) for r in raw_matches) if m is not None]
+    if raw_matches and not matches:
+        return None
+    out: dict[str, Any] = {"name": rule.get("name") or f"{vs.namespace}/{vs.name}/{index}", "match": matches}
+    if rule.get("redirect"):
+        out["redirect"] = _translate_redirect(rule["redirect"])
+    elif rule.get("directResponse"):
+        out["direct_response"] = _translate_direct_response(rule["directResponse"])
+    elif rule.get("route"):
+        out["route"] = _translate_destinations(vs, rule["route"], port, lookup)
+        if rule.get("rewrite"):
+            out["rewrite"] = _translate_rewrite(rule["rewrite"])
+        timeout = parse_duration(rule["timeout"]) if rule.get("timeout") else 0.0
+        if timeout > 0:  # Istio: 0s (or unset) disables the route timeout
+            out["timeout"] = timeout
+        out["retries"] = translate_retries(rule.get("retries"))
+    else:
+        return None  # delegate-only rule
+    if rule.get("fault"):
+        fault = translate_fault(rule["fault"])
+        if fault:
+            out["fault"] = fault
+    if rule.get("headers"):
+        out["headers"] = translate_headers(rule["headers"])
+    return out
+
+
+def _string_match(sm: Mapping[str, Any] | None) -> dict[str, str]:
+    """Istio StringMatch; ``{}`` stays empty (header present / absent)."""
+    return {k: str(sm[k]) for k in ("exact", "prefix", "regex") if sm and sm.get(k) is not None}
+
+
+def _translate_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
+    """One HTTPMatchRequest, or None when it cannot apply to the mesh virtual host on ``port``."""
+    if m.get("sourceLabels") or m.get("sourceNamespace"):
+        return None
+    gateways = m.get("gateways")
+    if gateways and "mesh" not in gateways:
+        return None
+    if m.get("port") is not None and int(m["port"]) != port:
+        return None
+    out: dict[str, Any] = {}
+    for key in ("uri", "scheme", "method", "authority"):
+        if m.get(key) is not None:
+            out[key] = _string_match(m[key])
+    if m.get("headers"):
+        out["headers"] = {str(k).lower(): _string_match(v) for k, v in m["headers"].items()}
+    if m.get("withoutHeaders"):
+        out["without_headers"] = {str(k).lower(): _string_match(v) for k, v in m["withoutHeaders"].items()}
+    if m.get("queryParams"):
+        out["query_params"] = {str(k): _string_match(v) for k, v in m["queryParams"].items()}
+    if m.get("port") is not None:
+        out["port"] = int(m["port"])
+    if m.get("ignoreUriCase"):
+        out["ignore_uri_case"] = True
+    return out
+
+
+def _destination_port(dest: Mapping[str, Any], service: Service | None, vhost_port: int) -> int:
+    """Istio GetDestinationCluster: explicit port, else the service's only port, else the listener's."""
+    explicit = (dest.get("port") or {}).get("number")
+    if explicit is not None:
+        return int(explicit)
+    if service is not None and len(service.ports) == 1:
+        return service.ports[0].number
+    return vhost_port
+
+
+def _weights(routes: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Istio: a single destination takes 100; several use their weights.
+
+    Several destinations without any weight are rejected by validation; should such a rule
+    reach the compiler anyway it splits evenly rather than sending nothing.
+    """
+    if len(routes) == 1:
+        return [100]
+    weights = [int(r.get("weight") or 0) for r in routes]
+    if sum(weights) > 0:
+        return weights
+    share, extra = divmod(100, len(routes))
+    return [share + (1 if i < extra else 0) for i in range(len(routes))]
+
+
+def _translate_destinations(vs: Resource, routes: Sequence[Mapping[str, Any]], port: int,
+                            lookup: ServiceLookup) -> list[dict[str, Any]]:
+    out = []
+    for r, weight in zip(routes, _weights(routes)):
+        if weight <= 0:
+            continue  # never selected; Envoy drops zero-weight clusters too
+        dest = r["destination"]
+        host = resolve_host(str(dest["host"]), vs.namespace)
+        dport = _destination_port(dest, lookup(host), port)
+        entry: dict[str, Any] = {"cluster": cluster_name(host, dport, str(dest.get("subset") or "")),
+                                 "weight": weight}
+        if r.get("headers"):
+            entry["headers"] = translate_headers(r["headers"])
+        out.append(entry)
+    return out
+
+
+def translate_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio Headers (request/response set/add/remove) with lower-case names."""
+    out: dict[str, Any] = {}
+    for side in ("request", "response"):
+        ops = headers.get(side) or {}
+        side_out: dict[str, Any] = {}
+        for op in ("set", "add"):
+            if ops.get(op):
+                side_out[op] = {str(k).lower(): str(v) for k, v in ops[op].items()}
+        if ops.get("remove"):
+            side_out["remove"] = [str(k).lower() for k in ops["remove"]]
+        if side_out:
+            out[side] = side_out
+    return out
+
+
+def translate_retries(retries: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Istio ConvertPolicy: absent -> default policy; attempts 0 -> no retries.
+
+    Numeric ``retryOn`` entries are HTTP status codes: they become ``retriable_status_codes``
+    and imply ``retriable-status-codes``.  A ``retryOn`` given replaces the default list and
+    the default status codes.
+    """
+    if retries is None:
+        return default_retries()
+    attempts = int(retries.get("attempts") or 0)
+    if attempts <= 0:
+        return None
+    out = default_retries()
+    out["attempts"] = attempts
+    if retries.get("retryOn"):
+        conditions: list[str] = []
+        codes: list[int] = []
+        for token in str(retries["retryOn"]).split(","):
+            token = token.strip()
+            if token.isdigit():
+                if int(token) not in codes:
+                    codes.append(int(token))
+            elif token and token not in conditions:
+                conditions.append(token)
+        if codes and "retriable-status-codes" not in conditions:
+            conditions.append("retriable-status-codes")
+        out["retry_on"] = conditions
+        out["retriable_status_codes"] = codes
+    if retries.get("perTryTimeout"):
+        out["per_try_timeout"] = parse_duration(retries["perTryTimeout"])
+    return out
+
+
+def _percentage(spec: Mapping[str, Any]) -> float:
+    """``percentage.value``, else the legacy integer ``percent``; Istio: unset means 0%."""
+    if spec.get("percentage") is not None:
+        return float(spec["percentage"].get("value") or 0.0)
+    return float(spec.get("percent") or 0)
+
+
+def translate_fault(fault: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    delay = fault.get("delay") or {}
+    if delay.get("fixedDelay"):
+        out["delay"] = {"fixed_delay": parse_duration(delay["fixedDelay"]), "percentage": _percentage(delay)}
+    abort = fault.get("abort") or {}
+    if abort.get("httpStatus") is not None:
+        out["abort"] = {"http_status": int(abort["httpStatus"]), "percentage": _percentage(abort)}
+    return out
+
+
+def _translate_redirect(rd: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"redirect_code": int(rd.get("redirectCode") or 301)}
+    for key in ("uri", "authority", "scheme"):
+        if rd.get(key):
+            out[key] = str(rd[key])
+    if rd.get("port"):
+        out["port"] = int(rd["port"])
+    elif rd.get("derivePort") == "FROM_PROTOCOL_DEFAULT" and out.get("scheme"):
+        out["port"] = 443 if out["scheme"].lower() == "https" else 80
+    return out
+
+
+def _translate_direct_response(dr: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio HTTPDirectResponse; ``body.bytes`` is base64.
+
+    The snapshot carries text bodies; bytes that are not UTF-8 travel as ``body_base64``.
+    """
+    out: dict[str, Any] = {"status": int(dr["status"])}
+    body = dr.get("body") or {}
+    if body.get("string") is not None:
+        out["body"] = str(body["string"])
+    elif body.get("bytes") is not None:
+        try:
+            raw = base64.b64decode(str(body["bytes"]), validate=True)
+            out["body"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out["body_base64"] = str(body["bytes"])
+        except binascii.Error as exc:
+            raise ValueError(f"directResponse.body.bytes is not base64: {exc}") from exc
+    return out
+
+
+def _translate_rewrite(rw: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio HTTPRewrite; RE2's ``\\1`` references work unchanged in Python's ``re.sub``."""
+    out: dict[str, Any] = {}
+    if rw.get("uri") is not None:
+        out["uri"] = str(rw["uri"])
+    if rw.get("authority"):
+        out["authority"] = str(rw["authority"])
+    rx = rw.get("uriRegexRewrite")
+    if rx:
+        out["uri_regex"] = {"match": str(rx["match"]), "rewrite": str(rx.get("rewrite") or "")}
+    return out
