@@ -1,0 +1,223 @@
+"""The per-node proxy worker: a Ray actor that supervises one data-plane process.
+
+The hot path stays free of Ray: the actor starts ``python -m proxy_core`` as a child process
+(its own interpreter, its own GIL, uvloop) and is only its supervisor and config channel:
+
+* it long-polls Pilot (any replica, failing over) for the node's snapshot and hands each new
+  one to the child over a unix control socket; the child swaps it in atomically and the actor
+  records the version as acked (``meshctl proxy-status``);
+* it reports the node's listener ports to Pilot so other nodes can tunnel to this one;
+* it restarts the child with the last snapshot if it dies, and the child dies with the actor
+  (PR_SET_PDEATHSIG), so a restarted actor never finds stale listeners in its way.
+
+With every Pilot replica down the child keeps serving its last snapshot.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.replicaset import find_replicas
+from proxy_core.control import ControlClient
+
+log = logging.getLogger(__name__)
+
+
+def proxy_actor_name(node_id: str) -> str:
+    return f"proxy-{node_id[:16]}"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@ray.remote
+class ProxyWorker:
+    def __init__(self, node_id: str, node_ip: str, options: dict[str, Any] | None = None) -> None:
+        self.node_id = node_id
+        self.node_ip = node_ip
+        self.options = options or {}
+        self.name = proxy_actor_name(node_id)
+        self._dir = tempfile.mkdtemp(prefix=f"raymesh-{self.name}-")
+        self._control_path = os.path.join(self._dir, "control.sock")
+        self._proc: subprocess.Popen | None = None
+        self._control: ControlClient | None = None
+        self._snapshot: dict[str, Any] | None = None
+        self._version: str | None = None
+        self._ports: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._starting: asyncio.Lock | None = None
+        self._restarts = 0
+        self._synced_at: float | None = None
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    async def ensure_started(self) -> dict[str, int]:
+        """Start the proxy process and the config watch once; cheap and idempotent after that."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._proc is None or self._proc.poll() is not None:
+                await self._start_process()
+                await self._report_node()
+            if not self._tasks:
+                loop = asyncio.get_running_loop()
+                self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor())]
+        return dict(self._ports)
+
+    def _bootstrap(self) -> dict[str, Any]:
+        if self._snapshot is not None:
+            return self._snapshot
+        return {"version": "bootstrap", "node": {"id": self.node_id, "ip": self.node_ip},
+                "listeners": {"http_proxy": {"host": "127.0.0.1", "port": int(self.options.get("http_proxy_port", 0))},
+                              "inbound": {"host": self.node_ip, "port": int(self.options.get("inbound_port", 0))}}}
+
+    async def _start_process(self) -> None:
+        path = os.path.join(self._dir, "snapshot.json")
+        with open(path, "w") as f:
+            json.dump(self._bootstrap(), f)
+        if os.path.exists(self._control_path):
+            os.unlink(self._control_path)
+        env = dict(os.environ, **(self.options.get("proxy_env") or {}))
+        # stdout is inherited: access-log lines go straight to this worker's log file.
+        self._proc = subprocess.Popen([sys.executable, "-m", "proxy_core", "--snapshot", path,
+                                       "--control", self._control_path],
+                                      env=env, preexec_fn=_die_with_parent)
+        self._control = ControlClient(self._control_path)
+        deadline = time.monotonic() + 30
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"proxy process exited with {self._proc.returncode} during start")
+            try:
+                status = await self._control.request({"op": "status"})
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        self._ports = dict(status.get("ports") or {})
+        self._version = status.get("version")
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self._proc is not None and self._proc.poll() is not None:
+                log.warning("proxy process exited with %s; restarting", self._proc.returncode)
+                self._restarts += 1
+                try:
+                    await self._start_process()
+                    await self._report_node()
+                except Exception:
+                    log.exception("proxy restart failed")
+
+    async def _report_node(self) -> None:
+        node = {"node_id": self.node_id, "ip": self.node_ip, "inbound_port": int(self._ports.get("inbound", 0)),
+                "http_proxy_port": int(self._ports.get("http_proxy", 0)), "alive": True}
+        await self._call_pilot("report_node", node)
+
+    async def _call_pilot(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        delay = 0.1
+        while True:
+            pilots = _pilots()
+            random.shuffle(pilots)
+            for pilot in pilots:
+                try:
+                    return await getattr(pilot, method).remote(*args, **kwargs)
+                except RayActorError:
+                    continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _watch_loop(self) -> None:
+        """xDS-style: ask for anything newer than what we have; apply; ack by asking again."""
+        delay = 0.1
+        index = random.randrange(16)
+        while True:
+            pilots = _pilots()
+            if not pilots:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            pilot = pilots[index % len(pilots)]
+            try:
+                update = await pilot.watch.remote(self.node_id, self._version, self.name, self._version)
+                delay = 0.1
+            except RayActorError:
+                # That replica is down or restarting: keep serving the last snapshot, try another.
+                index += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if update is None:
+                continue
+            try:
+                snapshot = await update["snapshot"][0]
+            except Exception:
+                log.exception("could not fetch snapshot %s", update.get("version"))
+                index += 1
+                continue
+            await self._apply(snapshot)
+
+    async def _apply(self, snapshot: dict[str, Any]) -> None:
+        assert self._control is not None
+        try:
+            reply = await self._control.request({"op": "snapshot", "snapshot": snapshot})
+        except OSError:
+            log.warning("proxy process unreachable; the monitor restarts it with the newest snapshot")
+            self._snapshot = snapshot
+            return
+        if reply.get("ok"):
+            self._snapshot = snapshot
+            self._version = snapshot["version"]
+            self._synced_at = time.time()
+            ports = dict(reply.get("ports") or {})
+            if ports and ports != self._ports:
+                self._ports = ports
+                await self._report_node()
+        else:
+            log.error("proxy rejected snapshot %s: %s", snapshot.get("version"), reply.get("error"))
+
+    # -- queries -------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self._control is not None and self._proc is not None and self._proc.poll() is None:
+            try:
+                stats = (await self._control.request({"op": "status"})).get("stats") or {}
+            except OSError:
+                pass
+        return {"name": self.name, "node_id": self.node_id, "version": self._version, "ports": dict(self._ports),
+                "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,
+                "synced_at": self._synced_at, "stats": stats}
+
+    async def http_proxy_url(self) -> str:
+        ports = await self.ensure_started()
+        return f"http://127.0.0.1:{ports['http_proxy']}"
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._proc.wait), timeout=5)
+            except asyncio.TimeoutError:
+                self._proc.kill()
+
+
+def _pilots() -> list[Any]:
+    return find_replicas("pilot")

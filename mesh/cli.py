@@ -1,0 +1,195 @@
+"""meshctl: the mesh's command line, shaped after istioctl and kubectl.
+
+Offline (no cluster needed)::
+
+    meshctl validate -f FILE|DIR|-
+
+Against a running cluster (``ray.init(address="auto")``, so it also works as
+``ray job submit -- meshctl apply -f x.yaml``)::
+
+    meshctl apply -f FILE|DIR|-        meshctl delete -f FILE|DIR|-   |  meshctl delete KIND NAME [-n NS]
+    meshctl get KIND [NAME] [-n NS] [-o yaml|json]
+    meshctl proxy-status
+
+Exit status: 0 on success, 1 when the mesh rejected the request (invalid configuration,
+unknown kind), 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence, TextIO
+
+import yaml
+
+from mesh.errors import MeshError
+from mesh.loader import LoadError, load_documents
+from mesh.validation import validate_documents
+
+Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def _add_files(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-f", "--filename", action="append", required=required, default=None,
+                   help="file, directory or - for stdin (repeatable)")
+
+
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The meshctl parser; ``extend(subparsers)`` lets a caller add commands (install, ...)."""
+    parser = argparse.ArgumentParser(prog="meshctl", description="Operate a raymesh service mesh on Ray.")
+    parser.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate configuration offline")
+    _add_files(p)
+    p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("apply", help="validate and store configuration (atomically)")
+    _add_files(p)
+    p.set_defaults(handler=cmd_apply)
+
+    p = sub.add_parser("delete", help="delete configuration")
+    _add_files(p, required=False)
+    p.add_argument("kind", nargs="?")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--namespace", default=None)
+    p.set_defaults(handler=cmd_delete)
+
+    p = sub.add_parser("get", help="list stored configuration")
+    p.add_argument("kind", help="kind or short name: virtualservice|vs, destinationrule|dr, serviceentry|se, ...")
+    p.add_argument("name", nargs="?")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
+    p.set_defaults(handler=cmd_get)
+
+    p = sub.add_parser("proxy-status", help="which proxies run the newest configuration")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(handler=cmd_proxy_status)
+    if extend is not None:
+        extend(sub)
+    return parser
+
+
+def _load(args: argparse.Namespace, out: TextIO):
+    return load_documents(args.filename, stdin=sys.stdin)
+
+
+def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
+    docs = _load(args, out)
+    errors = validate_documents(docs)
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} error(s) in {len({(e.source, e.index) for e in errors})} document(s)", file=sys.stderr)
+        return 1
+    for d in docs:
+        meta = d.body.get("metadata") or {}
+        print(f'"{d.source}" document {d.index} ({d.body.get("kind")} {meta.get("name")}) is valid', file=out)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from mesh.client import MeshClient, connect
+
+    connect(args.address)
+    return MeshClient()
+
+
+def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
+    docs = _load(args, out)
+    errors = validate_documents(docs)  # fail fast, offline; Galley validates again
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        print("nothing was applied", file=sys.stderr)
+        return 1
+    reply = _client(args).apply(docs)
+    for line in reply["results"]:
+        print(line, file=out)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, out: TextIO) -> int:
+    if args.filename:
+        targets = [{"kind": d.body.get("kind", ""), "name": (d.body.get("metadata") or {}).get("name", ""),
+                    "namespace": (d.body.get("metadata") or {}).get("namespace") or args.namespace or "default"}
+                   for d in _load(args, out)]
+    elif args.kind and args.name:
+        targets = [{"kind": args.kind, "name": args.name, "namespace": args.namespace or "default"}]
+    else:
+        print("meshctl delete: give -f FILE, or KIND NAME", file=sys.stderr)
+        return 2
+    reply = _client(args).delete(targets)
+    for line in reply["results"]:
+        print(line, file=out)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
+    namespace = None if args.all_namespaces else (args.namespace or ("default" if args.name else None))
+    reply = _client(args).get(args.kind, args.name, namespace)
+    items: list[dict[str, Any]] = reply["items"]
+    if args.name and not items:
+        print(f'Error: {args.kind} "{args.name}" not found', file=sys.stderr)
+        return 1
+    if args.output == "json":
+        body: Any = items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}
+        json.dump(body, out, indent=2)
+        out.write("\n")
+    elif args.output == "yaml":
+        yaml.safe_dump_all(items, out, sort_keys=False)
+    else:
+        _table(out, ["NAMESPACE", "NAME", "KIND", "RESOURCEVERSION", "HOSTS"],
+               [[i["metadata"].get("namespace", "default"), i["metadata"]["name"], i["kind"],
+                 i["metadata"].get("resourceVersion", ""), ",".join(_hosts(i))] for i in items])
+    return 0
+
+
+def _hosts(item: dict[str, Any]) -> list[str]:
+    spec = item.get("spec") or {}
+    if "hosts" in spec:
+        return [str(h) for h in spec["hosts"]]
+    return [str(spec["host"])] if "host" in spec else []
+
+
+def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
+    rows = _client(args).proxy_status()
+    if args.output == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    else:
+        _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST"],
+               [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-"] for r in rows])
+    return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
+
+
+def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+
+
+def run(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+        out: TextIO | None = None) -> int:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args, out or sys.stdout)
+    except LoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except MeshError as exc:
+        for e in exc.errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Client API of a running mesh: talks to the control-plane replicas by name.
+
+Used by ``meshctl`` (directly, or inside ``ray job submit``), by workloads joining the mesh
+and by tests.  Replicas are found by their well-known names (``galley-0``, ``pilot-1``, ...
+in the ``raymesh`` Ray namespace); a call goes to a random replica and fails over to the
+others when one is down, which is safe because every state-changing call is idempotent.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from mesh.errors import MeshError
+from mesh.loader import Document
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "raymesh"
+MAX_REPLICAS = 16
+
+# What a call can fail with when a replica is restarting or gone; the next replica is tried.
+FAILOVER_ERRORS: tuple[type[BaseException], ...] = (RayActorError, GetTimeoutError)
+
+
+def connect(address: str = "auto") -> None:
+    """Join the running Ray cluster (no-op when already connected)."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def find_replicas(component: str) -> list[Any]:
+    """Handles of the replicas of ``component`` that exist, by name, in index order."""
+    found = []
+    for i in range(MAX_REPLICAS):
+        try:
+            found.append(ray.get_actor(f"{component}-{i}", namespace=NAMESPACE))
+        except ValueError:
+            break
+    return found
+
+
+def call_any(component: str, method: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
+    """Call ``method`` on one replica, failing over to the others; raises the last error."""
+    candidates = find_replicas(component)
+    if not candidates:
+        raise RuntimeError(f"no {component} replica is running: is the mesh installed? (meshctl install)")
+    random.shuffle(candidates)
+    last: BaseException | None = None
+    for handle in candidates:
+        try:
+            return ray.get(getattr(handle, method).remote(*args, **kwargs), timeout=timeout)
+        except FAILOVER_ERRORS as exc:
+            log.info("%s.%s failed on one replica (%s); trying another", component, method, exc)
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    if not reply.get("ok"):
+        raise MeshError(reply.get("errors") or ["request failed"])
+    return reply
+
+
+class MeshClient:
+    """The operations behind ``meshctl``; each returns plain data."""
+
+    def apply(self, docs: Sequence[Document]) -> dict[str, Any]:
+        payload = [{"source": d.source, "index": d.index, "body": d.body} for d in docs]
+        return _checked(call_any("galley", "apply", payload))
+
+    def delete(self, targets: Sequence[dict[str, str]]) -> dict[str, Any]:
+        return _checked(call_any("galley", "delete", list(targets)))
+
+    def get(self, kind: str | None = None, name: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+        return _checked(call_any("galley", "get", kind, name, namespace))
+
+    def registry(self) -> dict[str, Any]:
+        return call_any("pilot", "registry_view")
+
+    def pilot_status(self) -> dict[str, Any]:
+        return call_any("pilot", "status")
+
+    def proxy_status(self) -> list[dict[str, Any]]:
+        """One row per proxy: its node, acked version, Pilot's latest version and SYNCED/STALE."""
+        latest = self.pilot_status()["versions"]
+        nodes = self.registry().get("nodes") or {}
+        rows = []
+        for node_id in sorted(set(nodes) | set(latest)):
+            name = f"proxy-{node_id[:16]}"
+            row = {"proxy": name, "node": node_id, "latest": latest.get(node_id), "acked": None, "status": "NOT CONNECTED"}
+            try:
+                st = ray.get(ray.get_actor(name, namespace=NAMESPACE).status.remote(), timeout=10)
+            except (ValueError, *FAILOVER_ERRORS):
+                rows.append(row)
+                continue
+            row["acked"] = st.get("version")
+            row["ports"] = st.get("ports")
+            row["status"] = "SYNCED" if row["acked"] is not None and row["acked"] == row["latest"] else "STALE"
+            rows.append(row)
+        return rows

@@ -1,0 +1,58 @@
+"""How a workload joins the mesh, from the code where it serves.
+
+Call ``join`` inside a Ray actor (or task) once the server listens::
+
+    from mesh import workload
+    workload.join("reviews", port=bound_port, service_port=9080, labels={"version": "v2"})
+
+The registration records the Ray node and actor, so it follows the actor's life: when the
+actor dies Pilot removes the endpoint.  ``local_proxy_url`` gives the node's HTTP proxy, for
+clients that use ``HTTP_PROXY``; ``service_vip`` gives a service's virtual address on
+loopback, for clients that connect directly.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+from mesh.client import NAMESPACE, call_any
+from mesh.registry import WorkloadInstance, service_fqdn
+
+
+def join(service: str, port: int, *, service_port: int | None = None, namespace: str = "default",
+         labels: dict[str, str] | None = None, protocol: str = "http", port_name: str | None = None,
+         service_account: str = "default", address: str = "127.0.0.1") -> WorkloadInstance:
+    """Register the calling actor as an endpoint of ``service`` and return the registration."""
+    ctx = ray.get_runtime_context()
+    labels = dict(labels or {})
+    labels.setdefault("app", service)
+    wl = WorkloadInstance(service=service, namespace=namespace, address=address, port=port,
+                          service_port=service_port or port, node_id=ctx.get_node_id(), labels=labels,
+                          protocol=protocol, port_name=port_name or protocol, service_account=service_account,
+                          actor_id=ctx.get_actor_id())
+    wl.uid = call_any("pilot", "register_workload", wl.to_dict())
+    return wl
+
+
+def leave(wl: WorkloadInstance) -> None:
+    call_any("pilot", "deregister_workload", wl.uid)
+
+
+def local_proxy_url(timeout: float = 60.0) -> str:
+    """``http://127.0.0.1:PORT`` of the HTTP proxy on the node this code runs on."""
+    node_id = ray.get_runtime_context().get_node_id()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proxy = ray.get_actor(f"proxy-{node_id[:16]}", namespace=NAMESPACE)
+            return ray.get(proxy.http_proxy_url.remote(), timeout=timeout)
+        except ValueError:  # not created yet: Pilot reconciles nodes every second
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def service_vip(service: str, namespace: str = "default") -> str | None:
+    """The loopback virtual address (127.10.x.y) of a service, once it has one."""
+    return (call_any("pilot", "registry_view").get("vips") or {}).get(service_fqdn(service, namespace))

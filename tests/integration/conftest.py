@@ -1,0 +1,118 @@
+"""One two-node Ray cluster (both nodes on 127.0.0.1) with the mesh installed, shared by the
+integration tests; tests that break things start their own (see test_replication)."""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any, Iterator
+
+import pytest
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.deploy import install, uninstall, wait_for_proxies
+from actors.local_cluster import LocalCluster
+from mesh.client import MeshClient
+from mesh.loader import Document
+from tests.integration.workloads import EchoWorkload
+
+
+class Mesh:
+    """Handles and helpers over a running cluster with the mesh installed."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.client = MeshClient()
+        self._actors: list[Any] = []
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.cluster.node_ids()
+
+    def proxy_port(self, node_index: int = 0) -> int:
+        node = self.nodes[node_index]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = (self.client.registry().get("nodes") or {}).get(node)
+            if info and info.get("http_proxy_port"):
+                return int(info["http_proxy_port"])
+            time.sleep(0.1)
+        raise TimeoutError(f"node {node} has no proxy port")
+
+    def deploy(self, service: str, version: str, node_index: int, service_port: int = 8000) -> Any:
+        actor = EchoWorkload.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.nodes[node_index], soft=False)
+        ).remote(service, version, service_port)
+        ray.get(actor.start.remote(), timeout=60)
+        self._actors.append(actor)
+        return actor
+
+    def apply(self, *docs: dict[str, Any]) -> dict[str, Any]:
+        reply = self.client.apply([Document("<test>", i, d) for i, d in enumerate(docs)])
+        self.sync()
+        return reply
+
+    def delete(self, *docs: dict[str, Any]) -> None:
+        self.client.delete([{"kind": d["kind"], "name": d["metadata"]["name"],
+                             "namespace": d["metadata"].get("namespace", "default")} for d in docs])
+        self.sync()
+
+    def sync(self, timeout: float = 30) -> None:
+        wait_for_proxies(timeout=timeout)
+
+    def wait_endpoints(self, service: str, count: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            wls = (self.client.registry().get("workloads") or {}).values()
+            if sum(1 for w in wls if w["service"] == service) >= count:
+                self.sync()
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{service}: fewer than {count} endpoints registered")
+
+    def get(self, url: str, node_index: int = 0, headers: dict[str, str] | None = None, method: str = "GET",
+            timeout: float = 15) -> tuple[int, dict[str, str], bytes]:
+        """One request through node ``node_index``'s HTTP proxy (absolute-form, like HTTP_PROXY)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy_port(node_index), timeout=timeout)
+        try:
+            conn.request(method, url, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def get_json(self, url: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+        status, _, body = self.get(url, **kw)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {"raw": body.decode(errors="replace")}
+
+    def cleanup(self) -> None:
+        for a in self._actors:
+            ray.kill(a)
+        self._actors.clear()
+        items = self.client.get()["items"]
+        if items:
+            self.delete(*items)
+
+
+@pytest.fixture(scope="session")
+def mesh_cluster() -> Iterator[LocalCluster]:
+    cluster = LocalCluster(nodes=2)
+    try:
+        install(replicas=2)
+        yield cluster
+    finally:
+        try:
+            uninstall(purge=True)
+        finally:
+            cluster.shutdown()
+
+
+@pytest.fixture
+def mesh(mesh_cluster: LocalCluster) -> Iterator[Mesh]:
+    m = Mesh(mesh_cluster)
+    yield m
+    m.cleanup()

@@ -1,0 +1,91 @@
+"""meshctl against a running cluster, as a user runs it: a separate process, and as a Ray job."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "samples" / "bookinfo" / "networking"
+MESHCTL = str(Path(sys.executable).parent / "meshctl")
+
+
+def meshctl(mesh, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=mesh.cluster.address)
+    return subprocess.run([MESHCTL, *args], input=stdin, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_apply_get_delete_round_trip(mesh, tmp_path):
+    r = meshctl(mesh, "apply", "-f", str(SAMPLES / "destination-rule-all.yaml"),
+                "-f", str(SAMPLES / "virtual-service-all-v1.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "virtualservice.networking.istio.io/reviews created" in r.stdout
+    assert "destinationrule.networking.istio.io/ratings created" in r.stdout
+
+    again = meshctl(mesh, "apply", "-f", str(SAMPLES / "virtual-service-all-v1.yaml"))
+    assert "virtualservice.networking.istio.io/reviews unchanged" in again.stdout
+
+    r = meshctl(mesh, "get", "vs", "-o", "yaml")
+    docs = list(yaml.safe_load_all(r.stdout))
+    assert {d["metadata"]["name"] for d in docs} == {"productpage", "reviews", "ratings", "details"}
+    assert all(int(d["metadata"]["resourceVersion"]) > 0 for d in docs)
+
+    r = meshctl(mesh, "get", "destinationrule", "reviews", "-o", "json")
+    body = json.loads(r.stdout)
+    assert [s["name"] for s in body["spec"]["subsets"]] == ["v1", "v2", "v3"]
+
+    table = meshctl(mesh, "get", "dr").stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "NAME", "KIND", "RESOURCEVERSION", "HOSTS"] and len(table) == 5
+
+    r = meshctl(mesh, "delete", "-f", str(SAMPLES / "virtual-service-all-v1.yaml"))
+    assert r.returncode == 0 and "virtualservice/reviews deleted" in r.stdout
+    assert meshctl(mesh, "get", "vs").stdout.strip().count("\n") == 0
+
+
+def test_invalid_apply_is_atomic_and_names_the_field(mesh, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: good}\n"
+        "spec: {hosts: [good], http: [{route: [{destination: {host: good}}]}]}\n"
+        "---\n"
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad}\n"
+        "spec: {hosts: [bad], http: [{route: [{destination: {host: bad}, weight: 250}]}]}\n")
+    r = meshctl(mesh, "apply", "-f", str(bad))
+    assert r.returncode == 1
+    assert "bad.yaml" in r.stderr and "document 1" in r.stderr and "weight" in r.stderr
+    assert "good" not in meshctl(mesh, "get", "vs").stdout
+
+
+def test_apply_from_stdin_and_unknown_kind(mesh):
+    doc = ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: piped}\n"
+           "spec: {hosts: [piped], http: [{route: [{destination: {host: piped}}]}]}\n")
+    r = meshctl(mesh, "apply", "-f", "-", stdin=doc)
+    assert r.returncode == 0 and "piped created" in r.stdout
+    r = meshctl(mesh, "apply", "-f", "-", stdin="apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n")
+    assert r.returncode == 1 and "Pod" in r.stderr
+
+
+def test_proxy_status_reports_every_node_synced(mesh):
+    r = meshctl(mesh, "proxy-status", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["node"] for row in rows} >= set(mesh.nodes)
+    assert all(row["status"] == "SYNCED" for row in rows)
+
+
+def test_apply_as_a_ray_job(mesh):
+    env = dict(os.environ, RAY_ADDRESS=mesh.cluster.dashboard_url)
+    r = subprocess.run(["ray", "job", "submit", "--", MESHCTL, "apply", "-f", str(SAMPLES / "virtual-service-reviews-v3.yaml")],
+                       capture_output=True, text=True, env=dict(env, PATH=f"{Path(sys.executable).parent}:{env['PATH']}"),
+                       timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "virtualservice.networking.istio.io/reviews created" in r.stdout
+    items = mesh.client.get("vs", "reviews", "default")["items"]
+    assert items and items[0]["spec"]["http"][0]["route"][0]["destination"]["subset"] == "v3"

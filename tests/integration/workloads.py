@@ -1,0 +1,88 @@
+"""A controllable test workload: a real HTTP server in a Ray actor that joins the mesh.
+
+Behaviour is chosen per request, so one deployment serves every scenario:
+    /status/<code>                 answer with that status
+    /delay/<seconds>               answer after sleeping
+    /flaky/<key>/<n>               fail the first n requests with this key with 503, then 200
+    /reset/<key>/<n>               close the connection without answering, n times per key
+    anything else                  200 with JSON describing who answered and what arrived
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import ray
+from aiohttp import web
+
+from mesh import workload
+
+
+@ray.remote(num_cpus=0)
+class EchoWorkload:
+    def __init__(self, service: str, version: str, service_port: int = 8000, namespace: str = "default") -> None:
+        self.service, self.version, self.service_port, self.namespace = service, version, service_port, namespace
+        self.counts: Counter = Counter()
+        self.seen: Counter = Counter()
+        self.port = 0
+        self.registration = None
+
+    async def start(self) -> dict[str, Any]:
+        if self.port:
+            return self.info()
+        app = web.Application()
+        app.router.add_route("*", "/status/{code}", self.status)
+        app.router.add_route("*", "/delay/{seconds}", self.delay)
+        app.router.add_route("*", "/flaky/{key}/{n}", self.flaky)
+        app.router.add_route("*", "/reset/{key}/{n}", self.reset)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.registration = await asyncio.to_thread(
+            workload.join, self.service, self.port, service_port=self.service_port, namespace=self.namespace,
+            labels={"app": self.service, "version": self.version})
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        return {"service": self.service, "version": self.version, "port": self.port,
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def requests_seen(self) -> int:
+        return sum(self.seen.values())
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        self.seen[request.path] += 1
+        body = await request.read()
+        return {"service": self.service, "version": self.version, "method": request.method, "path": request.path_qs,
+                "host": request.host, "headers": dict(request.headers), "body_len": len(body),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    async def echo(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._body(request))
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._body(request), status=int(request.match_info["code"]))
+
+    async def delay(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.json_response(body)
+
+    async def flaky(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key = request.match_info["key"]
+        self.counts[key] += 1
+        return web.json_response(body, status=503 if self.counts[key] <= int(request.match_info["n"]) else 200)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key = request.match_info["key"]
+        self.counts[key] += 1
+        if self.counts[key] <= int(request.match_info["n"]):
+            request.transport.abort()  # type: ignore[union-attr]
+            raise asyncio.CancelledError
+        return web.json_response(body)
