@@ -84,8 +84,8 @@ class Galley:
         return self.replica
 
     def apply(self, documents: list[dict[str, Any]]) -> dict[str, Any]:
-        """Validate and commit ``[{"source", "index", "body"}, ...]`` atomically."""
-        docs = [Document(d["source"], int(d["index"]), d["body"]) for d in documents]
+        """Validate and commit ``[{"source", "index", "body", "item"}, ...]`` atomically."""
+        docs = [Document(d["source"], int(d["index"]), d["body"], d.get("item")) for d in documents]
         errors = validate_documents(docs)
         if errors:
             return {"ok": False, "errors": [str(e) for e in errors]}

@@ -70,7 +70,7 @@ class MeshClient:
     """The operations behind ``meshctl``; each returns plain data."""
 
     def apply(self, docs: Sequence[Document]) -> dict[str, Any]:
-        payload = [{"source": d.source, "index": d.index, "body": d.body} for d in docs]
+        payload = [{"source": d.source, "index": d.index, "body": d.body, "item": d.item} for d in docs]
         return _checked(call_any("galley", "apply", payload))
 
     def delete(self, targets: Sequence[dict[str, str]]) -> dict[str, Any]:
