@@ -31,9 +31,12 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.replicaset import find_replicas
-from proxy_core.control import ControlClient
+from proxy_core.control import acall
 
 log = logging.getLogger(__name__)
+
+# The proxy process is gone or restarting when its control socket fails like this.
+CONTROL_ERRORS = (OSError, asyncio.IncompleteReadError)
 
 
 def proxy_actor_name(node_id: str) -> str:
@@ -55,7 +58,6 @@ class ProxyWorker:
         self._dir = tempfile.mkdtemp(prefix=f"raymesh-{self.name}-")
         self._control_path = os.path.join(self._dir, "control.sock")
         self._proc: subprocess.Popen | None = None
-        self._control: ControlClient | None = None
         self._snapshot: dict[str, Any] | None = None
         self._version: str | None = None
         self._ports: dict[str, int] = {}
@@ -97,15 +99,14 @@ class ProxyWorker:
         self._proc = subprocess.Popen([sys.executable, "-m", "proxy_core", "--snapshot", path,
                                        "--control", self._control_path],
                                       env=env, preexec_fn=_die_with_parent)
-        self._control = ControlClient(self._control_path)
         deadline = time.monotonic() + 30
         while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"proxy process exited with {self._proc.returncode} during start")
             try:
-                status = await self._control.request({"op": "status"})
+                status = await acall(self._control_path, {"op": "status"})
                 break
-            except OSError:
+            except CONTROL_ERRORS:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
@@ -173,10 +174,9 @@ class ProxyWorker:
             await self._apply(snapshot)
 
     async def _apply(self, snapshot: dict[str, Any]) -> None:
-        assert self._control is not None
         try:
-            reply = await self._control.request({"op": "snapshot", "snapshot": snapshot})
-        except OSError:
+            reply = await acall(self._control_path, {"op": "snapshot", "snapshot": snapshot})
+        except CONTROL_ERRORS:
             log.warning("proxy process unreachable; the monitor restarts it with the newest snapshot")
             self._snapshot = snapshot
             return
@@ -195,10 +195,10 @@ class ProxyWorker:
 
     async def status(self) -> dict[str, Any]:
         stats: dict[str, Any] = {}
-        if self._control is not None and self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None and self._proc.poll() is None:
             try:
-                stats = (await self._control.request({"op": "status"})).get("stats") or {}
-            except OSError:
+                stats = (await acall(self._control_path, {"op": "status"})).get("stats") or {}
+            except CONTROL_ERRORS:
                 pass
         return {"name": self.name, "node_id": self.node_id, "version": self._version, "ports": dict(self._ports),
                 "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -25,18 +27,23 @@ class Mesh:
         self.cluster = cluster
         self.client = MeshClient()
         self._actors: list[Any] = []
+        self._ports: dict[str, int] = {}
 
     @property
     def nodes(self) -> list[str]:
         return self.cluster.node_ids()
 
     def proxy_port(self, node_index: int = 0) -> int:
+        """The HTTP proxy port of a node (remembered: it stays while the proxy process lives)."""
         node = self.nodes[node_index]
+        if node in self._ports:
+            return self._ports[node]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             info = (self.client.registry().get("nodes") or {}).get(node)
             if info and info.get("http_proxy_port"):
-                return int(info["http_proxy_port"])
+                self._ports[node] = int(info["http_proxy_port"])
+                return self._ports[node]
             time.sleep(0.1)
         raise TimeoutError(f"node {node} has no proxy port")
 
@@ -98,8 +105,14 @@ class Mesh:
             self.delete(*items)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture(scope="session")
 def mesh_cluster() -> Iterator[LocalCluster]:
+    # Ray workers import the test workload classes by module path: the cluster's processes
+    # inherit this environment, so they find ``tests.integration.workloads``.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     cluster = LocalCluster(nodes=2)
     try:
         install(replicas=2)

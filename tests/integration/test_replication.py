@@ -113,6 +113,7 @@ def test_proxies_keep_serving_with_every_pilot_down_and_catch_up_after(mesh):
     mesh.deploy("echo", "v1", node_index=1)
     mesh.wait_endpoints("echo", 1)
     mesh.apply(dr_subsets(), vs([{"route": [dest("v1")], "headers": {"response": {"set": {"x-gen": "1"}}}}]))
+    mesh.proxy_port(0)  # learn the port while Pilot can still tell it
     pilots = find_replicas("pilot")
     # Kill them for good (no Ray restart), then recreate them by name later.
     for p in pilots:

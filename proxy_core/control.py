@@ -1,0 +1,135 @@
+"""Control channel between the proxy process and its supervisor.
+
+The supervisor (a Ray actor in another process) pushes snapshots and reads status over a
+unix socket.  Frames are a 4-byte big-endian length followed by one msgpack map; each
+request gets exactly one reply.  Operations:
+
+* ``{"op": "snapshot", "snapshot": {...}}`` -> ``{"ok": true, "version": v, "ports": {...}}``;
+  an invalid snapshot answers ``{"ok": false, "error": "..."}`` and the old one stays.
+* ``{"op": "status"}`` -> ``{"ok": true, "version": v, "stats": {...}, "ports": {...}}``
+* ``{"op": "shutdown"}`` -> ``{"ok": true}``, then the proxy drains and exits.
+
+The channel is off the request path, so it uses asyncio streams for clarity.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from typing import Any, Callable
+
+import msgpack
+
+from proxy_core.server import ProxyServer
+from proxy_core.snapshot import Snapshot
+
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return _LEN.pack(len(payload)) + payload
+
+
+class ControlServer:
+    """Serves the control protocol for one ``ProxyServer``; swaps are applied one at a time."""
+
+    def __init__(self, proxy: ProxyServer, path: str, on_shutdown: Callable[[], None]) -> None:
+        self.proxy = proxy
+        self.path = path
+        self.on_shutdown = on_shutdown
+        self._server: asyncio.AbstractServer | None = None
+        self._swap_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # a stale socket from a previous run of this proxy
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    (size,) = _LEN.unpack(await reader.readexactly(4))
+                except asyncio.IncompleteReadError:
+                    return
+                if size > MAX_FRAME:
+                    writer.write(encode({"ok": False, "error": f"frame of {size} bytes exceeds {MAX_FRAME}"}))
+                    return
+                try:
+                    message = msgpack.unpackb(await reader.readexactly(size), raw=False)
+                except asyncio.IncompleteReadError:
+                    return
+                except Exception as exc:  # undecodable frame: answer and keep serving
+                    writer.write(encode({"ok": False, "error": f"bad frame: {exc}"}))
+                    continue
+                reply = await self.handle(message)
+                writer.write(encode(reply))
+                await writer.drain()
+                if message.get("op") == "shutdown":
+                    self.on_shutdown()
+                    return
+        finally:
+            writer.close()
+
+    async def handle(self, message: Any) -> dict[str, Any]:
+        if not isinstance(message, dict):
+            return {"ok": False, "error": "message must be a map"}
+        op = message.get("op")
+        proxy = self.proxy
+        if op == "snapshot":
+            async with self._swap_lock:
+                try:
+                    snapshot = Snapshot.from_dict(message["snapshot"])
+                    await proxy.swap(snapshot)
+                except Exception as exc:
+                    return {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                            "version": proxy.snapshot.version}
+            return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports()}
+        if op == "status":
+            return {"ok": True, "version": proxy.snapshot.version, "stats": proxy.stats(), "ports": proxy.ports,
+                    "vips": proxy.vip_ports()}
+        if op == "shutdown":
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def call(path: str, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Blocking client: send one request and return the reply (what the supervisor uses)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(encode(message))
+        (size,) = _LEN.unpack(_recv_exactly(sock, 4))
+        return msgpack.unpackb(_recv_exactly(sock, size), raw=False)
+
+
+async def acall(path: str, message: dict[str, Any]) -> dict[str, Any]:
+    """Asyncio client for the same protocol."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        writer.write(encode(message))
+        await writer.drain()
+        (size,) = _LEN.unpack(await reader.readexactly(4))
+        return msgpack.unpackb(await reader.readexactly(size), raw=False)
+    finally:
+        writer.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("control channel closed")
+        buf += part
+    return bytes(buf)

@@ -1,0 +1,355 @@
+"""Sans-IO HTTP/1.1 codec on top of httptools (llhttp).
+
+``RequestParser`` and ``ResponseParser`` turn bytes into events; the module-level
+serializers turn heads and bodies back into bytes.  Nothing here touches a socket, so
+the proxy's drivers stay thin and every framing rule is tested with byte fixtures.
+
+Events carry header names lower-cased as ``bytes`` and values untouched: the data path
+forwards bytes and only decodes what routing needs.  Limits follow Envoy's defaults:
+a request head larger than 60 KiB or with more than 100 headers is answered with 431.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Iterable
+
+import httptools
+from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
+
+HeaderList = list[tuple[bytes, bytes]]
+
+DEFAULT_MAX_HEADER_BYTES = 60 * 1024
+DEFAULT_MAX_HEADERS = 100
+
+
+# -- events ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: str
+    headers: HeaderList
+    keep_alive: bool
+    upgrade: bool
+    content_length: int | None
+    chunked: bool
+    expect_continue: bool
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    version: str
+    headers: HeaderList
+    keep_alive: bool
+    content_length: int | None
+    chunked: bool
+
+    @property
+    def informational(self) -> bool:
+        """1xx heads (100 Continue, 103 Early Hints) precede the real response."""
+        return self.status < 200
+
+
+@dataclass(slots=True)
+class Data:
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    trailers: HeaderList = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """The parser handed the connection over (CONNECT or ``Upgrade:``); ``rest`` is the first tunnel bytes."""
+
+    rest: bytes
+
+
+Event = RequestHead | ResponseHead | Data | EndOfMessage | Upgraded
+
+
+class ProtocolError(Exception):
+    """Malformed or oversized input.  ``status`` is what a server answers (400/431, or 502 upstream).
+
+    ``events`` holds what was parsed before the error in the same ``feed`` (earlier pipelined
+    requests are still valid and must be served first).
+    """
+
+    def __init__(self, status: int, reason: str, events: list[Event] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.events: list[Event] = events or []
+
+
+class _HeadResponseDone(Exception):
+    """Raised from inside llhttp's callback to stop a HEAD response at its head."""
+
+
+# -- parsers -----------------------------------------------------------------------------------
+
+
+class _Parser:
+    """Shared callback state for both directions.  Callbacks append to ``self._events``."""
+
+    __slots__ = ("_parser", "_events", "_headers", "_in_head", "_head_size", "_partial", "_header_done",
+                 "_content_length", "_chunked", "_expect", "_trailers", "max_header_bytes", "max_headers",
+                 "_switched", "_error_status", "_large_status")
+
+    def __init__(self, max_header_bytes: int, max_headers: int, error_status: int, large_status: int) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self._error_status = error_status
+        self._large_status = large_status
+        self._events: list[Event] = []
+        self._headers: HeaderList = []
+        self._trailers: HeaderList | None = None
+        self._in_head = False
+        self._head_size = 0
+        self._partial = 0
+        self._header_done = False
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect = False
+        self._switched = False
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._trailers = None
+        self._in_head = True
+        self._head_size = 0
+        self._partial = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+            if len(self._trailers) > self.max_headers:
+                raise ProtocolError(self._large_status, "too many trailers")
+            return
+        headers = self._headers
+        headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        self._header_done = True
+        if len(headers) > self.max_headers:
+            raise ProtocolError(self._large_status, "too many headers")
+        if self._head_size > self.max_header_bytes:
+            raise ProtocolError(self._large_status, "header block too large")
+        if name == b"content-length":
+            try:
+                self._content_length = int(value)
+            except ValueError:
+                raise ProtocolError(self._error_status, "invalid content-length") from None
+        elif name == b"transfer-encoding":
+            self._chunked = value.lower().endswith(b"chunked")
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(Data(body))
+
+    def on_chunk_header(self) -> None:
+        # The terminating zero-size chunk is followed by the trailer section.
+        self._trailers = []
+
+    def on_chunk_complete(self) -> None:
+        pass
+
+    def on_message_complete(self) -> None:
+        self._events.append(EndOfMessage(self._trailers or []))
+        self._trailers = None
+
+    # driving
+
+    def _feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        self._events = events
+        if self._switched:
+            if data:
+                events.append(Data(data))
+            return events
+        began_in_head = self._in_head
+        self._header_done = False
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._switched = True
+            events.append(Upgraded(bytes(data[exc.args[0]:])))
+            return events
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProtocolError):
+                cause.events = events
+                raise cause from None
+            if isinstance(cause, _HeadResponseDone):
+                self._restart()
+                return events
+            raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
+        except HttpParserError as exc:
+            raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
+        if self._in_head and began_in_head:
+            # A header still being accumulated inside llhttp is invisible to the callbacks:
+            # bound it by the bytes fed since the last complete header.
+            self._partial = 0 if self._header_done else self._partial + len(data)
+            if self._head_size + self._partial > self.max_header_bytes:
+                raise ProtocolError(self._large_status, "header block too large", events)
+        return events
+
+    def _restart(self) -> None:
+        raise NotImplementedError
+
+
+class RequestParser(_Parser):
+    """Server side: parses pipelined requests from a downstream client."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+        super().__init__(max_header_bytes, max_headers, 400, 431)
+        self._url = b""
+        self._parser = httptools.HttpRequestParser(self)
+
+    def on_message_begin(self) -> None:
+        _Parser.on_message_begin(self)
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.max_header_bytes:
+            raise ProtocolError(self._large_status, "request line too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        self._events.append(RequestHead(p.get_method(), self._url, p.get_http_version(), self._headers,
+                                        p.should_keep_alive(), p.should_upgrade(), self._content_length,
+                                        self._chunked, self._expect))
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; raises ``ProtocolError`` (400 malformed, 431 too large)."""
+        return self._feed(data)
+
+
+class ResponseParser(_Parser):
+    """Client side: parses responses from an upstream, one request in flight at a time.
+
+    Call ``expect_head_response()`` before feeding the answer to a HEAD request: its
+    ``content-length`` describes a body that never comes.  ``feed_eof()`` ends a
+    close-delimited body.
+    """
+
+    __slots__ = ("_reason", "_head_request", "_until_eof", "_in_body")
+
+    def __init__(self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+        super().__init__(max_header_bytes, max_headers, 502, 502)
+        self._reason = b""
+        self._head_request = False
+        self._until_eof = False
+        self._in_body = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    def expect_head_response(self, head_request: bool = True) -> None:
+        self._head_request = head_request
+
+    def on_message_begin(self) -> None:
+        _Parser.on_message_begin(self)
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        p = self._parser
+        status = p.get_status_code()
+        keep_alive = p.should_keep_alive()
+        self._events.append(ResponseHead(status, self._reason, p.get_http_version(), self._headers, keep_alive,
+                                         self._content_length, self._chunked))
+        if status < 200:
+            return
+        if self._head_request:
+            self._head_request = False
+            self._events.append(EndOfMessage([]))
+            raise _HeadResponseDone()
+        self._in_body = True
+        self._until_eof = (self._content_length is None and not self._chunked and status not in (204, 304))
+
+    def on_message_complete(self) -> None:
+        _Parser.on_message_complete(self)
+        self._in_body = False
+
+    def _restart(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._in_body = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``; raises ``ProtocolError`` with status 502 on a malformed response."""
+        return self._feed(data)
+
+    def feed_eof(self) -> list[Event]:
+        """The upstream closed: completes a close-delimited body, else an unfinished message is an error."""
+        if self._in_body and self._until_eof:
+            self._in_body = False
+            return [EndOfMessage([])]
+        if self._in_head or self._in_body:
+            raise ProtocolError(502, "upstream closed mid-message")
+        return []
+
+    @property
+    def close_delimited(self) -> bool:
+        """True while reading a body that only the upstream's close terminates."""
+        return self._in_body and self._until_eof
+
+
+# -- serializers -------------------------------------------------------------------------------
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Serialize an HTTP/1.1 request head (headers are written as given, framing included)."""
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines.extend(n + b": " + v for n, v in headers)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def response_head(status: int, reason: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason if reason is not None else reason_phrase(status))]
+    lines.extend(n + b": " + v for n, v in headers)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def chunk(data: bytes) -> bytes:
+    """Frame ``data`` as one chunk; an empty chunk would end the body, so it yields nothing."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    lines = [b"0"]
+    lines.extend(n + b": " + v for n, v in trailers)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

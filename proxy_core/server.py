@@ -1,0 +1,1297 @@
+"""The proxy server: listeners, per-connection HTTP/1.1 drivers and the request engine.
+
+Everything on the request path is callback driven (asyncio Protocols, ``call_later``
+timers); the only coroutine a request may create is the dial of a new upstream
+connection.  One ``Exchange`` object carries one request through its states::
+
+    head parsed -> route (vhost, match) -> direct response | redirect | fault
+      -> cluster + endpoint pick -> [dial] -> request sent -> response head
+      -> retry (back to pick, after backoff) | stream body downstream -> done
+
+Configuration is held in an immutable ``_State`` (snapshot, router, balancers).  An
+exchange captures the state current when its head arrived and keeps it to the end, so
+``ProxyServer.swap`` is hitless: in-flight requests finish on the config they started on.
+
+Listeners (all on loopback):
+
+* ``http_proxy`` -- what ``HTTP_PROXY`` points at: absolute-form requests, origin-form
+  with Host, and ``CONNECT`` tunnels to services or (``ALLOW_ANY``) arbitrary addresses.
+* one listener per service VIP (``127.x.y.z:port``): origin-form requests belong to that
+  service unless the Host header names another known host.  VIP sockets are bound with
+  SO_REUSEPORT so several proxy processes -- the workers of one node, or the proxies of
+  two nodes co-hosted on one machine (a multi-node cluster on a laptop or CI runner) --
+  can all bind the same ``VIP:port``; the kernel spreads connections among them and every
+  one of them has the same routes.
+* ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
+  this node, answered 200 and spliced.  This is where mTLS will terminate.
+
+WebSocket and other ``Upgrade`` requests are forwarded with their Upgrade headers; a
+``101`` answer turns both connections into a raw byte pipe (Istio enables websocket
+upgrades by default).
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy_core import flags, http1
+from proxy_core.accesslog import AccessLog
+from proxy_core.http1 import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead, Upgraded
+from proxy_core.lb import LoadBalancer, make_balancer
+from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_fault, redirect_location,
+                               retry_on_failure, retry_on_status, rewrite_target)
+from proxy_core.router import RequestInfo, Router, split_host_port
+from proxy_core.snapshot import Cluster, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip, WeightedCluster
+from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool, pool_key
+
+log = logging.getLogger("proxy_core.server")
+
+# Request bodies up to this size are kept so the request can be retried (Envoy's
+# per_request_buffer_limit is 16 KiB by default; large enough for typical JSON APIs).
+RETRY_BUFFER_LIMIT = 64 * 1024
+# While no upstream connection is attached yet, stop reading the client beyond this.
+_BODY_BUFFER_HIGH = 256 * 1024
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+
+_PAUSE_BACKLOG = 1   # a pipelined request waits for the one in flight
+_PAUSE_BODY = 2      # request body buffered while no upstream is attached yet
+_PAUSE_UPSTREAM = 4  # upstream write buffer is full
+_PAUSE_TUNNEL = 8    # tunnel being established
+
+_MSG_UF = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+_MSG_UC = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+_MSG_UPE = b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+_MSG_UT = b"upstream request timeout"
+_MSG_UH = b"no healthy upstream"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+_RID_PREFIX = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": random per process
+
+
+_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _no_body(method: bytes, status: int) -> bool:
+    return method == b"HEAD" or status in (204, 304) or status < 200
+
+
+# -- configuration state -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _State:
+    """Everything derived from one snapshot; replaced as a whole on swap."""
+
+    snapshot: Snapshot
+    router: Router
+    balancers: dict[str, LoadBalancer]
+    local_endpoints: frozenset[tuple[str, int]]
+    _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
+
+    def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
+        """Non-empty (request, response) header operations of a destination, computed once per snapshot.
+
+        Keyed by ``id(wc)``: a WeightedCluster belongs to exactly one route of this snapshot,
+        which the state keeps alive.
+        """
+        key = id(wc)
+        ops = self._ops.get(key)
+        if ops is None:
+            ops = self._ops[key] = (
+                tuple(o for o in (route.headers.request, wc.headers.request) if o),
+                tuple(o for o in (wc.headers.response, route.headers.response) if o))
+        return ops
+
+    @classmethod
+    def build(cls, snapshot: Snapshot, rng: random.Random) -> "_State":
+        balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
+        local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
+                          if ep.node == snapshot.node_id and ep.via is None)
+        return cls(snapshot, Router(snapshot), balancers, local)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Monotonic counters plus gauges, read by ``ProxyServer.stats``."""
+
+    requests_total: int = 0
+    downstream_connections_total: int = 0
+    active_connections: int = 0
+    active_requests: int = 0
+    tunnels_total: int = 0
+    crashes: int = 0
+    responses: dict[str, int] = field(default_factory=lambda: {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0})
+    response_flags: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Listener:
+    kind: str                     # "http_proxy" | "inbound" | "vip"
+    name: str                     # shown in access logs
+    host: str
+    config_port: int
+    vip: Vip | None
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+class ProxyServer:
+    """Owns listeners, the current configuration, the upstream pool, stats and the access log."""
+
+    def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
+                 pool: UpstreamPool | None = None, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+        self.state = _State.build(snapshot, self.rng)
+        self.access_log = access_log or AccessLog(enabled=False)
+        self.pool = pool or UpstreamPool()
+        self.dialer: Dialer = self.pool.dialer
+        self.counters = Stats()
+        self._listeners: dict[tuple[str, str, int], _Listener] = {}
+        self._connections: set[HttpConnection] = set()
+        self._rid = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.state.snapshot
+
+    # lifecycle
+
+    async def start(self) -> None:
+        # Cached: asyncio.get_running_loop() costs a getpid() syscall per call on 3.11.
+        self.loop = asyncio.get_running_loop()
+        await self._reconcile(self.state.snapshot)
+
+    async def swap(self, snapshot: Snapshot) -> None:
+        """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
+        new_state = _State.build(snapshot, self.rng)
+        await self._reconcile(snapshot)
+        self.state = new_state
+
+    async def _reconcile(self, snapshot: Snapshot) -> None:
+        desired: dict[tuple[str, str, int], _Listener] = {}
+        if snapshot.http_proxy is not None:
+            a = snapshot.http_proxy
+            desired[("http_proxy", a.address, a.port)] = _Listener("http_proxy", "http_proxy", a.address, a.port, None)
+        if snapshot.inbound is not None:
+            a = snapshot.inbound
+            desired[("inbound", a.address, a.port)] = _Listener("inbound", "inbound", a.address, a.port, None)
+        for vip in snapshot.vips:
+            if vip.protocol.lower() in ("http", "http1", "http/1.1"):
+                desired[("vip", vip.address, vip.port)] = _Listener("vip", f"{vip.address}:{vip.port}",
+                                                                    vip.address, vip.port, vip)
+        opened: list[_Listener] = []
+        try:
+            for key, spec in desired.items():
+                if key not in self._listeners:
+                    await self._bind(spec)
+                    opened.append(spec)
+        except BaseException:
+            for spec in opened:
+                assert spec.server is not None
+                spec.server.close()
+            raise
+        for key, spec in desired.items():
+            current = self._listeners.get(key)
+            if current is None:
+                self._listeners[key] = spec
+            else:
+                current.vip = spec.vip  # same socket, possibly another default host
+        for key in [k for k in self._listeners if k not in desired]:
+            gone = self._listeners.pop(key)
+            if gone.server is not None:
+                gone.server.close()
+
+    async def _bind(self, spec: _Listener) -> None:
+        loop = asyncio.get_running_loop()
+        spec.server = await loop.create_server(lambda: HttpConnection(self, spec), spec.host, spec.config_port,
+                                               reuse_port=True, backlog=1024, family=socket.AF_INET)
+        spec.port = spec.server.sockets[0].getsockname()[1]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Actual bound ports of the http_proxy and inbound listeners (port 0 resolved)."""
+        return {spec.kind: spec.port for spec in self._listeners.values() if spec.kind != "vip"}
+
+    def vip_ports(self) -> dict[str, int]:
+        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind == "vip"}
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
+        for spec in self._listeners.values():
+            if spec.server is not None:
+                spec.server.close()
+        self._listeners.clear()
+        for conn in list(self._connections):
+            if conn.active is None and conn.tunnel is None:
+                conn.transport.close()
+        deadline = time.monotonic() + grace
+        while self.counters.active_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self._connections):
+            conn.abort()
+        self.pool.close()
+        self.access_log.close()
+
+    # bookkeeping used by connections and exchanges
+
+    def next_request_id(self) -> str:
+        self._rid += 1
+        return f"{_RID_PREFIX}{self._rid:012x}"
+
+    def record(self, status: int, response_flags: list[str]) -> None:
+        c = self.counters
+        c.requests_total += 1
+        cls = _STATUS_CLASS[status // 100] if 100 <= status < 600 else "0xx"
+        c.responses[cls] = c.responses.get(cls, 0) + 1
+        if response_flags:
+            for f in response_flags:
+                c.response_flags[f] = c.response_flags.get(f, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {"version": self.state.snapshot.version, "requests_total": c.requests_total,
+                "responses": dict(c.responses), "response_flags": dict(c.response_flags),
+                "downstream_connections_total": c.downstream_connections_total,
+                "active_connections": c.active_connections, "active_requests": c.active_requests,
+                "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
+                "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count()}
+
+
+# -- downstream connections ------------------------------------------------------------------
+
+
+class HttpConnection(asyncio.Protocol):
+    """Drives one downstream connection: parses requests, runs one ``Exchange`` at a time
+    (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
+
+    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "active", "backlog",
+                 "paused", "tunnel", "eof", "pending_error")
+
+    def __init__(self, server: ProxyServer, listener: _Listener) -> None:
+        self.server = server
+        self.listener = listener
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = http1.RequestParser()
+        self.peer = ""
+        self.peer_ip = ""
+        self.active: Exchange | None = None
+        self.backlog: list[http1.Event] | None = None
+        self.paused = 0
+        self.tunnel: asyncio.Transport | None = None
+        self.eof = False
+        self.pending_error: ProtocolError | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0]
+            self.peer = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server._connections.add(self)
+        c = self.server.counters
+        c.active_connections += 1
+        c.downstream_connections_total += 1
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if self.active is not None:
+                self.active.bytes_received += len(data)
+            tunnel.write(data)
+            return
+        try:
+            events = self.parser.feed(data)
+        except ProtocolError as exc:
+            self._dispatch(exc.events)
+            self._protocol_error(exc)
+            return
+        if self.backlog is not None:
+            self.backlog.extend(events)
+            return
+        self._dispatch(events)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        tunnel = self.tunnel
+        if tunnel is not None:
+            ex = self.active
+            if tunnel.is_closing() or not tunnel.can_write_eof() or ex is None or ex.pipe is None or ex.pipe.eof:
+                return False
+            tunnel.write_eof()
+            return True
+        # A client may half-close after sending its request: answer it, then close.
+        return self.active is not None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server._connections.discard(self)
+        server.counters.active_connections -= 1
+        if self.tunnel is not None and not self.tunnel.is_closing():
+            self.tunnel.close()
+        active = self.active
+        if active is not None:
+            active.downstream_lost()
+
+    def pause_writing(self) -> None:
+        ex = self.active
+        if ex is not None:
+            ex.downstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        ex = self.active
+        if ex is not None:
+            ex.downstream_resume_writing()
+
+    # flow control: several independent reasons may stop reading from the client
+
+    def pause(self, reason: int) -> None:
+        if not self.paused and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # request sequencing
+
+    def _dispatch(self, events: list[http1.Event]) -> None:
+        for i, ev in enumerate(events):
+            ex = self.active
+            t = type(ev)
+            if t is RequestHead:
+                if ex is not None:
+                    self.backlog = list(events[i:])
+                    self.pause(_PAUSE_BACKLOG)
+                    return
+                if self.transport.is_closing():
+                    return
+                ex = Exchange(self, ev)  # type: ignore[arg-type]
+                self.active = ex
+                ex.guard(ex.start)
+            elif ex is None:
+                continue  # body of a request already answered; the connection is closing
+            elif t is Data:
+                ex.guard(ex.on_body, ev.data)  # type: ignore[union-attr]
+            elif t is EndOfMessage:
+                ex.guard(ex.on_body_end, ev.trailers)  # type: ignore[union-attr]
+            elif t is Upgraded:
+                ex.guard(ex.on_upgraded, ev.rest)  # type: ignore[union-attr]
+
+    def request_done(self, ex: Exchange, keep_alive: bool) -> None:
+        if self.active is not ex:
+            return
+        self.active = None
+        if not keep_alive or self.eof:
+            self.transport.close()
+            return
+        if self.pending_error is not None:
+            err, self.pending_error = self.pending_error, None
+            self._protocol_error(err)
+            return
+        backlog = self.backlog
+        if backlog is not None:
+            self.backlog = None
+            self.resume(_PAUSE_BACKLOG)
+            self._dispatch(backlog)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        ex = self.active
+        if ex is not None:
+            if ex.request_complete:
+                self.pending_error = exc  # answer the request in flight first
+            else:
+                ex.downstream_protocol_error()
+            return
+        if self.transport.is_closing():
+            return
+        body = exc.reason.encode()
+        self.transport.write(http1.response_head(exc.status, None, [
+            (b"content-length", b"%d" % len(body)), (b"content-type", b"text/plain"),
+            (b"connection", b"close")]) + body)
+        self.transport.close()
+        server = self.server
+        server.record(exc.status, [flags.DPE])
+        server.access_log.log(time.time(), "-", "-", "HTTP/1.1", exc.status, flags.DPE, 0, len(body), 0, None,
+                              None, None, None, "", None, None, None, self.peer, self.listener.name)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# -- one request ---------------------------------------------------------------------------------
+
+
+class Exchange:
+    """One request/response through the proxy, as a callback-driven state machine."""
+
+    __slots__ = (
+        "conn", "server", "state", "head", "loop", "t0", "t_wall", "req", "route", "match", "wc", "cluster",
+        "balancer", "flags", "done", "request_complete", "bytes_received", "bytes_sent", "body", "body_size",
+        "body_retriable", "trailers", "up_head", "upstream", "endpoint", "tried", "attempt", "connecting",
+        "try_timer", "route_timer", "retry_timer", "response_started", "resp_chunked", "close_after",
+        "up_start", "up_time", "request_id", "xff", "status", "resp_ops", "set_cookie", "upgrade_ok",
+        "pipe", "tunnel_pending", "up_paused", "counted_on_start", "up_keep_alive",
+    )
+
+    def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
+        self.conn = conn
+        server = conn.server
+        self.server = server
+        self.state = server.state
+        self.head = head
+        self.loop = server.loop
+        self.t0 = time.monotonic()
+        self.t_wall = time.time()
+        self.req: RequestInfo | None = None
+        self.route: Route | None = None
+        self.match = None
+        self.wc: WeightedCluster | None = None
+        self.cluster: Cluster | None = None
+        self.balancer: LoadBalancer | None = None
+        self.flags: list[str] = []
+        self.done = False
+        self.request_complete = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_retriable = True
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.up_head = b""
+        self.upstream: UpstreamConnection | None = None
+        self.endpoint: Endpoint | None = None
+        self.tried: list[str] = []
+        self.attempt = 0
+        self.connecting: asyncio.Task[Any] | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.route_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.response_started = False
+        self.resp_chunked = False
+        self.close_after = False
+        self.up_start = 0.0
+        self.up_time: int | None = None
+        self.request_id: str | None = None
+        self.xff: str | None = None
+        self.status = 0
+        self.resp_ops: tuple[HeaderOps, ...] = ()
+        self.set_cookie: bytes | None = None
+        self.upgrade_ok = False
+        self.pipe: Pipe | None = None
+        self.tunnel_pending: list[bytes] = []
+        self.up_paused = False
+        self.counted_on_start = False
+        self.up_keep_alive = True
+        server.counters.active_requests += 1
+
+    # crash containment: a bug in one request never takes the proxy down
+
+    def guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            self._crashed()
+
+    def _crashed(self) -> None:
+        """Log the exception being handled; answer 500, or cut the response if it had begun."""
+        self.server.counters.crashes += 1
+        log.exception("request handling failed: %s %s", self.head.method, self.head.target)
+        if self.done:
+            return
+        if self.response_started:
+            self._abort_downstream(None)
+        else:
+            self._end_attempt()
+            self.local_reply(500, b"internal error", None, close=True)
+
+    # routing
+
+    def start(self) -> None:
+        head = self.head
+        conn = self.conn
+        listener = conn.listener
+        headers = {n.decode("latin-1"): v.decode("latin-1") for n, v in head.headers}
+        if len(headers) != len(head.headers):
+            headers = _joined_headers(head.headers)
+        self.xff = headers.get("x-forwarded-for")
+        rid = headers.get("x-request-id")
+        self.request_id = rid if rid is not None else self.server.next_request_id()
+        method = head.method.decode("latin-1")
+        target = head.target.decode("latin-1")
+        if method == "CONNECT":
+            self.req = RequestInfo(method, "", target, headers, "http", 0, conn.peer_ip)
+            self._start_tunnel(target)
+            return
+        if listener.kind == "inbound":
+            self.req = RequestInfo(method, target, headers.get("host", ""), headers, "http", 0, conn.peer_ip)
+            self.local_reply(405, b"inbound listener accepts CONNECT only", None, close=True)
+            return
+        if target.startswith("/"):
+            authority = headers.get("host", "")
+            path = target
+            if not authority and head.version == "1.1":
+                self.req = RequestInfo(method, path, "", headers, "http", 0, conn.peer_ip)
+                self.local_reply(400, b"missing host header", flags.DPE, close=True)
+                return
+        elif target[:7].lower() == "http://":
+            rest = target[7:]
+            i = rest.find("/")
+            authority, path = (rest, "/") if i < 0 else (rest[:i], rest[i:])
+            headers["host"] = authority
+        else:
+            self.req = RequestInfo(method, target, headers.get("host", ""), headers, "http", 0, conn.peer_ip)
+            self.local_reply(400, b"unsupported request target", flags.DPE, close=True)
+            return
+        vip = listener.vip
+        if vip is not None:
+            port, default_host = vip.port, vip.host
+        else:
+            port = split_host_port(authority)[1] or 80
+            default_host = None
+        req = self.req = RequestInfo(method, path, authority, headers, "http", port, conn.peer_ip)
+        router = self.state.router
+        vhost = router.virtual_host(authority, port, default_host)
+        if vhost is None:
+            self._no_virtual_host()
+            return
+        found = router.match_with(vhost, req)
+        if found is None:
+            self.local_reply(404, b"", flags.NR)
+            return
+        route, self.match = found
+        self.route = route
+        if route.direct_response is not None:
+            dr = route.direct_response
+            self.local_reply(dr.status, dr.body, None, ops=route.headers.response)
+            return
+        if route.redirect is not None:
+            location = redirect_location(route.redirect, req, self.match)
+            self.local_reply(route.redirect.redirect_code, b"", None,
+                             extra=[(b"location", location.encode("latin-1"))], ops=route.headers.response)
+            return
+        if route.fault is not None:
+            fault = decide_fault(route.fault, self.server.rng)
+            if fault.delay is not None:
+                self.flags.append(flags.DI)
+                self.retry_timer = self.loop.call_later(fault.delay, self._after_delay, fault.abort_status)
+                return
+            if fault.abort_status is not None:
+                self.local_reply(fault.abort_status, b"fault filter abort", flags.FI)
+                return
+        self._to_cluster()
+
+    def _after_delay(self, abort_status: int | None) -> None:
+        self.retry_timer = None
+        if self.done:
+            return
+        if abort_status is not None:
+            self.local_reply(abort_status, b"fault filter abort", flags.FI)
+        else:
+            self.guard(self._to_cluster)
+
+    def _no_virtual_host(self) -> None:
+        """Istio's outbound policy for hosts the registry does not know."""
+        req = self.req
+        assert req is not None
+        snapshot = self.state.snapshot
+        if snapshot.outbound_policy == "REGISTRY_ONLY":
+            self.wc = WeightedCluster(BLACKHOLE_CLUSTER)
+            self.local_reply(502, b"", None, route_name="block_all")
+            return
+        host, port = split_host_port(req.authority)
+        host = host.strip("[]")
+        if not host:
+            self.local_reply(404, b"", flags.NR)
+            return
+        if _is_ip(host):
+            self._passthrough(host, port or 80)
+            return
+        task = self.loop.create_task(self.loop.getaddrinfo(host, port or 80, family=socket.AF_INET,
+                                                            type=socket.SOCK_STREAM))
+        self.connecting = task
+        task.add_done_callback(self._on_resolved)
+
+    def _on_resolved(self, task: asyncio.Task[Any]) -> None:
+        if task is not self.connecting or task.cancelled():
+            return
+        self.connecting = None
+        if task.exception() is not None or not task.result():
+            self.guard(self.local_reply, 404, b"", flags.NR)
+            return
+        address, port = task.result()[0][4][:2]
+        self.guard(self._passthrough, address, port)
+
+    def _passthrough(self, address: str, port: int) -> None:
+        """ALLOW_ANY: forward to the address the client named (Istio's PassthroughCluster)."""
+        req = self.req
+        assert req is not None
+        self.wc = WeightedCluster(PASSTHROUGH_CLUSTER)
+        self.cluster = Cluster(PASSTHROUGH_CLUSTER, "", port, "", LbPolicy("ROUND_ROBIN"), (Endpoint(address, port),))
+        self.balancer = make_balancer(self.cluster)
+        self._prepare_upstream(req.path, req.authority, ())
+
+    def _to_cluster(self) -> None:
+        route = self.route
+        req = self.req
+        assert route is not None and req is not None
+        if not route.clusters:
+            self.local_reply(503, b"", flags.NC)
+            return
+        try:
+            wc = self.state.router.pick(route, self.server.rng)
+        except ValueError:
+            self.local_reply(503, b"", flags.NC)
+            return
+        self.wc = wc
+        cluster = self.state.snapshot.clusters.get(wc.cluster)
+        if cluster is None:
+            self.local_reply(503, b"", flags.NC)
+            return
+        self.cluster = cluster
+        self.balancer = self.state.balancers[wc.cluster]
+        path, authority = rewrite_target(route, req.path, req.authority, self.match)
+        ops, self.resp_ops = self.state.header_ops(route, wc)
+        cookie = self.balancer.hash_cookie_to_set(req)
+        if cookie is not None:
+            name, value = cookie
+            req.generated_cookie = value
+            self.set_cookie = value.encode("latin-1") if "=" in value else f"{name}={value}".encode("latin-1")
+        if route.timeout:
+            self.route_timer = self.loop.call_later(route.timeout, self._on_route_timeout)
+        self._prepare_upstream(path, authority, ops)
+
+    def _prepare_upstream(self, path: str, authority: str, ops: tuple[HeaderOps, ...]) -> None:
+        """Build the upstream request head once; every attempt reuses it."""
+        head = self.head
+        out: list[tuple[bytes, bytes]] = [(b"host", authority.encode("latin-1"))]
+        connection_listed: bytes | None = None
+        has_xfp = False
+        has_rid = False
+        upgrade = head.upgrade
+        for n, v in head.headers:
+            if n in HOP_BY_HOP_BYTES:
+                if n == b"connection":
+                    connection_listed = v
+                elif upgrade and n == b"upgrade":
+                    out.append((n, v))
+                continue
+            if n == b"host" or n == b"x-forwarded-for" or n == b"expect":
+                continue
+            if n == b"x-forwarded-proto":
+                has_xfp = True
+            elif n == b"x-request-id":
+                has_rid = True
+            out.append((n, v))
+        if connection_listed is not None:
+            listed = {t.strip().lower() for t in connection_listed.split(b",")}
+            listed.discard(b"upgrade")
+            if listed - {b"close", b"keep-alive"}:
+                out = [h for h in out if h[0] not in listed]
+        ip = self.conn.peer_ip.encode()
+        out.append((b"x-forwarded-for", (self.xff.encode("latin-1") + b", " + ip) if self.xff else ip))
+        if not has_xfp:
+            out.append((b"x-forwarded-proto", b"http"))
+        if not has_rid:
+            out.append((b"x-request-id", self.request_id.encode()))  # type: ignore[union-attr]
+        for o in ops:
+            out = _apply_ops(out, o)
+        if upgrade:
+            out.append((b"connection", b"upgrade"))
+        elif head.chunked:
+            out.append((b"transfer-encoding", b"chunked"))
+        self.up_head = http1.request_head(head.method, path.encode("latin-1"), out)
+        if head.expect_continue and not self.request_complete:
+            # Envoy answers 100-continue itself and strips Expect before forwarding.
+            self.conn.transport.write(_CONTINUE)
+        self._attempt()
+
+    # upstream attempts
+
+    def _attempt(self) -> None:
+        balancer = self.balancer
+        assert balancer is not None and self.cluster is not None
+        ep = balancer.pick(self.req, self.tried)
+        if ep is None:
+            self.local_reply(503, _MSG_UH, flags.UH)
+            return
+        self.attempt += 1
+        self.endpoint = ep
+        self.tried.append(ep.key)
+        balancer.on_start(ep)
+        self.counted_on_start = True
+        retries = self.route.retries if self.route is not None else None
+        if retries is not None and retries.per_try_timeout:
+            self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
+        conn = self.server.pool.take_idle(pool_key(ep))
+        if conn is not None:
+            self._send(conn)
+            return
+        task = self.loop.create_task(self.server.pool.connect(ep, self.cluster.connect_timeout))
+        self.connecting = task
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task: asyncio.Task[Any]) -> None:
+        if task is not self.connecting:
+            # A dial this exchange gave up on; a healthy fresh connection still serves the pool.
+            if not task.cancelled() and task.exception() is None:
+                self.server.pool.release(task.result())
+            return
+        self.connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, ConnectError):
+                log.error("dial failed unexpectedly", exc_info=exc)
+            self._attempt_failed("connect-failure")
+            return
+        self.guard(self._send, task.result())
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.sink = self
+        conn.got_data = False
+        conn.parser.expect_head_response(self.head.method == b"HEAD")
+        self.up_start = time.monotonic()
+        chunked = self.head.chunked
+        parts = [self.up_head]
+        if self.body:
+            parts.extend([http1.chunk(b) for b in self.body] if chunked else self.body)
+            if not self.body_retriable:
+                self.body = []
+        if self.request_complete and chunked:
+            parts.append(http1.last_chunk(self.trailers))
+        conn.transport.write(b"".join(parts) if len(parts) > 1 else parts[0])
+        self.conn.resume(_PAUSE_BODY)
+
+    def _attempt_failed(self, kind: str, flag: str | None = None) -> None:
+        """An attempt ended without a usable response: retry, or answer with Envoy's flag."""
+        self._end_attempt()
+        retries = self.route.retries if self.route is not None else None
+        if retries is not None and self.body_retriable and retry_on_failure(retries, kind):
+            if self.attempt <= retries.attempts:
+                self._schedule_retry()
+                return
+            self.flags.append(flags.URX)
+        if kind == "timeout":
+            self.local_reply(504, _MSG_UT, flags.UT)
+        elif kind == "connect-failure":
+            self.local_reply(503, _MSG_UF, flags.UF)
+        elif flag == flags.UPE:
+            self.local_reply(502, _MSG_UPE, flags.UPE)
+        else:
+            self.local_reply(503, _MSG_UC, flags.UC)
+
+    def _schedule_retry(self) -> None:
+        delay = backoff_delay(self.attempt, rng=self.server.rng)
+        self.retry_timer = self.loop.call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self.retry_timer = None
+        if not self.done:
+            self.guard(self._attempt)
+
+    def _end_attempt(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.connecting is not None:
+            task, self.connecting = self.connecting, None
+            task.cancel()
+        if self.counted_on_start:
+            self.counted_on_start = False
+            assert self.balancer is not None and self.endpoint is not None
+            self.balancer.on_end(self.endpoint)
+        self._release_upstream(False)
+
+    def _release_upstream(self, reusable: bool) -> None:
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        conn.sink = None
+        if self.up_paused:
+            self.up_paused = False
+            if not conn.closed:
+                conn.transport.resume_reading()  # type: ignore[union-attr]
+        if reusable and not conn.closed:
+            self.server.pool.release(conn)
+        else:
+            conn.close()
+
+    # request body from downstream
+
+    def on_body(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        if self.done:
+            return  # answered already: the rest of the body is read and dropped
+        if self.head.upgrade and self.request_complete:
+            self.tunnel_pending.append(data)  # early tunnel bytes, before the pipe exists
+            return
+        if self.body_retriable:
+            self.body_size += len(data)
+            if self.body_size > RETRY_BUFFER_LIMIT:
+                self.body_retriable = False
+        conn = self.upstream
+        if conn is None:
+            self.body.append(data)
+            if not self.done and sum(map(len, self.body)) > _BODY_BUFFER_HIGH:
+                self.conn.pause(_PAUSE_BODY)
+            return
+        if self.body_retriable:
+            self.body.append(data)
+        elif self.body:
+            self.body = []
+        conn.transport.write(http1.chunk(data) if self.head.chunked else data)  # type: ignore[union-attr]
+
+    def on_body_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.request_complete = True
+        self.trailers = trailers
+        conn = self.upstream
+        if conn is not None and self.head.chunked:
+            conn.transport.write(http1.last_chunk(trailers))  # type: ignore[union-attr]
+        if self.done:
+            self._finish_downstream()
+
+    def on_upgraded(self, rest: bytes) -> None:
+        """The parser switched to raw bytes (CONNECT, or an Upgrade request)."""
+        self.request_complete = True
+        if rest:
+            self.tunnel_pending.append(rest)
+
+    # responses from upstream (UpstreamSink)
+
+    def upstream_events(self, events: list[http1.Event]) -> None:
+        try:
+            self._upstream_events(events)
+        except Exception:
+            self._crashed()
+
+    def _upstream_events(self, events: list[http1.Event]) -> None:
+        out: list[bytes] = []
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                data = ev.data  # type: ignore[union-attr]
+                self.bytes_sent += len(data)
+                out.append(http1.chunk(data) if self.resp_chunked else data)
+            elif t is ResponseHead:
+                if ev.status < 200:  # type: ignore[union-attr]
+                    if ev.status == 101 and self.head.upgrade:  # type: ignore[union-attr]
+                        self._upgrade_response(ev, out)  # type: ignore[arg-type]
+                        return
+                    continue
+                if not self._response_head(ev, out):  # type: ignore[arg-type]
+                    return
+            elif t is EndOfMessage:
+                if self.resp_chunked:
+                    out.append(http1.last_chunk(ev.trailers))  # type: ignore[union-attr]
+                if out:
+                    self.conn.transport.write(b"".join(out))
+                conn = self.upstream
+                reusable = conn is not None and not conn.parser.close_delimited and self.up_keep_alive
+                self._complete(reusable)
+                return
+        if out:
+            self.conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _response_head(self, rh: ResponseHead, out: list[bytes]) -> bool:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        status = rh.status
+        self.up_time = int((time.monotonic() - self.up_start) * 1000)
+        retries = self.route.retries if self.route is not None else None
+        if retries is not None and retry_on_status(retries, status):
+            if self.attempt <= retries.attempts and self.body_retriable and self.request_complete:
+                self._end_attempt()
+                self._schedule_retry()
+                return False
+            self.flags.append(flags.URX)
+        self.status = status
+        self.response_started = True
+        head = self.head
+        method = head.method
+        headers: list[tuple[bytes, bytes]] = []
+        listed: bytes | None = None
+        for n, v in rh.headers:
+            if n in HOP_BY_HOP_BYTES:
+                if n == b"connection":
+                    listed = v
+                continue
+            headers.append((n, v))
+        if listed is not None:
+            names = {t.strip().lower() for t in listed.split(b",")} - {b"close", b"keep-alive"}
+            if names:
+                headers = [h for h in headers if h[0] not in names]
+        for o in self.resp_ops:
+            headers = _apply_ops(headers, o)
+        if self.set_cookie is not None:
+            headers.append((b"set-cookie", self.set_cookie))
+        keep_alive = head.keep_alive and not self.conn.eof and not head.upgrade
+        if not _no_body(method, status) and rh.content_length is None:
+            if head.version == "1.1":
+                self.resp_chunked = True
+                headers.append((b"transfer-encoding", b"chunked"))
+            else:
+                keep_alive = False  # HTTP/1.0 client: the body ends when we close
+        elif rh.chunked and method == b"HEAD":
+            headers.append((b"transfer-encoding", b"chunked"))
+        if not keep_alive:
+            self.close_after = True
+            headers.append((b"connection", b"close"))
+        elif head.version == "1.0":
+            headers.append((b"connection", b"keep-alive"))
+        self.up_keep_alive = rh.keep_alive
+        out.append(http1.response_head(status, rh.reason, headers))
+        return True
+
+    def _upgrade_response(self, rh: ResponseHead, out: list[bytes]) -> None:
+        """101 Switching Protocols: both connections become one byte pipe."""
+        self.status = 101
+        self.response_started = True
+        headers = [(n, v) for n, v in rh.headers if n != b"connection" and n != b"keep-alive"]
+        headers.append((b"connection", b"upgrade"))
+        self.conn.transport.write(http1.response_head(101, rh.reason, headers))
+        conn = self.upstream
+        assert conn is not None and conn.transport is not None
+        self.upstream = None
+        conn.sink = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.route_timer is not None:
+            self.route_timer.cancel()
+            self.route_timer = None
+        pipe = Pipe()
+        conn.transport.set_protocol(pipe)
+        pipe.connection_made(conn.transport)
+        self._splice(pipe, conn.transport)
+
+    def upstream_error(self, exc: ProtocolError) -> None:
+        if self.done:
+            return
+        if self.response_started:
+            self.flags.append(flags.UPE)
+            self._abort_downstream(None)
+        else:
+            self._attempt_failed("reset", flags.UPE)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.done:
+            return
+        conn = self.upstream
+        if self.response_started:
+            self.flags.append(flags.UC)
+            self._abort_downstream(None)
+            return
+        if conn is not None and conn.reused and not conn.got_data and self.attempt == 1 and self.body_retriable:
+            # A pooled keep-alive connection the upstream had already closed: the request
+            # never reached it, so resend on a fresh connection (not counted as a retry).
+            self.upstream = None
+            self._end_attempt()
+            self.attempt -= 1
+            self.guard(self._attempt)
+            return
+        self._attempt_failed("reset")
+
+    def upstream_pause_writing(self) -> None:
+        self.conn.pause(_PAUSE_UPSTREAM)
+
+    def upstream_resume_writing(self) -> None:
+        self.conn.resume(_PAUSE_UPSTREAM)
+
+    def downstream_pause_writing(self) -> None:
+        conn = self.upstream
+        if conn is not None and conn.transport is not None and not self.up_paused:
+            self.up_paused = True
+            conn.transport.pause_reading()
+        elif self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.pause_reading()
+
+    def downstream_resume_writing(self) -> None:
+        conn = self.upstream
+        if conn is not None and conn.transport is not None and self.up_paused:
+            self.up_paused = False
+            conn.transport.resume_reading()
+        elif self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.resume_reading()
+
+    # timeouts
+
+    def _on_try_timeout(self) -> None:
+        self.try_timer = None
+        if not self.done and not self.response_started:
+            self.guard(self._attempt_failed, "timeout")
+
+    def _on_route_timeout(self) -> None:
+        self.route_timer = None
+        if self.done:
+            return
+        if self.response_started:
+            self.flags.append(flags.UT)
+            self._abort_downstream(None)
+            return
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self._end_attempt()
+        self.local_reply(504, _MSG_UT, flags.UT)
+
+    # CONNECT tunnels
+
+    def _start_tunnel(self, target: str) -> None:
+        host, port = split_host_port(target)
+        listener = self.conn.listener
+        if port is None:
+            self.local_reply(400, b"CONNECT needs host:port", flags.DPE, close=True)
+            return
+        host = host.strip("[]")
+        if listener.kind == "inbound":
+            # mTLS terminates here: the peer's SPIFFE identity is checked before the target.
+            if not _is_loopback(host) or (host, port) not in self.state.local_endpoints:
+                self.local_reply(403, b"tunnel target is not a local endpoint", None, close=True)
+                return
+            ep = Endpoint(host, port)
+            self.wc = WeightedCluster(f"inbound|{port}||")
+        else:
+            ep = self._tunnel_endpoint(target, host, port)  # type: ignore[assignment]
+            if ep is None:
+                return
+        self.endpoint = ep
+        self.conn.pause(_PAUSE_TUNNEL)
+        self.server.counters.tunnels_total += 1
+        timeout = self.cluster.connect_timeout if self.cluster is not None else 10.0
+        task = self.loop.create_task(self.server.dialer.open(ep, Pipe, timeout))
+        self.connecting = task
+        task.add_done_callback(self._on_tunnel_connected)
+
+    def _tunnel_endpoint(self, target: str, host: str, port: int) -> Endpoint | None:
+        """CONNECT on the proxy listener: a known service goes through its default route's cluster."""
+        state = self.state
+        req = self.req
+        assert req is not None
+        vhost = state.router.virtual_host(target, port)
+        if vhost is None:
+            if state.snapshot.outbound_policy == "REGISTRY_ONLY":
+                self.local_reply(502, b"", None, route_name="block_all", close=True)
+                return None
+            self.wc = WeightedCluster(PASSTHROUGH_CLUSTER)
+            return Endpoint(host, port)
+        route = next((r for r in vhost.routes if r.clusters), None)
+        if route is None:
+            self.local_reply(404, b"", flags.NR, close=True)
+            return None
+        self.route = route
+        wc = self.wc = state.router.pick(route, self.server.rng)
+        cluster = state.snapshot.clusters.get(wc.cluster)
+        if cluster is None:
+            self.local_reply(503, b"", flags.NC, close=True)
+            return None
+        self.cluster = cluster
+        ep = state.balancers[wc.cluster].pick(req)
+        if ep is None:
+            self.local_reply(503, _MSG_UH, flags.UH, close=True)
+        return ep
+
+    def _on_tunnel_connected(self, task: asyncio.Task[Any]) -> None:
+        if task is not self.connecting:
+            if not task.cancelled() and task.exception() is None:
+                task.result().transport.close()
+            return
+        self.connecting = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            self.conn.resume(_PAUSE_TUNNEL)
+            self.local_reply(503, _MSG_UF, flags.UF, close=True)
+            return
+        pipe: Pipe = task.result()
+        self.status = 200
+        self.response_started = True
+        self.conn.transport.write(_CONNECT_OK)
+        assert pipe.transport is not None
+        self._splice(pipe, pipe.transport)
+
+    def _splice(self, pipe: Pipe, up: asyncio.Transport) -> None:
+        self.pipe = pipe
+        conn = self.conn
+        pending, self.tunnel_pending = self.tunnel_pending, []
+        if pending:
+            up.write(b"".join(pending))
+        conn.tunnel = up
+        pipe.link(conn.transport, conn)
+        pipe.on_close = self._tunnel_closed
+        conn.resume(_PAUSE_TUNNEL)
+        if conn.transport.is_closing():
+            up.close()
+
+    def _tunnel_closed(self) -> None:
+        if self.pipe is not None:
+            self.bytes_sent = self.pipe.bytes_in
+        self._complete(False)
+
+    # completion
+
+    def local_reply(self, status: int, body: bytes, flag: str | None, *, close: bool = False,
+                    extra: list[tuple[bytes, bytes]] | None = None, ops: HeaderOps | None = None,
+                    route_name: str | None = None) -> None:
+        """Answer from the proxy itself (errors, direct responses, redirects)."""
+        if self.done:
+            return
+        headers: list[tuple[bytes, bytes]] = list(extra) if extra else []
+        if body:
+            headers.append((b"content-type", b"text/plain"))
+        if ops:
+            headers = _apply_ops(headers, ops)
+        headers.append((b"content-length", b"%d" % len(body)))
+        if flag is not None:
+            self.flags.append(flag)
+        if route_name is not None:
+            self.route = Route(route_name)
+        self.status = status
+        self.response_started = True
+        head = self.head
+        if close or not head.keep_alive or head.upgrade or (head.expect_continue and not self.request_complete):
+            self.close_after = True
+            headers.append((b"connection", b"close"))
+        if self.conn.transport.is_closing():
+            self._complete(False)
+            return
+        self.conn.transport.write(http1.response_head(status, None, headers)
+                                  + (body if head.method != b"HEAD" else b""))
+        self.bytes_sent = len(body)
+        self._complete(False)
+
+    def _abort_downstream(self, flag: str | None) -> None:
+        if flag is not None:
+            self.flags.append(flag)
+        self.close_after = True
+        self.conn.transport.close()
+        self._complete(False)
+
+    def downstream_lost(self) -> None:
+        if self.done:
+            return
+        if self.pipe is not None:
+            return  # the pipe reports when both sides are gone
+        self.flags.append(flags.DC)
+        if not self.response_started:
+            self.status = 0
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        self.close_after = True
+        self._complete(False)
+
+    def downstream_protocol_error(self) -> None:
+        self.flags.append(flags.DPE)
+        if self.response_started:
+            self._abort_downstream(None)
+        else:
+            self._end_attempt()
+            self.local_reply(400, b"bad request body", None, close=True)
+
+    def _complete(self, upstream_reusable: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        for timer in (self.try_timer, self.route_timer, self.retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self.try_timer = self.route_timer = self.retry_timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        if self.counted_on_start:
+            self.counted_on_start = False
+            self.balancer.on_end(self.endpoint)  # type: ignore[union-attr,arg-type]
+        self._release_upstream(upstream_reusable)
+        self.conn.resume(_PAUSE_BODY)
+        server = self.server
+        server.counters.active_requests -= 1
+        server.record(self.status, self.flags)
+        alog = server.access_log
+        if alog.enabled:
+            req = self.req
+            head = self.head
+            headers = req.headers if req is not None else {}
+            ep = self.endpoint
+            alog.log(self.t_wall, head.method.decode("latin-1"),
+                     req.path if req is not None else head.target.decode("latin-1"),
+                     f"HTTP/{head.version}", self.status, flags.join(self.flags), self.bytes_received,
+                     self.bytes_sent, int((time.monotonic() - self.t0) * 1000), self.up_time, self.xff,
+                     headers.get("user-agent"), self.request_id, req.authority if req is not None else "",
+                     ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,
+                     self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name)
+        if self.pipe is not None:
+            self.conn.active = None
+            return
+        self._finish_downstream()
+
+    def _finish_downstream(self) -> None:
+        """Hand the connection back once both the response and the request body are done."""
+        if self.close_after:
+            self.conn.request_done(self, False)
+        elif self.request_complete:
+            self.conn.request_done(self, True)
+        # else: the response ended before the request body; on_body_end finishes the
+        # exchange once the rest of the body has been read (and dropped).
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _joined_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Repeated headers folded into one comma-separated value (RFC 9110 5.3); Host keeps the first."""
+    headers: dict[str, str] = {}
+    for n, v in raw:
+        name, value = n.decode("latin-1"), v.decode("latin-1")
+        if name not in headers:
+            headers[name] = value
+        elif name != "host":
+            headers[name] = headers[name] + "," + value
+    return headers
+
+
+def _apply_ops(headers: list[tuple[bytes, bytes]], ops: HeaderOps) -> list[tuple[bytes, bytes]]:
+    as_text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in apply_header_ops(as_text, ops)]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+

@@ -1,0 +1,329 @@
+"""Upstream connections: dialing (direct or through a peer node's tunnel), keep-alive pools, byte pipes.
+
+``Dialer`` is the one place that opens sockets to upstreams.  An endpoint with ``via``
+lives on another node: the dialer connects to that node's inbound listener and asks for
+``CONNECT address:port``; once the peer answers 200 the connection is a plain byte pipe
+to the endpoint and is used (and pooled) exactly like a direct one.  Mutual TLS to the
+peer will be added here, between the TCP connect and the CONNECT request.
+
+``UpstreamPool`` keeps idle HTTP/1.1 keep-alive connections per endpoint as a LIFO stack:
+the most recently used socket is the one most likely to be alive and warm, and the
+least recently used ones age out and get evicted.
+
+``Pipe`` is the protocol for raw tunnels (CONNECT, TCP, upgraded WebSocket): it copies
+bytes to a peer transport and propagates backpressure and half-close.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Protocol, TypeVar
+
+from proxy_core.http1 import Event, ProtocolError, ResponseParser
+from proxy_core.snapshot import Address, Endpoint
+
+P = TypeVar("P", bound=asyncio.Protocol)
+PoolKey = tuple[str, int, Address | None]
+
+
+class ConnectError(Exception):
+    """The upstream could not be reached (refused, timed out, or the peer tunnel said no)."""
+
+
+def pool_key(ep: Endpoint) -> PoolKey:
+    return (ep.address, ep.port, ep.via)
+
+
+# -- tunnel handshake ------------------------------------------------------------------------
+
+
+class _TunnelHandshake(asyncio.Protocol):
+    """Speaks ``CONNECT`` to a peer's inbound listener, then hands the transport to the real protocol."""
+
+    def __init__(self, target: str, inner: asyncio.Protocol) -> None:
+        self.target = target
+        self.inner = inner
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        # mTLS to the peer node starts here (start_tls before the CONNECT line).
+        target = self.target.encode()
+        transport.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > 8192 and not self.done.done():
+                self.done.set_exception(ConnectError("oversized tunnel response"))
+            return
+        status_line = self.buf[:self.buf.find(b"\r\n")]
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or parts[1] != b"200":
+            if not self.done.done():
+                self.done.set_exception(ConnectError(f"tunnel refused: {status_line.decode('latin-1')}"))
+            return
+        rest = self.buf[end + 4:]
+        assert self.transport is not None
+        self.transport.set_protocol(self.inner)
+        self.inner.connection_made(self.transport)
+        if rest:
+            self.inner.data_received(rest)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectError(f"tunnel closed during handshake: {exc}"))
+
+
+class Dialer:
+    """Opens a connected protocol to an endpoint, directly or through its node's inbound tunnel.
+
+    It is the seam for transport security: a TLS-capable dialer overrides ``open``.
+    """
+
+    async def open(self, endpoint: Endpoint, factory: Callable[[], P], timeout: float) -> P:
+        loop = asyncio.get_running_loop()
+        proto = factory()
+        via = endpoint.via
+        try:
+            async with asyncio.timeout(timeout):
+                if via is None:
+                    await loop.create_connection(lambda: proto, endpoint.address, endpoint.port)
+                    return proto
+                hs = _TunnelHandshake(endpoint.key, proto)
+                transport, _ = await loop.create_connection(lambda: hs, via.address, via.port)
+                try:
+                    await hs.done
+                except BaseException:
+                    transport.close()
+                    raise
+                return proto
+        except (OSError, TimeoutError) as exc:
+            raise ConnectError(f"{type(exc).__name__}: {exc}") from None
+
+
+# -- HTTP/1.1 upstream connections -----------------------------------------------------------
+
+
+class UpstreamSink(Protocol):
+    """The request exchange that currently owns an upstream connection."""
+
+    def upstream_events(self, events: list[Event]) -> None: ...
+    def upstream_error(self, exc: ProtocolError) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to an endpoint; events go to its current ``sink``."""
+
+    __slots__ = ("key", "transport", "parser", "sink", "closed", "idle_since", "reused", "got_data")
+
+    def __init__(self, key: PoolKey) -> None:
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.sink: UpstreamSink | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self.got_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        self.got_data = True
+        if sink is None:
+            # Bytes on an idle connection break the one-request-at-a-time framing.
+            self.close()
+            return
+        try:
+            events = self.parser.feed(data)
+        except ProtocolError as exc:
+            if exc.events:
+                sink.upstream_events(exc.events)
+            self.close()
+            if self.sink is not None:
+                self.sink.upstream_error(exc)
+            return
+        sink.upstream_events(events)
+
+    def eof_received(self) -> bool:
+        sink = self.sink
+        if sink is not None:
+            try:
+                events = self.parser.feed_eof()
+            except ProtocolError:
+                return False  # connection_lost reports the truncation
+            if events:
+                sink.upstream_events(events)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume_writing()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Per-endpoint LIFO stacks of idle keep-alive connections."""
+
+    def __init__(self, dialer: Dialer | None = None, max_idle_per_endpoint: int = 64,
+                 idle_timeout: float = 60.0) -> None:
+        self.dialer = dialer or Dialer()
+        self.max_idle = max_idle_per_endpoint
+        self.idle_timeout = idle_timeout
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._evictor: asyncio.TimerHandle | None = None
+        self.connects = 0
+
+    def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
+        """A live idle connection to ``key`` (most recently used first), or None."""
+        stack = self._idle.get(key)
+        while stack:
+            conn = stack.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, endpoint: Endpoint, timeout: float) -> UpstreamConnection:
+        key = pool_key(endpoint)
+        conn = await self.dialer.open(endpoint, lambda: UpstreamConnection(key), timeout)
+        self.connects += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose last response was fully read and allows keep-alive."""
+        conn.sink = None
+        if conn.closed:
+            return
+        stack = self._idle.setdefault(conn.key, [])
+        if len(stack) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        stack.append(conn)
+        if self._evictor is None:
+            self._evictor = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._evict)
+
+    def _evict(self) -> None:
+        self._evictor = None
+        cutoff = time.monotonic() - self.idle_timeout
+        for key in list(self._idle):
+            stack = self._idle[key]
+            # The stack is ordered by last use: stale ones sit at the bottom.
+            keep = [c for c in stack if not c.closed and c.idle_since > cutoff]
+            for c in stack:
+                if c.idle_since <= cutoff:
+                    c.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._evictor = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._evict)
+
+    def idle_count(self) -> int:
+        return sum(len(s) for s in self._idle.values())
+
+    def close(self) -> None:
+        if self._evictor is not None:
+            self._evictor.cancel()
+            self._evictor = None
+        for stack in self._idle.values():
+            for c in stack:
+                c.close()
+        self._idle.clear()
+
+
+# -- raw byte pipes --------------------------------------------------------------------------
+
+
+class _HalfCloseAware(Protocol):
+    eof: bool
+
+
+class Pipe(asyncio.Protocol):
+    """Copies bytes from its own transport to ``peer`` with backpressure and half-close.
+
+    Two Pipes (or a Pipe and a driver acting like one) are linked with ``link``; when one
+    side's write buffer fills, the other side stops reading until it drains.
+    """
+
+    __slots__ = ("transport", "peer", "partner", "pending", "eof", "on_close", "bytes_in")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self.partner: _HalfCloseAware | None = None
+        self.pending: list[bytes] = []
+        self.eof = False
+        self.on_close: Callable[[], None] | None = None
+        self.bytes_in = 0
+
+    def link(self, peer: asyncio.Transport, partner: "_HalfCloseAware") -> None:
+        """Send received bytes to ``peer``; ``partner`` is the protocol reading ``peer``."""
+        self.peer = peer
+        self.partner = partner
+        if self.pending:
+            peer.write(b"".join(self.pending))
+            self.pending.clear()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.peer is None:
+            self.pending.append(data)
+        else:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if self.partner is not None and self.partner.eof:
+            return False  # both directions finished
+        if peer is not None and not peer.is_closing() and peer.can_write_eof():
+            peer.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.close()
+        if self.on_close is not None:
+            cb, self.on_close = self.on_close, None
+            cb()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()

@@ -1,0 +1,128 @@
+"""Helpers for proxy tests: tiny real HTTP/1.1 upstream servers and snapshot builders."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from proxy_core import http1
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    target: str
+    headers: dict[str, str]
+    raw_headers: list[tuple[str, str]]
+    body: bytes
+    conn_id: int
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"ok"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    delay: float = 0.0
+    close: bool = False            # drop the connection instead of answering
+    chunks: list[bytes] | None = None  # send a chunked body
+
+
+Handler = Callable[[Seen], Reply | Awaitable[Reply]]
+
+
+class Upstream:
+    """An HTTP/1.1 server on 127.0.0.1 that records what it receives and answers via ``handler``."""
+
+    def __init__(self, handler: Handler | None = None, name: str = "up") -> None:
+        self.handler = handler or (lambda seen: Reply(body=name.encode()))
+        self.name = name
+        self.seen: list[Seen] = []
+        self.connections = 0
+        self.port = 0
+        self.first_body_bytes = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> "Upstream":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn_id = self.connections
+        parser = http1.RequestParser()
+        head: http1.RequestHead | None = None
+        body: list[bytes] = []
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                for ev in parser.feed(data):
+                    if isinstance(ev, http1.RequestHead):
+                        head, body = ev, []
+                    elif isinstance(ev, http1.Data):
+                        body.append(ev.data)
+                        self.first_body_bytes.set()
+                    elif isinstance(ev, http1.EndOfMessage) and head is not None:
+                        raw = [(n.decode(), v.decode()) for n, v in head.headers]
+                        seen = Seen(head.method.decode(), head.target.decode(), dict(raw), raw, b"".join(body), conn_id)
+                        self.seen.append(seen)
+                        reply = self.handler(seen)
+                        if asyncio.iscoroutine(reply):
+                            reply = await reply
+                        if reply.delay:
+                            await asyncio.sleep(reply.delay)
+                        if reply.close:
+                            writer.transport.abort()
+                            return
+                        await self._answer(writer, head, reply)
+        except (ConnectionError, http1.ProtocolError):
+            return
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, head: http1.RequestHead, reply: Reply) -> None:
+        hdrs = [(n.encode(), v.encode()) for n, v in reply.headers]
+        if reply.chunks is not None:
+            hdrs.append((b"transfer-encoding", b"chunked"))
+            writer.write(http1.response_head(reply.status, None, hdrs))
+            for c in reply.chunks:
+                writer.write(http1.chunk(c))
+                await writer.drain()
+            writer.write(http1.LAST_CHUNK)
+        else:
+            hdrs.append((b"content-length", b"%d" % len(reply.body)))
+            writer.write(http1.response_head(reply.status, None, hdrs)
+                         + (reply.body if head.method != b"HEAD" else b""))
+        await writer.drain()
+
+
+def cluster(*ports: int, policy: str = "ROUND_ROBIN", node: str = "n1", via: dict[str, Any] | None = None,
+            connect_timeout: float = 1.0) -> dict[str, Any]:
+    return {"service": "svc", "port": 80, "connect_timeout": connect_timeout, "lb": {"policy": policy},
+            "endpoints": [{"address": "127.0.0.1", "port": p, "node": node, "via": via} for p in ports]}
+
+
+def vhost(host: str, port: int, routes: list[dict[str, Any]], extra_domains: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"name": f"{host}:{port}", "host": host, "port": port,
+            "domains": [host, f"{host}:{port}", *extra_domains], "routes": routes}
+
+
+def snapshot(version: str = "v1", *, vhosts: list[dict[str, Any]] = (), clusters: dict[str, Any] | None = None,
+             vips: list[dict[str, Any]] = (), node: str = "n1", outbound: str = "REGISTRY_ONLY",
+             inbound: bool = True) -> dict[str, Any]:
+    listeners: dict[str, Any] = {"http_proxy": {"host": "127.0.0.1", "port": 0}}
+    if inbound:
+        listeners["inbound"] = {"host": "127.0.0.1", "port": 0}
+    return {"version": version, "node": {"id": node, "ip": "127.0.0.1"}, "listeners": listeners,
+            "outbound_policy": outbound, "vips": list(vips), "virtual_hosts": list(vhosts),
+            "clusters": clusters or {}}
