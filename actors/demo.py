@@ -139,7 +139,7 @@ def run(requests: int = 200, out=sys.stdout) -> dict[str, Any]:
         install(replicas=2)
         print(f"mesh installed: galley x2, pilot x2, proxies on {len(nodes)} nodes", file=out)
         bookinfo.deploy(nodes)
-        rows = wait_for_proxies(nodes=len(nodes))
+        wait_for_proxies(nodes=len(nodes))
         registry = MeshClient().registry()
         print(f"bookinfo deployed: {len(registry.get('workloads') or {})} workloads over {len(nodes)} nodes", file=out)
         head_proxy_port = registry["nodes"][nodes[0]]["http_proxy_port"]
@@ -155,6 +155,7 @@ def run(requests: int = 200, out=sys.stdout) -> dict[str, Any]:
                 print_split(results[user], user, out)
             print_services(before, proxy_stats(), out)
             report["steps"].append({"title": step.title, "splits": {str(u): dict(r.versions) for u, r in results.items()}})
+        rows = MeshClient().proxy_status()
         print(f"\nproxies: {', '.join(r['proxy'] + ' ' + r['status'] for r in rows)}", file=out)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"demo finished in {report['seconds']} s", file=out)

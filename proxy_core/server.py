@@ -48,6 +48,7 @@ from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_fault, redirect_location,
                                retry_on_failure, retry_on_status, rewrite_target)
 from proxy_core.router import RequestInfo, Router, split_host_port
+from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import Cluster, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip, WeightedCluster
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool, pool_key
 
@@ -158,6 +159,7 @@ class ProxyServer:
         self.pool = pool or UpstreamPool()
         self.dialer: Dialer = self.pool.dialer
         self.counters = Stats()
+        self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
@@ -267,7 +269,8 @@ class ProxyServer:
                 "downstream_connections_total": c.downstream_connections_total,
                 "active_connections": c.active_connections, "active_requests": c.active_requests,
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
-                "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count()}
+                "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
+                "destinations": self.destinations.to_dict()}
 
 
 # -- downstream connections ------------------------------------------------------------------
@@ -1232,7 +1235,10 @@ class Exchange:
         self.conn.resume(_PAUSE_BODY)
         server = self.server
         server.counters.active_requests -= 1
+        duration_ms = (time.monotonic() - self.t0) * 1000.0
         server.record(self.status, self.flags)
+        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", self.status,
+                                   duration_ms, flags.join(self.flags))
         alog = server.access_log
         if alog.enabled:
             req = self.req
@@ -1242,7 +1248,7 @@ class Exchange:
             alog.log(self.t_wall, head.method.decode("latin-1"),
                      req.path if req is not None else head.target.decode("latin-1"),
                      f"HTTP/{head.version}", self.status, flags.join(self.flags), self.bytes_received,
-                     self.bytes_sent, int((time.monotonic() - self.t0) * 1000), self.up_time, self.xff,
+                     self.bytes_sent, int(duration_ms), self.up_time, self.xff,
                      headers.get("user-agent"), self.request_id, req.authority if req is not None else "",
                      ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,
                      self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name)
