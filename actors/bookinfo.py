@@ -1,7 +1,6 @@
 """Runs the Bookinfo sample (``mesh.samples.bookinfo``) as Ray actors that join the mesh."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Sequence
 
 import ray
@@ -27,11 +26,11 @@ class BookinfoService:
 
     async def start(self) -> dict[str, Any]:
         if self.service is None:
-            proxy_url = await asyncio.to_thread(workload.local_proxy_url)
+            proxy_url = await workload.local_proxy_url_async()
             self.service = Bookinfo(self.spec, proxy_url)
             port = await self.service.start()
-            self.registration = await asyncio.to_thread(
-                workload.join, self.spec.app, port, service_port=SERVICE_PORT,
+            self.registration = await workload.join_async(
+                self.spec.app, port, service_port=SERVICE_PORT,
                 labels={"app": self.spec.app, "version": self.spec.version},
                 service_account=f"bookinfo-{self.spec.app}")
         return {"app": self.spec.app, "version": self.spec.version, "port": self.service.port,

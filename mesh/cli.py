@@ -25,7 +25,7 @@ import yaml
 
 from mesh.errors import MeshError
 from mesh.loader import LoadError, load_documents
-from mesh.validation import validate_documents
+from mesh.validation import validate_document, validate_documents
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -78,7 +78,8 @@ def _load(args: argparse.Namespace, out: TextIO):
 
 def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     docs = _load(args, out)
-    errors = validate_documents(docs)
+    # Like istioctl validate: each document on its own (an apply also rejects duplicates).
+    errors = [e for d in docs for e in validate_document(d)]
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if errors:

@@ -60,6 +60,23 @@ def call_any(component: str, method: str, *args: Any, timeout: float = 60.0, **k
     raise last
 
 
+async def acall_any(component: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``call_any`` for code running on an event loop (async actors): awaits instead of blocking."""
+    candidates = find_replicas(component)
+    if not candidates:
+        raise RuntimeError(f"no {component} replica is running: is the mesh installed? (meshctl install)")
+    random.shuffle(candidates)
+    last: BaseException | None = None
+    for handle in candidates:
+        try:
+            return await getattr(handle, method).remote(*args, **kwargs)
+        except FAILOVER_ERRORS as exc:
+            log.info("%s.%s failed on one replica (%s); trying another", component, method, exc)
+            last = exc
+    assert last is not None
+    raise last
+
+
 def _checked(reply: dict[str, Any]) -> dict[str, Any]:
     if not reply.get("ok"):
         raise MeshError(reply.get("errors") or ["request failed"])

@@ -12,11 +12,12 @@ loopback, for clients that connect directly.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import ray
 
-from mesh.client import NAMESPACE, call_any
+from mesh.client import NAMESPACE, acall_any, call_any
 from mesh.registry import WorkloadInstance, service_fqdn
 
 
@@ -24,15 +25,29 @@ def join(service: str, port: int, *, service_port: int | None = None, namespace:
          labels: dict[str, str] | None = None, protocol: str = "http", port_name: str | None = None,
          service_account: str = "default", address: str = "127.0.0.1") -> WorkloadInstance:
     """Register the calling actor as an endpoint of ``service`` and return the registration."""
+    wl = _instance(service, port, service_port, namespace, labels, protocol, port_name, service_account, address)
+    wl.uid = call_any("pilot", "register_workload", wl.to_dict())
+    return wl
+
+
+async def join_async(service: str, port: int, *, service_port: int | None = None, namespace: str = "default",
+                     labels: dict[str, str] | None = None, protocol: str = "http", port_name: str | None = None,
+                     service_account: str = "default", address: str = "127.0.0.1") -> WorkloadInstance:
+    """``join`` for async actors: awaits the registration instead of blocking the event loop."""
+    wl = _instance(service, port, service_port, namespace, labels, protocol, port_name, service_account, address)
+    wl.uid = await acall_any("pilot", "register_workload", wl.to_dict())
+    return wl
+
+
+def _instance(service: str, port: int, service_port: int | None, namespace: str, labels: dict[str, str] | None,
+              protocol: str, port_name: str | None, service_account: str, address: str) -> WorkloadInstance:
     ctx = ray.get_runtime_context()
     labels = dict(labels or {})
     labels.setdefault("app", service)
-    wl = WorkloadInstance(service=service, namespace=namespace, address=address, port=port,
-                          service_port=service_port or port, node_id=ctx.get_node_id(), labels=labels,
-                          protocol=protocol, port_name=port_name or protocol, service_account=service_account,
-                          actor_id=ctx.get_actor_id())
-    wl.uid = call_any("pilot", "register_workload", wl.to_dict())
-    return wl
+    return WorkloadInstance(service=service, namespace=namespace, address=address, port=port,
+                            service_port=service_port or port, node_id=ctx.get_node_id(), labels=labels,
+                            protocol=protocol, port_name=port_name or protocol, service_account=service_account,
+                            actor_id=ctx.get_actor_id())
 
 
 def leave(wl: WorkloadInstance) -> None:
@@ -41,16 +56,35 @@ def leave(wl: WorkloadInstance) -> None:
 
 def local_proxy_url(timeout: float = 60.0) -> str:
     """``http://127.0.0.1:PORT`` of the HTTP proxy on the node this code runs on."""
-    node_id = ray.get_runtime_context().get_node_id()
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            proxy = ray.get_actor(f"proxy-{node_id[:16]}", namespace=NAMESPACE)
+        proxy = _local_proxy()
+        if proxy is not None:
             return ray.get(proxy.http_proxy_url.remote(), timeout=timeout)
-        except ValueError:  # not created yet: Pilot reconciles nodes every second
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+        if time.monotonic() > deadline:
+            raise TimeoutError("no proxy on this node: is the mesh installed?")
+        time.sleep(0.2)
+
+
+async def local_proxy_url_async(timeout: float = 60.0) -> str:
+    """``local_proxy_url`` for async actors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proxy = _local_proxy()
+        if proxy is not None:
+            return await proxy.http_proxy_url.remote()
+        if time.monotonic() > deadline:
+            raise TimeoutError("no proxy on this node: is the mesh installed?")
+        await asyncio.sleep(0.2)
+
+
+def _local_proxy():
+    """This node's proxy worker actor, or None until Pilot (reconciling every second) made it."""
+    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        return ray.get_actor(f"proxy-{node_id[:16]}", namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 def service_vip(service: str, namespace: str = "default") -> str | None:

@@ -42,8 +42,8 @@ class EchoWorkload:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
-        self.registration = await asyncio.to_thread(
-            workload.join, self.service, self.port, service_port=self.service_port, namespace=self.namespace,
+        self.registration = await workload.join_async(
+            self.service, self.port, service_port=self.service_port, namespace=self.namespace,
             labels={"app": self.service, "version": self.version})
         return self.info()
 
