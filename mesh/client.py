@@ -43,38 +43,36 @@ def find_replicas(component: str) -> list[Any]:
     return found
 
 
-def call_any(component: str, method: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
-    """Call ``method`` on one replica, failing over to the others; raises the last error."""
+def _shuffled_replicas(component: str) -> list[Any]:
     candidates = find_replicas(component)
     if not candidates:
         raise RuntimeError(f"no {component} replica is running: is the mesh installed? (meshctl install)")
-    random.shuffle(candidates)
+    random.shuffle(candidates)  # spread load; any replica serves any call
+    return candidates
+
+
+def call_any(component: str, method: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
+    """Call ``method`` on one replica, failing over to the others; raises the last error."""
     last: BaseException | None = None
-    for handle in candidates:
+    for handle in _shuffled_replicas(component):
         try:
             return ray.get(getattr(handle, method).remote(*args, **kwargs), timeout=timeout)
         except FAILOVER_ERRORS as exc:
             log.info("%s.%s failed on one replica (%s); trying another", component, method, exc)
             last = exc
-    assert last is not None
-    raise last
+    raise last  # type: ignore[misc]
 
 
 async def acall_any(component: str, method: str, *args: Any, **kwargs: Any) -> Any:
     """``call_any`` for code running on an event loop (async actors): awaits instead of blocking."""
-    candidates = find_replicas(component)
-    if not candidates:
-        raise RuntimeError(f"no {component} replica is running: is the mesh installed? (meshctl install)")
-    random.shuffle(candidates)
     last: BaseException | None = None
-    for handle in candidates:
+    for handle in _shuffled_replicas(component):
         try:
             return await getattr(handle, method).remote(*args, **kwargs)
         except FAILOVER_ERRORS as exc:
             log.info("%s.%s failed on one replica (%s); trying another", component, method, exc)
             last = exc
-    assert last is not None
-    raise last
+    raise last  # type: ignore[misc]
 
 
 def _checked(reply: dict[str, Any]) -> dict[str, Any]:
