@@ -31,12 +31,11 @@ class AccessLog:
         self._sec = -1
         self._sec_text = ""
 
-    def _iso(self, t: float) -> str:
-        sec = int(t)
-        if sec != self._sec:
-            self._sec = sec
-            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._sec_text}.{int((t - sec) * 1000):03d}Z"
+    def _second(self, sec: int) -> str:
+        """``YYYY-MM-DDTHH:MM:SS`` of ``sec``, formatted once per second."""
+        self._sec = sec
+        text = self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return text
 
     def log(self, start_time: float, method: str, path: str, protocol: str, response_code: int,
             response_flags: str, bytes_received: int, bytes_sent: int, duration_ms: int,
@@ -46,14 +45,21 @@ class AccessLog:
         """Append one request's line; ``None`` values render as JSON null (Envoy's ``-``)."""
         if not self.enabled:
             return
+        # Everything inline (no helper call per field): this runs once per request.
+        sec = int(start_time)
+        day_time = self._sec_text if sec == self._sec else self._second(sec)
         self._lines.append(
-            f'{{"start_time":"{self._iso(start_time)}","method":{_q(method)},"path":{_q(path)},'
-            f'"protocol":"{protocol}","response_code":{response_code},"response_flags":"{response_flags}",'
-            f'"bytes_received":{bytes_received},"bytes_sent":{bytes_sent},"duration":{duration_ms},'
+            f'{{"start_time":"{day_time}.{int((start_time - sec) * 1000):03d}Z","method":{_q(method)},'
+            f'"path":{_q(path)},"protocol":"{protocol}","response_code":{response_code},'
+            f'"response_flags":"{response_flags}","bytes_received":{bytes_received},"bytes_sent":{bytes_sent},'
+            f'"duration":{duration_ms},'
             f'"upstream_service_time":{"null" if upstream_service_time is None else upstream_service_time},'
-            f'"x_forwarded_for":{_opt(x_forwarded_for)},"user_agent":{_opt(user_agent)},'
-            f'"request_id":{_opt(request_id)},"authority":{_q(authority)},"upstream_host":{_opt(upstream_host)},'
-            f'"upstream_cluster":{_opt(upstream_cluster)},"route_name":{_opt(route_name)},'
+            f'"x_forwarded_for":{"null" if x_forwarded_for is None else _q(x_forwarded_for)},'
+            f'"user_agent":{"null" if user_agent is None else _q(user_agent)},'
+            f'"request_id":{"null" if request_id is None else _q(request_id)},"authority":{_q(authority)},'
+            f'"upstream_host":{"null" if upstream_host is None else _q(upstream_host)},'
+            f'"upstream_cluster":{"null" if upstream_cluster is None else _q(upstream_cluster)},'
+            f'"route_name":{"null" if route_name is None else _q(route_name)},'
             f'"downstream_remote_address":{_q(downstream_remote_address)},"listener":{_q(listener)}}}\n')
         if len(self._lines) >= _FLUSH_LINES:
             self.flush()
@@ -81,6 +87,3 @@ class AccessLog:
             self._timer = None
         self.flush()
 
-
-def _opt(value: str | None) -> str:
-    return "null" if value is None else _q(value)

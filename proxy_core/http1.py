@@ -89,6 +89,9 @@ class ProtocolError(Exception):
         self.events: list[Event] = events or []
 
 
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"expect"))
+
+
 class _HeadResponseDone(Exception):
     """Raised from inside llhttp's callback to stop a HEAD response at its head."""
 
@@ -120,33 +123,35 @@ class _Parser:
         self._expect = False
         self._switched = False
 
-    # llhttp callbacks
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._trailers = None
-        self._in_head = True
-        self._head_size = 0
-        self._partial = 0
-        self._content_length = None
-        self._chunked = False
-        self._expect = False
+    # llhttp callbacks: they run once per header of every message, so they do the least
+    # they can; framing headers are the rare case and are handled out of line.  Each
+    # subclass resets its per-message state in its own ``on_message_begin`` (inlined: it
+    # runs for every message).
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if self._trailers is not None:
-            self._trailers.append((name, value))
-            if len(self._trailers) > self.max_headers:
-                raise ProtocolError(self._large_status, "too many trailers")
+            self._trailer(name, value)
             return
         headers = self._headers
         headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
         self._header_done = True
+        if name in _FRAMING:
+            self._framing(name, value)
+        if size > self.max_header_bytes:
+            raise ProtocolError(self._large_status, "header block too large")
         if len(headers) > self.max_headers:
             raise ProtocolError(self._large_status, "too many headers")
-        if self._head_size > self.max_header_bytes:
-            raise ProtocolError(self._large_status, "header block too large")
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        trailers = self._trailers
+        assert trailers is not None
+        trailers.append((name, value))
+        if len(trailers) > self.max_headers:
+            raise ProtocolError(self._large_status, "too many trailers")
+
+    def _framing(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
             try:
                 self._content_length = int(value)
@@ -154,7 +159,7 @@ class _Parser:
                 raise ProtocolError(self._error_status, "invalid content-length") from None
         elif name == b"transfer-encoding":
             self._chunked = value.lower().endswith(b"chunked")
-        elif name == b"expect":
+        else:
             self._expect = value.lower() == b"100-continue"
 
     def on_body(self, body: bytes) -> None:
@@ -223,8 +228,15 @@ class RequestParser(_Parser):
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
-        _Parser.on_message_begin(self)
         self._url = b""
+        self._headers = []
+        self._trailers = None
+        self._in_head = True
+        self._head_size = 0
+        self._partial = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -267,8 +279,15 @@ class ResponseParser(_Parser):
         self._head_request = head_request
 
     def on_message_begin(self) -> None:
-        _Parser.on_message_begin(self)
         self._reason = b""
+        self._headers = []
+        self._trailers = None
+        self._in_head = True
+        self._head_size = 0
+        self._partial = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -290,7 +309,8 @@ class ResponseParser(_Parser):
         self._until_eof = (self._content_length is None and not self._chunked and status not in (204, 304))
 
     def on_message_complete(self) -> None:
-        _Parser.on_message_complete(self)
+        self._events.append(EndOfMessage(self._trailers or []))
+        self._trailers = None
         self._in_body = False
 
     def _restart(self) -> None:
@@ -326,19 +346,19 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
+def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``name: value\\r\\n`` for every header, as one bytes object (one join, no per-line concatenation)."""
+    return b"".join([b"%s: %s\r\n" % h for h in headers])
+
+
 def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """Serialize an HTTP/1.1 request head (headers are written as given, framing included)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    lines.extend(n + b": " + v for n, v in headers)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, _header_lines(headers))
 
 
 def response_head(status: int, reason: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, reason if reason is not None else reason_phrase(status))]
-    lines.extend(n + b": " + v for n, v in headers)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason if reason is not None else reason_phrase(status),
+                                            _header_lines(headers))
 
 
 def chunk(data: bytes) -> bytes:

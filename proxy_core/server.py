@@ -73,12 +73,17 @@ _MSG_UPE = b"upstream connect error or disconnect/reset before headers. reset re
 _MSG_UT = b"upstream request timeout"
 _MSG_UH = b"no healthy upstream"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# ``Connection`` values that name no other header to strip (by far the common case).
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
+# Request headers that ``Exchange._prepare_upstream`` does not copy verbatim.
+_REQUEST_SPECIAL = HOP_BY_HOP_BYTES | {b"host", b"x-forwarded-for", b"expect", b"x-forwarded-proto", b"x-request-id"}
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 _RID_PREFIX = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": random per process
 
 
 _STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
 def _no_body(method: bytes, status: int) -> bool:
@@ -280,8 +285,8 @@ class HttpConnection(asyncio.Protocol):
     """Drives one downstream connection: parses requests, runs one ``Exchange`` at a time
     (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
 
-    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "active", "backlog",
-                 "paused", "tunnel", "eof", "pending_error")
+    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "active",
+                 "backlog", "paused", "tunnel", "eof", "pending_error")
 
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
@@ -290,6 +295,7 @@ class HttpConnection(asyncio.Protocol):
         self.parser = http1.RequestParser()
         self.peer = ""
         self.peer_ip = ""
+        self.peer_ip_bytes = b""  # for x-forwarded-for, encoded once per connection
         self.active: Exchange | None = None
         self.backlog: list[http1.Event] | None = None
         self.paused = 0
@@ -304,6 +310,7 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0]
+            self.peer_ip_bytes = peer[0].encode()
             self.peer = f"{peer[0]}:{peer[1]}"
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -391,15 +398,20 @@ class HttpConnection(asyncio.Protocol):
                     return
                 ex = Exchange(self, ev)  # type: ignore[arg-type]
                 self.active = ex
-                ex.guard(ex.start)
             elif ex is None:
                 continue  # body of a request already answered; the connection is closing
-            elif t is Data:
-                ex.guard(ex.on_body, ev.data)  # type: ignore[union-attr]
-            elif t is EndOfMessage:
-                ex.guard(ex.on_body_end, ev.trailers)  # type: ignore[union-attr]
-            elif t is Upgraded:
-                ex.guard(ex.on_upgraded, ev.rest)  # type: ignore[union-attr]
+            # Exchange.guard inlined: this loop runs for every event of every request.
+            try:
+                if t is RequestHead:
+                    ex.start()
+                elif t is EndOfMessage:
+                    ex.on_body_end(ev.trailers)  # type: ignore[union-attr]
+                elif t is Data:
+                    ex.on_body(ev.data)  # type: ignore[union-attr]
+                elif t is Upgraded:
+                    ex.on_upgraded(ev.rest)  # type: ignore[union-attr]
+            except Exception:
+                ex._crashed()
 
     def request_done(self, ex: Exchange, keep_alive: bool) -> None:
         if self.active is not ex:
@@ -674,7 +686,10 @@ class Exchange:
             return
         self.cluster = cluster
         self.balancer = self.state.balancers[wc.cluster]
-        path, authority = rewrite_target(route, req.path, req.authority, self.match)
+        if route.rewrite is None:
+            path, authority = req.path, req.authority
+        else:
+            path, authority = rewrite_target(route, req.path, req.authority, self.match)
         ops, self.resp_ops = self.state.header_ops(route, wc)
         cookie = self.balancer.hash_cookie_to_set(req)
         if cookie is not None:
@@ -693,26 +708,28 @@ class Exchange:
         has_xfp = False
         has_rid = False
         upgrade = head.upgrade
-        for n, v in head.headers:
-            if n in HOP_BY_HOP_BYTES:
+        for h in head.headers:
+            n = h[0]
+            if n not in _REQUEST_SPECIAL:  # the common case: one set lookup per header
+                out.append(h)
+            elif n in HOP_BY_HOP_BYTES:
                 if n == b"connection":
-                    connection_listed = v
+                    connection_listed = h[1]
                 elif upgrade and n == b"upgrade":
-                    out.append((n, v))
-                continue
-            if n == b"host" or n == b"x-forwarded-for" or n == b"expect":
-                continue
-            if n == b"x-forwarded-proto":
+                    out.append(h)
+            elif n == b"x-forwarded-proto":
                 has_xfp = True
+                out.append(h)
             elif n == b"x-request-id":
                 has_rid = True
-            out.append((n, v))
+                out.append(h)
+            # host, x-forwarded-for and expect are rewritten or dropped
         if connection_listed is not None:
             listed = {t.strip().lower() for t in connection_listed.split(b",")}
             listed.discard(b"upgrade")
             if listed - {b"close", b"keep-alive"}:
                 out = [h for h in out if h[0] not in listed]
-        ip = self.conn.peer_ip.encode()
+        ip = self.conn.peer_ip_bytes
         out.append((b"x-forwarded-for", (self.xff.encode("latin-1") + b", " + ip) if self.xff else ip))
         if not has_xfp:
             out.append((b"x-forwarded-proto", b"http"))
@@ -945,8 +962,8 @@ class Exchange:
                     listed = v
                 continue
             headers.append((n, v))
-        if listed is not None:
-            names = {t.strip().lower() for t in listed.split(b",")} - {b"close", b"keep-alive"}
+        if listed is not None and listed.lower() not in _PLAIN_CONNECTION:
+            names = {t.strip().lower() for t in listed.split(b",")} - _PLAIN_CONNECTION
             if names:
                 headers = [h for h in headers if h[0] not in names]
         for o in self.resp_ops:
@@ -954,7 +971,7 @@ class Exchange:
         if self.set_cookie is not None:
             headers.append((b"set-cookie", self.set_cookie))
         keep_alive = head.keep_alive and not self.conn.eof and not head.upgrade
-        if not _no_body(method, status) and rh.content_length is None:
+        if rh.content_length is None and not _no_body(method, status):
             if head.version == "1.1":
                 self.resp_chunked = True
                 headers.append((b"transfer-encoding", b"chunked"))
@@ -1221,10 +1238,11 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        for timer in (self.try_timer, self.route_timer, self.retry_timer):
-            if timer is not None:
-                timer.cancel()
-        self.try_timer = self.route_timer = self.retry_timer = None
+        if self.try_timer is not None or self.route_timer is not None or self.retry_timer is not None:
+            for timer in (self.try_timer, self.route_timer, self.retry_timer):
+                if timer is not None:
+                    timer.cancel()
+            self.try_timer = self.route_timer = self.retry_timer = None
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -1236,18 +1254,22 @@ class Exchange:
         server = self.server
         server.counters.active_requests -= 1
         duration_ms = (time.monotonic() - self.t0) * 1000.0
-        server.record(self.status, self.flags)
-        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", self.status,
-                                   duration_ms, flags.join(self.flags))
+        status = self.status
+        flag_list = self.flags
+        response_flags = ",".join(flag_list) if flag_list else flags.NONE
+        server.record(status, flag_list)
+        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", status,
+                                   duration_ms, response_flags)
         alog = server.access_log
         if alog.enabled:
             req = self.req
             head = self.head
             headers = req.headers if req is not None else {}
             ep = self.endpoint
-            alog.log(self.t_wall, head.method.decode("latin-1"),
+            alog.log(self.t_wall, req.method if req is not None else head.method.decode("latin-1"),
                      req.path if req is not None else head.target.decode("latin-1"),
-                     f"HTTP/{head.version}", self.status, flags.join(self.flags), self.bytes_received,
+                     _PROTOCOLS.get(head.version) or f"HTTP/{head.version}", status, response_flags,
+                     self.bytes_received,
                      self.bytes_sent, int(duration_ms), self.up_time, self.xff,
                      headers.get("user-agent"), self.request_id, req.authority if req is not None else "",
                      ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 
 # Upper bounds in ms: 0.1 ms growing by 20% per bucket up to ~10 minutes; the last is +Inf.
 BUCKETS_MS: tuple[float, ...] = tuple(round(0.1 * 1.2 ** i, 4) for i in range(86)) + (float("inf"),)
+_CLASSES = tuple(f"{i}xx" for i in range(6))
 
 
 @dataclass(slots=True)
@@ -42,10 +43,17 @@ class StatsRecorder:
         self.destinations: dict[str, DestinationStats] = {}
 
     def record(self, destination: str, status: int, duration_ms: float, flags: str = "-") -> None:
+        """``DestinationStats.record`` inlined: this runs once per request."""
         d = self.destinations.get(destination)
         if d is None:
             d = self.destinations[destination] = DestinationStats()
-        d.record(status, duration_ms, flags)
+        d.requests += 1
+        cls = _CLASSES[status // 100] if 0 <= status < 600 else f"{status // 100}xx"
+        by_class = d.by_class
+        by_class[cls] = by_class.get(cls, 0) + 1
+        if flags != "-":
+            d.flags[flags] = d.flags.get(flags, 0) + 1
+        d.buckets[bisect_left(BUCKETS_MS, duration_ms)] += 1
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {k: v.to_dict() for k, v in self.destinations.items()}

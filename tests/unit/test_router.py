@@ -243,6 +243,36 @@ def test_no_route_matches() -> None:
     assert r.match_with(vh, req()) is None
 
 
+
+def test_match_with_inline_kinds_agree_with_match_request() -> None:
+    """Single uri-prefix and single exact-header matches are checked inline by ``match_with``;
+    look-alike matches with one more condition must still go through ``match_request``."""
+    routes = [
+        {"name": "prefix-ci", "match": [{"uri": {"prefix": "/CI"}, "ignore_uri_case": True}], "route": [{"cluster": "a"}]},
+        {"name": "prefix-post", "match": [{"uri": {"prefix": "/p"}, "method": {"exact": "POST"}}],
+         "route": [{"cluster": "a"}]},
+        {"name": "hdr-two", "match": [{"headers": {"x-a": {"exact": "1"}, "x-b": {"exact": "2"}}}],
+         "route": [{"cluster": "a"}]},
+        {"name": "hdr-prefix", "match": [{"headers": {"x-p": {"prefix": "ab"}}}], "route": [{"cluster": "a"}]},
+        {"name": "hdr-exact", "match": [{"headers": {"x-e": {"exact": "yes"}}}], "route": [{"cluster": "a"}]},
+        {"name": "hdr-on-port", "match": [{"headers": {"x-q": {"exact": "1"}}, "port": 1}], "route": [{"cluster": "a"}]},
+        {"name": "uri-exact", "match": [{"uri": {"exact": "/exact"}}], "route": [{"cluster": "a"}]},
+        {"name": "prefix", "match": [{"uri": {"prefix": "/api/"}}], "route": [{"cluster": "a"}]},
+    ]
+    r = Router(snapshot([vhost("h", 9080, ["h"], routes)]))
+    vh = r.virtual_host("h", 9080)
+    assert vh is not None
+    requests = [req("/ci/x"), req("/p", method="POST"), req("/p"), req("/", headers={"x-a": "1", "x-b": "2"}),
+                req("/", headers={"x-a": "1"}), req("/", headers={"x-p": "abc"}), req("/", headers={"x-e": "yes"}),
+                req("/", headers={"x-e": "no"}), req("/", headers={"x-q": "1"}), req("/exact"), req("/exact/more"),
+                req("/api/v1?q=1"), req("/apix")]
+    for request_ in requests:
+        expected = next(((rt, mt) for rt in vh.routes for mt in rt.matches if match_request(mt, request_)), None)
+        assert r.match_with(vh, request_) == expected, request_.path
+    assert r.match_with(vh, req("/api/v1?q=1"))[0].name == "prefix"  # type: ignore[index]
+    assert r.match_with(vh, req("/", headers={"x-q": "1"})) is None
+
+
 # -- weighted destinations ---------------------------------------------------------------------
 
 def route(*weights: int) -> Route:
