@@ -1,8 +1,13 @@
 """Sans-IO HTTP/1.1 codec on top of httptools (llhttp).
 
-``RequestParser`` and ``ResponseParser`` turn bytes into events; the module-level
+``RequestParser`` and ``ResponseParser`` turn bytes into message parts; the module-level
 serializers turn heads and bodies back into bytes.  Nothing here touches a socket, so
 the proxy's drivers stay thin and every framing rule is tested with byte fixtures.
+
+Parts are delivered to a ``MessageSink`` (``on_head``, ``on_data``, ``on_end``,
+``on_upgrade``) as the bytes are parsed: the proxy's connection drivers are sinks, so the
+hot path builds no event objects or lists.  Without a sink a parser collects the parts as
+event objects and ``feed`` returns them, which is what tests and simple callers use.
 
 Events carry header names lower-cased as ``bytes`` and values untouched: the data path
 forwards bytes and only decodes what routing needs.  Limits follow Envoy's defaults:
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Iterable
+from typing import Any, Iterable, Protocol
 
 import httptools
 from httptools.parser.errors import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
@@ -75,6 +80,36 @@ class Upgraded:
 Event = RequestHead | ResponseHead | Data | EndOfMessage | Upgraded
 
 
+class MessageSink(Protocol):
+    """Receives the parts of each message, in order, while ``feed`` runs."""
+
+    def on_head(self, head: Any) -> None: ...              # RequestHead or ResponseHead
+    def on_data(self, data: bytes) -> None: ...
+    def on_end(self, trailers: HeaderList) -> None: ...
+    def on_upgrade(self, rest: bytes) -> None: ...         # CONNECT/Upgrade: raw bytes follow
+
+
+class EventCollector:
+    """The sink of a parser used without one: parts become event objects in ``events``."""
+
+    __slots__ = ("events",)
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def on_head(self, head: Any) -> None:
+        self.events.append(head)
+
+    def on_data(self, data: bytes) -> None:
+        self.events.append(Data(data))
+
+    def on_end(self, trailers: HeaderList) -> None:
+        self.events.append(EndOfMessage(trailers))
+
+    def on_upgrade(self, rest: bytes) -> None:
+        self.events.append(Upgraded(rest))
+
+
 class ProtocolError(Exception):
     """Malformed or oversized input.  ``status`` is what a server answers (400/431, or 502 upstream).
 
@@ -100,18 +135,20 @@ class _HeadResponseDone(Exception):
 
 
 class _Parser:
-    """Shared callback state for both directions.  Callbacks append to ``self._events``."""
+    """Shared callback state for both directions; parts go to ``self.sink``."""
 
-    __slots__ = ("_parser", "_events", "_headers", "_in_head", "_head_size", "_partial", "_header_done",
+    __slots__ = ("_parser", "sink", "_collector", "_headers", "_in_head", "_head_size", "_partial", "_header_done",
                  "_content_length", "_chunked", "_expect", "_trailers", "max_header_bytes", "max_headers",
                  "_switched", "_error_status", "_large_status")
 
-    def __init__(self, max_header_bytes: int, max_headers: int, error_status: int, large_status: int) -> None:
+    def __init__(self, max_header_bytes: int, max_headers: int, error_status: int, large_status: int,
+                 sink: MessageSink | None) -> None:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self._error_status = error_status
         self._large_status = large_status
-        self._events: list[Event] = []
+        self._collector = EventCollector() if sink is None else None
+        self.sink: MessageSink = sink if sink is not None else self._collector  # type: ignore[assignment]
         self._headers: HeaderList = []
         self._trailers: HeaderList | None = None
         self._in_head = False
@@ -163,7 +200,7 @@ class _Parser:
             self._expect = value.lower() == b"100-continue"
 
     def on_body(self, body: bytes) -> None:
-        self._events.append(Data(body))
+        self.sink.on_data(body)
 
     def on_chunk_header(self) -> None:
         # The terminating zero-size chunk is followed by the trailer section.
@@ -173,17 +210,21 @@ class _Parser:
         pass
 
     def on_message_complete(self) -> None:
-        self._events.append(EndOfMessage(self._trailers or []))
+        trailers = self._trailers
         self._trailers = None
+        self.sink.on_end(trailers or [])
 
     # driving
 
     def _feed(self, data: bytes) -> list[Event]:
+        """Parse ``data``, delivering parts to the sink; returns the collected events (none with a sink)."""
+        collector = self._collector
         events: list[Event] = []
-        self._events = events
+        if collector is not None:
+            collector.events = events
         if self._switched:
             if data:
-                events.append(Data(data))
+                self.sink.on_data(data)
             return events
         began_in_head = self._in_head
         self._header_done = False
@@ -191,7 +232,7 @@ class _Parser:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self._switched = True
-            events.append(Upgraded(bytes(data[exc.args[0]:])))
+            self.sink.on_upgrade(bytes(data[exc.args[0]:]))
             return events
         except HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -201,6 +242,8 @@ class _Parser:
             if isinstance(cause, _HeadResponseDone):
                 self._restart()
                 return events
+            if cause is not None and collector is None:
+                raise cause  # the sink itself failed: a bug to contain, not a protocol error
             raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
         except HttpParserError as exc:
             raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
@@ -222,8 +265,8 @@ class RequestParser(_Parser):
     __slots__ = ("_url",)
 
     def __init__(self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
-        super().__init__(max_header_bytes, max_headers, 400, 431)
+                 max_headers: int = DEFAULT_MAX_HEADERS, sink: MessageSink | None = None) -> None:
+        super().__init__(max_header_bytes, max_headers, 400, 431, sink)
         self._url = b""
         self._parser = httptools.HttpRequestParser(self)
 
@@ -247,9 +290,9 @@ class RequestParser(_Parser):
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        self._events.append(RequestHead(p.get_method(), self._url, p.get_http_version(), self._headers,
-                                        p.should_keep_alive(), p.should_upgrade(), self._content_length,
-                                        self._chunked, self._expect))
+        self.sink.on_head(RequestHead(p.get_method(), self._url, p.get_http_version(), self._headers,
+                                      p.should_keep_alive(), p.should_upgrade(), self._content_length,
+                                      self._chunked, self._expect))
 
     def feed(self, data: bytes) -> list[Event]:
         """Parse ``data``; raises ``ProtocolError`` (400 malformed, 431 too large)."""
@@ -267,8 +310,8 @@ class ResponseParser(_Parser):
     __slots__ = ("_reason", "_head_request", "_until_eof", "_in_body")
 
     def __init__(self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
-        super().__init__(max_header_bytes, max_headers, 502, 502)
+                 max_headers: int = DEFAULT_MAX_HEADERS, sink: MessageSink | None = None) -> None:
+        super().__init__(max_header_bytes, max_headers, 502, 502, sink)
         self._reason = b""
         self._head_request = False
         self._until_eof = False
@@ -297,21 +340,22 @@ class ResponseParser(_Parser):
         p = self._parser
         status = p.get_status_code()
         keep_alive = p.should_keep_alive()
-        self._events.append(ResponseHead(status, self._reason, p.get_http_version(), self._headers, keep_alive,
-                                         self._content_length, self._chunked))
+        self.sink.on_head(ResponseHead(status, self._reason, p.get_http_version(), self._headers, keep_alive,
+                                       self._content_length, self._chunked))
         if status < 200:
             return
         if self._head_request:
             self._head_request = False
-            self._events.append(EndOfMessage([]))
+            self.sink.on_end([])
             raise _HeadResponseDone()
         self._in_body = True
         self._until_eof = (self._content_length is None and not self._chunked and status not in (204, 304))
 
     def on_message_complete(self) -> None:
-        self._events.append(EndOfMessage(self._trailers or []))
-        self._trailers = None
         self._in_body = False
+        trailers = self._trailers
+        self._trailers = None
+        self.sink.on_end(trailers or [])
 
     def _restart(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
@@ -325,7 +369,10 @@ class ResponseParser(_Parser):
         """The upstream closed: completes a close-delimited body, else an unfinished message is an error."""
         if self._in_body and self._until_eof:
             self._in_body = False
-            return [EndOfMessage([])]
+            if self._collector is not None:
+                return [EndOfMessage([])]
+            self.sink.on_end([])
+            return []
         if self._in_head or self._in_body:
             raise ProtocolError(502, "upstream closed mid-message")
         return []

@@ -43,7 +43,7 @@ from typing import Any
 
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
-from proxy_core.http1 import Data, EndOfMessage, ProtocolError, RequestHead, ResponseHead, Upgraded
+from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_fault, redirect_location,
                                retry_on_failure, retry_on_status, rewrite_target)
@@ -66,6 +66,9 @@ _PAUSE_BACKLOG = 1   # a pipelined request waits for the one in flight
 _PAUSE_BODY = 2      # request body buffered while no upstream is attached yet
 _PAUSE_UPSTREAM = 4  # upstream write buffer is full
 _PAUSE_TUNNEL = 8    # tunnel being established
+
+# Kinds of request parts kept while a pipelined request waits for the one in flight.
+_PART_HEAD, _PART_DATA, _PART_END, _PART_UPGRADE = range(4)
 
 _MSG_UF = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
 _MSG_UC = b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
@@ -292,12 +295,12 @@ class HttpConnection(asyncio.Protocol):
         self.server = server
         self.listener = listener
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self.parser = http1.RequestParser()
+        self.parser = http1.RequestParser(sink=self)
         self.peer = ""
         self.peer_ip = ""
         self.peer_ip_bytes = b""  # for x-forwarded-for, encoded once per connection
         self.active: Exchange | None = None
-        self.backlog: list[http1.Event] | None = None
+        self.backlog: list[tuple[int, Any]] | None = None
         self.paused = 0
         self.tunnel: asyncio.Transport | None = None
         self.eof = False
@@ -328,15 +331,9 @@ class HttpConnection(asyncio.Protocol):
             tunnel.write(data)
             return
         try:
-            events = self.parser.feed(data)
+            self.parser.feed(data)  # parts arrive at on_head / on_data / on_end / on_upgrade
         except ProtocolError as exc:
-            self._dispatch(exc.events)
             self._protocol_error(exc)
-            return
-        if self.backlog is not None:
-            self.backlog.extend(events)
-            return
-        self._dispatch(events)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -385,33 +382,74 @@ class HttpConnection(asyncio.Protocol):
 
     # request sequencing
 
-    def _dispatch(self, events: list[http1.Event]) -> None:
-        for i, ev in enumerate(events):
-            ex = self.active
-            t = type(ev)
-            if t is RequestHead:
-                if ex is not None:
-                    self.backlog = list(events[i:])
-                    self.pause(_PAUSE_BACKLOG)
-                    return
-                if self.transport.is_closing():
-                    return
-                ex = Exchange(self, ev)  # type: ignore[arg-type]
-                self.active = ex
-            elif ex is None:
-                continue  # body of a request already answered; the connection is closing
-            # Exchange.guard inlined: this loop runs for every event of every request.
+    # the request parser's sink: one exchange at a time; parts of pipelined requests wait
+
+    def on_head(self, head: RequestHead) -> None:
+        if self.active is not None or self.backlog is not None:
+            self._defer(_PART_HEAD, head)
+            return
+        if self.transport.is_closing():
+            return
+        ex = self.active = Exchange(self, head)
+        try:
+            ex.start()
+        except Exception:
+            ex._crashed()
+
+    def on_data(self, data: bytes) -> None:
+        if self.backlog is not None:
+            self.backlog.append((_PART_DATA, data))
+            return
+        ex = self.active
+        if ex is not None:  # else: the body of a request already answered; the connection is closing
             try:
-                if t is RequestHead:
-                    ex.start()
-                elif t is EndOfMessage:
-                    ex.on_body_end(ev.trailers)  # type: ignore[union-attr]
-                elif t is Data:
-                    ex.on_body(ev.data)  # type: ignore[union-attr]
-                elif t is Upgraded:
-                    ex.on_upgraded(ev.rest)  # type: ignore[union-attr]
+                ex.on_body(data)
             except Exception:
                 ex._crashed()
+
+    def on_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.backlog is not None:
+            self.backlog.append((_PART_END, trailers))
+            return
+        ex = self.active
+        if ex is not None:
+            try:
+                ex.on_body_end(trailers)
+            except Exception:
+                ex._crashed()
+
+    def on_upgrade(self, rest: bytes) -> None:
+        if self.backlog is not None:
+            self.backlog.append((_PART_UPGRADE, rest))
+            return
+        ex = self.active
+        if ex is not None:
+            try:
+                ex.on_upgraded(rest)
+            except Exception:
+                ex._crashed()
+
+    def _defer(self, kind: int, part: Any) -> None:
+        """A pipelined request arrived while one is in flight: keep its parts for later."""
+        if self.backlog is None:
+            self.backlog = []
+            self.pause(_PAUSE_BACKLOG)
+        self.backlog.append((kind, part))
+
+    def _replay(self, parts: list[tuple[int, Any]]) -> None:
+        for i, (kind, part) in enumerate(parts):
+            if kind == _PART_HEAD and self.active is not None:
+                self.backlog = parts[i:]
+                self.pause(_PAUSE_BACKLOG)
+                return
+            if kind == _PART_HEAD:
+                self.on_head(part)
+            elif kind == _PART_DATA:
+                self.on_data(part)
+            elif kind == _PART_END:
+                self.on_end(part)
+            else:
+                self.on_upgrade(part)
 
     def request_done(self, ex: Exchange, keep_alive: bool) -> None:
         if self.active is not ex:
@@ -428,7 +466,7 @@ class HttpConnection(asyncio.Protocol):
         if backlog is not None:
             self.backlog = None
             self.resume(_PAUSE_BACKLOG)
-            self._dispatch(backlog)
+            self._replay(backlog)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         ex = self.active
@@ -459,16 +497,48 @@ class HttpConnection(asyncio.Protocol):
 
 
 class Exchange:
-    """One request/response through the proxy, as a callback-driven state machine."""
+    """One request/response through the proxy, as a callback-driven state machine.
 
-    __slots__ = (
-        "conn", "server", "state", "head", "loop", "t0", "t_wall", "req", "route", "match", "wc", "cluster",
-        "balancer", "flags", "done", "request_complete", "bytes_received", "bytes_sent", "body", "body_size",
-        "body_retriable", "trailers", "up_head", "upstream", "endpoint", "tried", "attempt", "connecting",
-        "try_timer", "route_timer", "retry_timer", "response_started", "resp_chunked", "close_after",
-        "up_start", "up_time", "request_id", "xff", "status", "resp_ops", "set_cookie", "upgrade_ok",
-        "pipe", "tunnel_pending", "up_paused", "counted_on_start", "up_keep_alive",
-    )
+    Attributes start as the class-level defaults below and only those that change are set
+    on the instance: an exchange is created per request, so its construction is kept to
+    the few fields every request needs.
+    """
+
+    req: RequestInfo | None = None
+    route: Route | None = None
+    match: Any = None
+    wc: WeightedCluster | None = None
+    cluster: Cluster | None = None
+    balancer: LoadBalancer | None = None
+    done = False
+    request_complete = False
+    bytes_received = 0
+    bytes_sent = 0
+    body_size = 0
+    body_retriable = True
+    trailers: list[tuple[bytes, bytes]] = []       # replaced, never mutated
+    up_head = b""
+    upstream: UpstreamConnection | None = None
+    endpoint: Endpoint | None = None
+    attempt = 0
+    connecting: asyncio.Task[Any] | None = None
+    try_timer: asyncio.TimerHandle | None = None
+    route_timer: asyncio.TimerHandle | None = None
+    retry_timer: asyncio.TimerHandle | None = None
+    response_started = False
+    resp_chunked = False
+    close_after = False
+    up_start = 0.0
+    up_time: int | None = None
+    request_id: str | None = None
+    xff: str | None = None
+    status = 0
+    resp_ops: tuple[HeaderOps, ...] = ()
+    set_cookie: bytes | None = None
+    pipe: Pipe | None = None
+    up_paused = False
+    counted_on_start = False
+    up_keep_alive = True
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -479,46 +549,11 @@ class Exchange:
         self.loop = server.loop
         self.t0 = time.monotonic()
         self.t_wall = time.time()
-        self.req: RequestInfo | None = None
-        self.route: Route | None = None
-        self.match = None
-        self.wc: WeightedCluster | None = None
-        self.cluster: Cluster | None = None
-        self.balancer: LoadBalancer | None = None
         self.flags: list[str] = []
-        self.done = False
-        self.request_complete = False
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_retriable = True
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.up_head = b""
-        self.upstream: UpstreamConnection | None = None
-        self.endpoint: Endpoint | None = None
         self.tried: list[str] = []
-        self.attempt = 0
-        self.connecting: asyncio.Task[Any] | None = None
-        self.try_timer: asyncio.TimerHandle | None = None
-        self.route_timer: asyncio.TimerHandle | None = None
-        self.retry_timer: asyncio.TimerHandle | None = None
-        self.response_started = False
-        self.resp_chunked = False
-        self.close_after = False
-        self.up_start = 0.0
-        self.up_time: int | None = None
-        self.request_id: str | None = None
-        self.xff: str | None = None
-        self.status = 0
-        self.resp_ops: tuple[HeaderOps, ...] = ()
-        self.set_cookie: bytes | None = None
-        self.upgrade_ok = False
-        self.pipe: Pipe | None = None
+        self.out: list[bytes] = []
         self.tunnel_pending: list[bytes] = []
-        self.up_paused = False
-        self.counted_on_start = False
-        self.up_keep_alive = True
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -791,8 +826,7 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
-        conn.sink = self
-        conn.got_data = False
+        conn.attach(self)
         conn.parser.expect_head_response(self.head.method == b"HEAD")
         self.up_start = time.monotonic()
         chunked = self.head.chunked
@@ -851,7 +885,7 @@ class Exchange:
         if conn is None:
             return
         self.upstream = None
-        conn.sink = None
+        conn.detach()
         if self.up_paused:
             self.up_paused = False
             if not conn.closed:
@@ -901,43 +935,41 @@ class Exchange:
         if rest:
             self.tunnel_pending.append(rest)
 
-    # responses from upstream (UpstreamSink)
+    # responses from upstream: the exchange is the sink of its upstream's response parser
 
-    def upstream_events(self, events: list[http1.Event]) -> None:
-        try:
-            self._upstream_events(events)
-        except Exception:
-            self._crashed()
+    def on_head(self, rh: ResponseHead) -> None:
+        if rh.status < 200:
+            if rh.status == 101 and self.head.upgrade:
+                self._upgrade_response(rh)
+            return  # 100 Continue / 103 Early Hints: the real response follows
+        self._response_head(rh)
 
-    def _upstream_events(self, events: list[http1.Event]) -> None:
-        out: list[bytes] = []
-        for ev in events:
-            t = type(ev)
-            if t is Data:
-                data = ev.data  # type: ignore[union-attr]
-                self.bytes_sent += len(data)
-                out.append(http1.chunk(data) if self.resp_chunked else data)
-            elif t is ResponseHead:
-                if ev.status < 200:  # type: ignore[union-attr]
-                    if ev.status == 101 and self.head.upgrade:  # type: ignore[union-attr]
-                        self._upgrade_response(ev, out)  # type: ignore[arg-type]
-                        return
-                    continue
-                if not self._response_head(ev, out):  # type: ignore[arg-type]
-                    return
-            elif t is EndOfMessage:
-                if self.resp_chunked:
-                    out.append(http1.last_chunk(ev.trailers))  # type: ignore[union-attr]
-                if out:
-                    self.conn.transport.write(b"".join(out))
-                conn = self.upstream
-                reusable = conn is not None and not conn.parser.close_delimited and self.up_keep_alive
-                self._complete(reusable)
-                return
+    def on_data(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        self.out.append(http1.chunk(data) if self.resp_chunked else data)
+
+    def on_end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        out = self.out
+        if self.resp_chunked:
+            out.append(http1.last_chunk(trailers))
         if out:
             self.conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            self.out = []
+        conn = self.upstream
+        self._complete(conn is not None and not conn.parser.close_delimited and self.up_keep_alive)
 
-    def _response_head(self, rh: ResponseHead, out: list[bytes]) -> bool:
+    def on_upgrade(self, rest: bytes) -> None:
+        if rest and self.pipe is not None:
+            self.conn.transport.write(rest)
+
+    def flush(self) -> None:
+        """Write what the last upstream read produced: one downstream write per upstream read."""
+        out = self.out
+        if out:
+            self.out = []
+            self.conn.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _response_head(self, rh: ResponseHead) -> None:
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None
@@ -946,9 +978,9 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retry_on_status(retries, status):
             if self.attempt <= retries.attempts and self.body_retriable and self.request_complete:
-                self._end_attempt()
+                self._end_attempt()  # detaches the parser: the rest of this response is dropped
                 self._schedule_retry()
-                return False
+                return
             self.flags.append(flags.URX)
         self.status = status
         self.response_started = True
@@ -985,10 +1017,9 @@ class Exchange:
         elif head.version == "1.0":
             headers.append((b"connection", b"keep-alive"))
         self.up_keep_alive = rh.keep_alive
-        out.append(http1.response_head(status, rh.reason, headers))
-        return True
+        self.out.append(http1.response_head(status, rh.reason, headers))
 
-    def _upgrade_response(self, rh: ResponseHead, out: list[bytes]) -> None:
+    def _upgrade_response(self, rh: ResponseHead) -> None:
         """101 Switching Protocols: both connections become one byte pipe."""
         self.status = 101
         self.response_started = True
@@ -998,7 +1029,7 @@ class Exchange:
         conn = self.upstream
         assert conn is not None and conn.transport is not None
         self.upstream = None
-        conn.sink = None
+        conn.detach()
         if self.try_timer is not None:
             self.try_timer.cancel()
             self.try_timer = None

@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import Callable, Protocol, TypeVar
 
-from proxy_core.http1 import Event, ProtocolError, ResponseParser
+from proxy_core.http1 import HeaderList, MessageSink, ProtocolError, ResponseParser
 from proxy_core.snapshot import Address, Endpoint
 
 P = TypeVar("P", bound=asyncio.Protocol)
@@ -110,68 +110,97 @@ class Dialer:
 # -- HTTP/1.1 upstream connections -----------------------------------------------------------
 
 
-class UpstreamSink(Protocol):
-    """The request exchange that currently owns an upstream connection."""
+class UpstreamSink(MessageSink, Protocol):
+    """The request exchange that currently owns an upstream connection: it receives the
+    response parts straight from the parser, then ``flush`` once per read."""
 
-    def upstream_events(self, events: list[Event]) -> None: ...
+    def flush(self) -> None: ...
     def upstream_error(self, exc: ProtocolError) -> None: ...
     def upstream_lost(self, exc: Exception | None) -> None: ...
     def upstream_pause_writing(self) -> None: ...
     def upstream_resume_writing(self) -> None: ...
 
 
+class _Discard:
+    """Sink of an idle or abandoned connection's parser: drops whatever is still parsed."""
+
+    def on_head(self, head: object) -> None:
+        pass
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_end(self, trailers: HeaderList) -> None:
+        pass
+
+    def on_upgrade(self, rest: bytes) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
 class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to an endpoint; events go to its current ``sink``."""
+    """One keep-alive HTTP/1.1 connection to an endpoint; responses go to its current ``sink``."""
 
     __slots__ = ("key", "transport", "parser", "sink", "closed", "idle_since", "reused", "got_data")
 
     def __init__(self, key: PoolKey) -> None:
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser()
+        self.parser = ResponseParser(sink=_DISCARD)
         self.sink: UpstreamSink | None = None
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
         self.got_data = False
 
+    def attach(self, sink: UpstreamSink) -> None:
+        self.sink = sink
+        self.parser.sink = sink
+        self.got_data = False
+
+    def detach(self) -> None:
+        self.sink = None
+        self.parser.sink = _DISCARD
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        sink = self.sink
         self.got_data = True
-        if sink is None:
+        if self.sink is None:
             # Bytes on an idle connection break the one-request-at-a-time framing.
             self.close()
             return
         try:
-            events = self.parser.feed(data)
+            self.parser.feed(data)
         except ProtocolError as exc:
-            if exc.events:
-                sink.upstream_events(exc.events)
             self.close()
-            if self.sink is not None:
-                self.sink.upstream_error(exc)
+            sink = self.sink
+            if sink is not None:
+                sink.flush()
+                sink.upstream_error(exc)
             return
-        sink.upstream_events(events)
+        sink = self.sink  # the response may have completed (or been abandoned for a retry)
+        if sink is not None:
+            sink.flush()
 
     def eof_received(self) -> bool:
-        sink = self.sink
-        if sink is not None:
+        if self.sink is not None:
             try:
-                events = self.parser.feed_eof()
+                self.parser.feed_eof()
             except ProtocolError:
                 return False  # connection_lost reports the truncation
-            if events:
-                sink.upstream_events(events)
+            if self.sink is not None:
+                self.sink.flush()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         sink = self.sink
         if sink is not None:
-            self.sink = None
+            self.detach()
             sink.upstream_lost(exc)
 
     def pause_writing(self) -> None:
@@ -218,7 +247,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose last response was fully read and allows keep-alive."""
-        conn.sink = None
+        conn.detach()
         if conn.closed:
             return
         stack = self._idle.setdefault(conn.key, [])
