@@ -137,7 +137,7 @@ class _HeadResponseDone(Exception):
 class _Parser:
     """Shared callback state for both directions; parts go to ``self.sink``."""
 
-    __slots__ = ("_parser", "sink", "_collector", "_headers", "_in_head", "_head_size", "_partial", "_header_done",
+    __slots__ = ("_parser", "sink", "_collector", "_headers", "_in_head", "_head_size", "_partial",
                  "_content_length", "_chunked", "_expect", "_trailers", "max_header_bytes", "max_headers",
                  "_switched", "_error_status", "_large_status")
 
@@ -154,31 +154,31 @@ class _Parser:
         self._in_head = False
         self._head_size = 0
         self._partial = 0
-        self._header_done = False
         self._content_length: int | None = None
         self._chunked = False
         self._expect = False
         self._switched = False
 
     # llhttp callbacks: they run once per header of every message, so they do the least
-    # they can; framing headers are the rare case and are handled out of line.  Each
-    # subclass resets its per-message state in its own ``on_message_begin`` (inlined: it
-    # runs for every message).
+    # they can: framing headers are the rare case and are handled out of line, and the
+    # size and count limits are checked once per head (``_check_head``) and once per feed
+    # while a head is incomplete.  Each subclass resets its per-message state in its own
+    # ``on_message_begin`` (inlined: it runs for every message).
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if self._trailers is not None:
             self._trailer(name, value)
             return
-        headers = self._headers
-        headers.append((name, value))
-        size = self._head_size = self._head_size + len(name) + len(value) + 4
-        self._header_done = True
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
         if name in _FRAMING:
             self._framing(name, value)
-        if size > self.max_header_bytes:
+
+    def _check_head(self) -> None:
+        if self._head_size > self.max_header_bytes:
             raise ProtocolError(self._large_status, "header block too large")
-        if len(headers) > self.max_headers:
+        if len(self._headers) > self.max_headers:
             raise ProtocolError(self._large_status, "too many headers")
 
     def _trailer(self, name: bytes, value: bytes) -> None:
@@ -227,7 +227,7 @@ class _Parser:
                 self.sink.on_data(data)
             return events
         began_in_head = self._in_head
-        self._header_done = False
+        headers_before = len(self._headers)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -247,11 +247,13 @@ class _Parser:
             raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
         except HttpParserError as exc:
             raise ProtocolError(self._error_status, f"bad message: {exc}", events) from None
-        if self._in_head and began_in_head:
-            # A header still being accumulated inside llhttp is invisible to the callbacks:
+        if self._in_head:
+            # The head is still incomplete.  Complete headers are counted in ``_head_size``;
+            # a header still being accumulated inside llhttp is invisible to the callbacks:
             # bound it by the bytes fed since the last complete header.
-            self._partial = 0 if self._header_done else self._partial + len(data)
-            if self._head_size + self._partial > self.max_header_bytes:
+            if began_in_head:
+                self._partial = 0 if len(self._headers) != headers_before else self._partial + len(data)
+            if self._head_size + self._partial > self.max_header_bytes or len(self._headers) > self.max_headers:
                 raise ProtocolError(self._large_status, "header block too large", events)
         return events
 
@@ -289,6 +291,8 @@ class RequestParser(_Parser):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_size > self.max_header_bytes or len(self._headers) > self.max_headers:
+            self._check_head()
         p = self._parser
         self.sink.on_head(RequestHead(p.get_method(), self._url, p.get_http_version(), self._headers,
                                       p.should_keep_alive(), p.should_upgrade(), self._content_length,
@@ -337,6 +341,8 @@ class ResponseParser(_Parser):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_size > self.max_header_bytes or len(self._headers) > self.max_headers:
+            self._check_head()
         p = self._parser
         status = p.get_status_code()
         keep_alive = p.should_keep_alive()

@@ -799,7 +799,7 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        conn = self.server.pool.take_idle(pool_key(ep))
+        conn = self.server.pool.take_idle(ep.pool_key)
         if conn is not None:
             self._send(conn)
             return

@@ -339,10 +339,14 @@ class Endpoint:
     node: str = ""
     labels: tuple[tuple[str, str], ...] = ()
     via: Address | None = None
+    # Derived once: the request path uses them for every request (LB bookkeeping, pooling).
+    key: str = field(init=False, compare=False, repr=False)                  # "address:port"
+    pool_key: tuple[str, Address | None] = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        key = f"{self.address}:{self.port}"
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "pool_key", (key, self.via))
 
 
 @dataclass(frozen=True, slots=True)

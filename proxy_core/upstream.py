@@ -23,7 +23,7 @@ from proxy_core.http1 import HeaderList, MessageSink, ProtocolError, ResponsePar
 from proxy_core.snapshot import Address, Endpoint
 
 P = TypeVar("P", bound=asyncio.Protocol)
-PoolKey = tuple[str, int, Address | None]
+PoolKey = tuple[str, Address | None]
 
 
 class ConnectError(Exception):
@@ -31,7 +31,8 @@ class ConnectError(Exception):
 
 
 def pool_key(ep: Endpoint) -> PoolKey:
-    return (ep.address, ep.port, ep.via)
+    """Connections are pooled per endpoint and per path to it (direct, or via a peer's tunnel)."""
+    return ep.pool_key
 
 
 # -- tunnel handshake ------------------------------------------------------------------------
