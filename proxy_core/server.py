@@ -85,7 +85,6 @@ _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 _RID_PREFIX = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": random per process
 
 
-_STATUS_CLASS = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
@@ -130,16 +129,13 @@ class _State:
 
 @dataclass(slots=True)
 class Stats:
-    """Monotonic counters plus gauges, read by ``ProxyServer.stats``."""
+    """Connection and tunnel counters plus gauges (request totals come from ``destinations``)."""
 
-    requests_total: int = 0
     downstream_connections_total: int = 0
     active_connections: int = 0
     active_requests: int = 0
     tunnels_total: int = 0
     crashes: int = 0
-    responses: dict[str, int] = field(default_factory=lambda: {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0})
-    response_flags: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -261,24 +257,29 @@ class ProxyServer:
         self._rid += 1
         return f"{_RID_PREFIX}{self._rid:012x}"
 
-    def record(self, status: int, response_flags: list[str]) -> None:
-        c = self.counters
-        c.requests_total += 1
-        cls = _STATUS_CLASS[status // 100] if 100 <= status < 600 else "0xx"
-        c.responses[cls] = c.responses.get(cls, 0) + 1
-        if response_flags:
-            for f in response_flags:
-                c.response_flags[f] = c.response_flags.get(f, 0) + 1
+    def record(self, destination: str, status: int, duration_ms: float, response_flags: str) -> None:
+        """One finished request; every total in ``stats()`` is derived from these records."""
+        self.destinations.record(destination, status, duration_ms, response_flags)
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
-        return {"version": self.state.snapshot.version, "requests_total": c.requests_total,
-                "responses": dict(c.responses), "response_flags": dict(c.response_flags),
+        destinations = self.destinations.to_dict()
+        responses = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        response_flags: dict[str, int] = {}
+        for d in destinations.values():
+            for cls, n in d["by_class"].items():
+                responses[cls] = responses.get(cls, 0) + n
+            for joined, n in d["flags"].items():
+                for f in joined.split(","):
+                    response_flags[f] = response_flags.get(f, 0) + n
+        return {"version": self.state.snapshot.version,
+                "requests_total": sum(d["requests"] for d in destinations.values()),
+                "responses": responses, "response_flags": response_flags,
                 "downstream_connections_total": c.downstream_connections_total,
                 "active_connections": c.active_connections, "active_requests": c.active_requests,
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
-                "destinations": self.destinations.to_dict()}
+                "destinations": destinations}
 
 
 # -- downstream connections ------------------------------------------------------------------
@@ -484,7 +485,7 @@ class HttpConnection(asyncio.Protocol):
             (b"connection", b"close")]) + body)
         self.transport.close()
         server = self.server
-        server.record(exc.status, [flags.DPE])
+        server.record("unknown", exc.status, 0.0, flags.DPE)
         server.access_log.log(time.time(), "-", "-", "HTTP/1.1", exc.status, flags.DPE, 0, len(body), 0, None,
                               None, None, None, "", None, None, None, self.peer, self.listener.name)
 
@@ -726,7 +727,7 @@ class Exchange:
         else:
             path, authority = rewrite_target(route, req.path, req.authority, self.match)
         ops, self.resp_ops = self.state.header_ops(route, wc)
-        cookie = self.balancer.hash_cookie_to_set(req)
+        cookie = self.balancer.hash_cookie_to_set(req) if cluster.lb.hash_cookie else None
         if cookie is not None:
             name, value = cookie
             req.generated_cookie = value
@@ -827,7 +828,8 @@ class Exchange:
     def _send(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.attach(self)
-        conn.parser.expect_head_response(self.head.method == b"HEAD")
+        if self.head.method == b"HEAD":
+            conn.parser.expect_head_response()
         self.up_start = time.monotonic()
         chunked = self.head.chunked
         parts = [self.up_head]
@@ -838,7 +840,8 @@ class Exchange:
         if self.request_complete and chunked:
             parts.append(http1.last_chunk(self.trailers))
         conn.transport.write(b"".join(parts) if len(parts) > 1 else parts[0])
-        self.conn.resume(_PAUSE_BODY)
+        if self.conn.paused:
+            self.conn.resume(_PAUSE_BODY)
 
     def _attempt_failed(self, kind: str, flag: str | None = None) -> None:
         """An attempt ended without a usable response: retry, or answer with Envoy's flag."""
@@ -1281,16 +1284,16 @@ class Exchange:
             self.counted_on_start = False
             self.balancer.on_end(self.endpoint)  # type: ignore[union-attr,arg-type]
         self._release_upstream(upstream_reusable)
-        self.conn.resume(_PAUSE_BODY)
+        if self.conn.paused:
+            self.conn.resume(_PAUSE_BODY)
         server = self.server
         server.counters.active_requests -= 1
         duration_ms = (time.monotonic() - self.t0) * 1000.0
         status = self.status
         flag_list = self.flags
         response_flags = ",".join(flag_list) if flag_list else flags.NONE
-        server.record(status, flag_list)
-        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", status,
-                                   duration_ms, response_flags)
+        server.record(self.cluster.service if self.cluster is not None else "unknown", status, duration_ms,
+                      response_flags)
         alog = server.access_log
         if alog.enabled:
             req = self.req
