@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from actors.citadel import Citadel, CitadelOptions
 from actors.galley import Galley
 from actors.pilot import Pilot, PilotOptions
 from actors.replicaset import deploy_replicas, find_replicas
@@ -18,12 +19,14 @@ from actors.store import GcsKV
 from mesh.client import NAMESPACE, MeshClient
 
 
-def install(replicas: int = 2, options: dict[str, Any] | None = None, timeout: float = 120.0) -> None:
-    """Start Galley and Pilot replica sets; Pilot then starts one proxy worker per node."""
+def install(replicas: int = 2, options: dict[str, Any] | None = None, timeout: float = 120.0,
+            citadel: dict[str, Any] | None = None) -> None:
+    """Start Galley, Pilot and Citadel replica sets; Pilot then starts one proxy worker per node."""
     opts = PilotOptions.from_dict(options).to_dict()
     galleys = deploy_replicas(Galley, "galley", replicas)
     pilots = deploy_replicas(Pilot, "pilot", replicas, opts)
-    ray.get([g.ready.remote() for g in galleys] + [p.ready.remote() for p in pilots], timeout=timeout)
+    citadels = deploy_replicas(Citadel, "citadel", replicas, CitadelOptions.from_dict(citadel).to_dict())
+    ray.get([a.ready.remote() for a in (*galleys, *pilots, *citadels)], timeout=timeout)
     wait_for_proxies(timeout=timeout)
 
 
@@ -43,7 +46,8 @@ def wait_for_proxies(timeout: float = 120.0, nodes: int | None = None) -> list[d
 
 
 def uninstall(purge: bool = False) -> None:
-    """Stop proxies, Pilot and Galley; with ``purge`` also forget configuration and registry."""
+    """Stop proxies, Pilot, Galley and Citadel; with ``purge`` also forget configuration, registry
+    and the root CA (which invalidates every certificate it issued)."""
     for node in ray.nodes():
         try:
             proxy = ray.get_actor(f"proxy-{node['NodeID'][:16]}", namespace=NAMESPACE)
@@ -53,10 +57,10 @@ def uninstall(purge: bool = False) -> None:
             ray.get(proxy.stop.remote(), timeout=10)
         finally:
             ray.kill(proxy, no_restart=True)
-    for component in ("pilot", "galley"):
+    for component in ("pilot", "galley", "citadel"):
         for handle in find_replicas(component):
             ray.kill(handle, no_restart=True)
     if purge:
         kv = GcsKV()
-        for collection in ("config", "registry"):
+        for collection in ("config", "registry", "ca"):
             kv._kv._internal_kv_del(f"{collection}/", del_by_prefix=True, namespace=NAMESPACE)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence, TextIO
 import yaml
 
 from mesh.errors import MeshError
+from mesh.identity import IdentityError
 from mesh.loader import LoadError, load_documents
 from mesh.validation import validate_document, validate_documents
 
@@ -67,6 +68,20 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("proxy-status", help="which proxies run the newest configuration")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(handler=cmd_proxy_status)
+
+    p = sub.add_parser("ca", help="the mesh's root CA (Citadel)")
+    ca = p.add_subparsers(dest="ca_command", required=True)
+    c = ca.add_parser("info", help="trust domain, signing root and still-trusted retired roots")
+    c.set_defaults(handler=cmd_ca_info)
+    c = ca.add_parser("bundle", help="print the trust bundle (PEM)")
+    c.set_defaults(handler=cmd_ca_bundle)
+    c = ca.add_parser("import", help="sign with your own root CA from now on")
+    c.add_argument("--cert", required=True, help="root CA certificate (PEM file)")
+    c.add_argument("--key", required=True, help="its private key (PEM file)")
+    c.set_defaults(handler=cmd_ca_import)
+    c = ca.add_parser("rotate", help="sign with a new root; the old one stays trusted for the max SVID TTL")
+    c.add_argument("--expect", default=None, help="rotate only if this fingerprint is the signing root")
+    c.set_defaults(handler=cmd_ca_rotate)
     if extend is not None:
         extend(sub)
     return parser
@@ -166,6 +181,32 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
 
 
+def cmd_ca_info(args: argparse.Namespace, out: TextIO) -> int:
+    info = _client(args).ca_info()
+    _table(out, ["TRUST DOMAIN", "ROOT", "STATE"],
+           [[info["trust_domain"], info["root"], "signing"]]
+           + [[info["trust_domain"], r["root"], "trusted (retired)"] for r in info["retired"]])
+    return 0
+
+
+def cmd_ca_bundle(args: argparse.Namespace, out: TextIO) -> int:
+    out.write("".join(_client(args).trust_bundle()))
+    return 0
+
+
+def cmd_ca_import(args: argparse.Namespace, out: TextIO) -> int:
+    with open(args.cert, encoding="utf-8") as c, open(args.key, encoding="utf-8") as k:
+        info = _client(args).ca_import(c.read(), k.read())
+    print(f"root CA {info['root']} is now signing", file=out)
+    return 0
+
+
+def cmd_ca_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    info = _client(args).ca_rotate(args.expect)
+    print(f"root CA {info['root']} is now signing", file=out)
+    return 0
+
+
 def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -185,6 +226,9 @@ def run(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | Non
     except MeshError as exc:
         for e in exc.errors:
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except IdentityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -97,6 +97,18 @@ class MeshClient:
     def registry(self) -> dict[str, Any]:
         return call_any("pilot", "registry_view")
 
+    def ca_info(self) -> dict[str, Any]:
+        return call_any("citadel", "info")
+
+    def trust_bundle(self) -> list[str]:
+        return call_any("citadel", "trust_bundle")
+
+    def ca_import(self, cert_pem: str, key_pem: str) -> dict[str, Any]:
+        return call_any("citadel", "import_ca", cert_pem, key_pem)
+
+    def ca_rotate(self, expected: str | None = None) -> dict[str, Any]:
+        return call_any("citadel", "rotate_root", expected)
+
     def pilot_status(self) -> dict[str, Any]:
         return call_any("pilot", "status")
 

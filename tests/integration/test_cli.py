@@ -89,3 +89,24 @@ def test_apply_as_a_ray_job(mesh):
     assert "virtualservice.networking.istio.io/reviews created" in r.stdout
     items = mesh.client.get("vs", "reviews", "default")["items"]
     assert items and items[0]["spec"]["http"][0]["route"][0]["destination"]["subset"] == "v3"
+
+
+def test_ca_import_bundle_and_info(mesh, tmp_path):
+    from mesh.identity import cert_pem, create_root_ca, fingerprint, key_pem
+
+    before = meshctl(mesh, "ca", "info")
+    assert before.returncode == 0, before.stderr
+    old_root = before.stdout.splitlines()[1].split()[1]
+    mine = create_root_ca("cluster.local")
+    (tmp_path / "ca.pem").write_text(mine.cert_pem)
+    (tmp_path / "ca-key.pem").write_text(key_pem(mine.key))
+    r = meshctl(mesh, "ca", "import", "--cert", str(tmp_path / "ca.pem"), "--key", str(tmp_path / "ca-key.pem"))
+    assert r.returncode == 0, r.stderr
+    assert fingerprint(mine.cert) in r.stdout
+    info = meshctl(mesh, "ca", "info").stdout
+    assert fingerprint(mine.cert) in info and old_root in info and "trusted (retired)" in info
+    bundle = meshctl(mesh, "ca", "bundle").stdout
+    assert cert_pem(mine.cert) in bundle and bundle.count("BEGIN CERTIFICATE") == 2
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    r = meshctl(mesh, "ca", "import", "--cert", str(tmp_path / "bad.pem"), "--key", str(tmp_path / "ca-key.pem"))
+    assert r.returncode == 1 and "error" in r.stderr
