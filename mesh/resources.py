@@ -18,13 +18,18 @@ KIND_GROUPS: dict[str, str] = {
     "Gateway": "networking.istio.io",
     "ServiceEntry": "networking.istio.io",
     "WorkloadEntry": "networking.istio.io",
+    "PeerAuthentication": "security.istio.io",
+    "RequestAuthentication": "security.istio.io",
+    "AuthorizationPolicy": "security.istio.io",
 }
 
 API_VERSIONS: dict[str, tuple[str, ...]] = {
     "networking.istio.io": ("v1", "v1beta1", "v1alpha3"),
+    "security.istio.io": ("v1", "v1beta1"),
 }
 
-# Lower-case names and short names accepted by ``meshctl get`` (as kubectl does).
+# Lower-case names and short names accepted by ``meshctl get`` (as kubectl does); the short
+# names are the ``shortNames`` of Istio's CRDs.
 KIND_ALIASES: dict[str, str] = {}
 for _kind, _aliases in {
     "VirtualService": ("virtualservice", "virtualservices", "vs"),
@@ -32,6 +37,9 @@ for _kind, _aliases in {
     "Gateway": ("gateway", "gateways", "gw"),
     "ServiceEntry": ("serviceentry", "serviceentries", "se"),
     "WorkloadEntry": ("workloadentry", "workloadentries", "we"),
+    "PeerAuthentication": ("peerauthentication", "peerauthentications", "pa"),
+    "RequestAuthentication": ("requestauthentication", "requestauthentications", "ra"),
+    "AuthorizationPolicy": ("authorizationpolicy", "authorizationpolicies", "ap"),
 }.items():
     for _a in _aliases:
         KIND_ALIASES[_a] = _kind

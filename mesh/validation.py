@@ -1,4 +1,4 @@
-"""Validation of Istio networking objects before Galley commits them.
+"""Validation of Istio networking and security objects before Galley commits them.
 
 Three layers, in the order the Kubernetes apiserver and Istio's validating webhook apply them:
 
@@ -9,11 +9,14 @@ Three layers, in the order the Kubernetes apiserver and Istio's validating webho
    carry (``x-kubernetes-validations``) are implemented as Python predicates keyed by the
    exact rule text: a schema update that adds a rule fails loudly instead of being ignored.
 3. **Semantics**: the checks of Istio's ``pkg/config/validation`` (hosts, routes, weights,
-   regexes, retries, TLS, resolution modes ...). They run only on a structurally valid
-   spec, as the webhook only ever sees objects the schema accepted, so they can trust types.
+   regexes, retries, TLS, resolution modes, JWT rules, authorization rules and attributes
+   ...). They run only on a structurally valid spec, as the webhook only ever sees objects
+   the schema accepted, so they can trust types.
 
 Errors are :class:`FieldError` values naming the file, the document, the object and the
-field path (``spec.http[0].route[1].weight``), with a short reason.
+field path (``spec.http[0].route[1].weight``), with a short reason. Structural errors use the
+apiserver's wording (``spec.x in body should match '...'``), so that messages match what
+``kubectl apply`` prints for the same object.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ class ValidationFailed(Exception):
 
 def validate_document(doc: Document) -> list[FieldError]:
     """Every problem found in one document (empty when it is valid)."""
-    body = doc.body
+    body = json_shaped(doc.body)
     kind = body.get("kind") if isinstance(body.get("kind"), str) else ""
     issues: _Issues = []
     _check_envelope(body, issues)
@@ -109,7 +112,31 @@ def to_resources(docs: list[Document]) -> list[Resource]:
     errors = validate_documents(docs)
     if errors:
         raise ValidationFailed(errors)
-    return [Resource.from_dict(doc.body) for doc in docs]
+    return [Resource.from_dict(json_shaped(doc.body)) for doc in docs]
+
+
+def json_shaped(value: Any) -> Any:
+    """``value`` with integer, float and boolean mapping keys turned into strings.
+
+    YAML allows ``portLevelMtls: {8080: ...}``; the apiserver reads YAML by converting it to
+    JSON (sigs.k8s.io/yaml), where every key is a string, so the key is ``"8080"``. Other
+    keys (null, lists) have no JSON form and are left for the schema check to reject.
+    """
+    if isinstance(value, dict):
+        return {_json_key(k): json_shaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_shaped(v) for v in value]
+    return value
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int):
+        return str(key)
+    if isinstance(key, float):
+        return repr(key)
+    return key
 
 
 def re2_to_python(pattern: str) -> str:
@@ -236,7 +263,8 @@ def _spec_schema(kind: str) -> dict[str, Any]:
 # OpenAPI keywords this validator understands; a test checks the schemas use no others.
 SUPPORTED_SCHEMA_KEYWORDS = frozenset({
     "type", "description", "properties", "additionalProperties", "items", "required", "enum",
-    "minimum", "maximum", "maxLength", "minItems", "maxItems", "maxProperties", "nullable",
+    "minimum", "maximum", "minLength", "maxLength", "pattern", "minItems", "maxItems",
+    "minProperties", "maxProperties", "nullable",
     "format", "oneOf", "anyOf", "allOf", "not", "x-kubernetes-validations",
     "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 })
@@ -257,10 +285,10 @@ def _check_schema(value: Any, schema: dict[str, Any], path: str, out: _Issues) -
     expected = schema.get("type")
     if value is None:
         if not schema.get("nullable"):
-            out.append((path, f"must be of type {expected}, got null"))
+            out.append((path, _type_error(path, expected, "null")))
         return
     if expected is not None and not _JSON_TYPES[expected](value):
-        out.append((path, f"must be of type {expected}, got {_type_name(value)}"))
+        out.append((path, _type_error(path, expected, _type_name(value))))
         return
     if isinstance(value, dict):
         _check_object(value, schema, path, out)
@@ -271,7 +299,8 @@ def _check_schema(value: Any, schema: dict[str, Any], path: str, out: _Issues) -
     for member in schema.get("allOf", ()):
         _check_schema(value, member, path, out)
     _check_composition(value, schema, path, out)
-    if len(out) == before:  # CEL rules only see values of the right shape, as in the apiserver
+    # The apiserver runs CEL rules unless a value has the wrong type (a "blocking" error).
+    if not any(_is_type_error(reason) for _, reason in out[before:]):
         for rule in schema.get("x-kubernetes-validations", ()):
             reason = CEL_RULES[rule["rule"]](value, rule["message"])
             if reason:
@@ -283,7 +312,7 @@ def _check_object(value: dict[Any, Any], schema: dict[str, Any], path: str, out:
     additional = schema.get("additionalProperties")
     for key, item in value.items():
         if not isinstance(key, str):
-            out.append((path, f"keys must be strings, got {_type_name(key)} {key!r}"))
+            out.append((path, _type_error(f"{path} key {key!r}", "string", _type_name(key))))
         elif key in properties:
             _check_schema(item, properties[key], _join(path, key), out)
         elif isinstance(additional, dict):
@@ -296,6 +325,9 @@ def _check_object(value: dict[Any, Any], schema: dict[str, Any], path: str, out:
     limit = schema.get("maxProperties")
     if limit is not None and len(value) > limit:
         out.append((path, f"Too many: {len(value)}: must have at most {limit} entries"))
+    least = schema.get("minProperties")
+    if least is not None and len(value) < least:
+        out.append((path, f"Invalid value: {len(value)}: {path} in body should have at least {least} properties"))
 
 
 def _check_array(value: list[Any], schema: dict[str, Any], path: str, out: _Issues) -> None:
@@ -325,8 +357,14 @@ def _check_scalar(value: Any, schema: dict[str, Any], path: str, out: _Issues) -
         out.append((path, _unsupported(value, schema["enum"])))
         return
     if isinstance(value, str):
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            out.append((path, f"Invalid value: {json.dumps(value)}: {path} in body should be at least "
+                              f"{schema['minLength']} chars long"))
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             out.append((path, f"Too long: may not be longer than {schema['maxLength']}"))
+        if "pattern" in schema and not _schema_pattern(schema["pattern"]).search(value):
+            out.append((path, f"Invalid value: {json.dumps(value)}: {path} in body should match "
+                              f"'{schema['pattern']}'"))
         if schema.get("format") == "byte" and not _is_base64(value):
             out.append((path, "Invalid value: must be base64-encoded bytes"))
         return
@@ -356,6 +394,24 @@ def _satisfies(value: Any, schema: dict[str, Any]) -> bool:
     scratch: _Issues = []
     _check_schema(value, schema, "", scratch)
     return not scratch
+
+
+_TYPE_ERROR = " in body must be of type "
+
+
+def _type_error(path: str, expected: str | None, got: str) -> str:
+    """The apiserver's wording, which Istio's CRD fixtures quote."""
+    return f'Invalid value: "{got}": {path}{_TYPE_ERROR}{expected}: "{got}"'
+
+
+def _is_type_error(reason: str) -> bool:
+    return _TYPE_ERROR in reason
+
+
+@lru_cache(maxsize=None)
+def _schema_pattern(pattern: str) -> re.Pattern[str]:
+    """OpenAPI ``pattern``: an unanchored RE2 search, as the apiserver runs it."""
+    return re.compile(re2_to_python(pattern))
 
 
 def _type_name(value: Any) -> str:
@@ -426,6 +482,43 @@ def _cidr_resolution(spec: dict[str, Any]) -> bool:
 
 
 _CEL_PORT_NAME = re.compile(r"[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?")
+_CEL_INT = re.compile(r"[+-]?[0-9]+")
+_INT64_MAX = 2**63 - 1
+
+
+def _port_keys_rule(ports: dict[str, Any], message: str) -> str | None:
+    """``self.all(key, 0 < int(key) && int(key) <= 65535)``.
+
+    CEL's ``int()`` on a string that is not a base-10 int64 is an evaluation error, which the
+    apiserver reports instead of the rule's message.
+    """
+    for key in ports:
+        if not _CEL_INT.fullmatch(key) or abs(int(key)) > _INT64_MAX:
+            return "type conversion error from 'string' to 'int'"
+        if not 0 < int(key) <= 65535:
+            return message
+    return None
+
+
+def _port_level_mtls_has_selector(spec: dict[str, Any]) -> bool:
+    return not _has(spec, "portLevelMtls") or bool((spec.get("selector") or {}).get("matchLabels"))
+
+
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _url_scheme(text: str) -> str | None:
+    """The scheme Go's ``url.Parse`` (behind CEL's ``url()``) finds, lower-cased; None if it fails."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        return None  # "invalid control character in URL"
+    match = _URL_SCHEME.match(text)
+    return match.group(1).lower() if match else ""
+
+
+def _service_accounts_alone(source: dict[str, Any]) -> bool:
+    if not (_has(source, "serviceAccounts") or _has(source, "notServiceAccounts")):
+        return True
+    return not any(_has(source, f) for f in ("principals", "notPrincipals", "namespaces", "notNamespaces"))
 
 # Every x-kubernetes-validations rule in mesh/schemas, by exact text -> check(value, message).
 CEL_RULES: dict[str, Callable[[Any, str], str | None]] = {
@@ -462,6 +555,18 @@ CEL_RULES: dict[str, Callable[[Any, str], str | None]] = {
         _at_most_one("credentialName", "credentialNames"),
     "(has(self.credentialNames) ? 1 : 0) + (has(self.tlsCertificates) ? 1 : 0) <= 1":
         _at_most_one("credentialNames", "tlsCertificates"),
+    "self.all(key, 0 < int(key) && int(key) <= 65535)": _port_keys_rule,
+    "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels)) ? "
+    "self.selector.matchLabels : {}).size() > 0) : true": _predicate(_port_level_mtls_has_selector),
+    'url(self).getScheme() in ["http", "https"]': _predicate(lambda s: _url_scheme(s) in ("http", "https")),
+    "(has(self.jwksUri) ? 1 : 0) + (has(self.jwks_uri) ? 1 : 0) + (has(self.jwks) ? 1 : 0) <= 1":
+        _at_most_one("jwksUri", "jwks_uri", "jwks"),
+    "self.size() == 0": _predicate(lambda s: len(s) == 0),
+    "(has(self.selector) ? 1 : 0) + (has(self.targetRef) ? 1 : 0) + (has(self.targetRefs) ? 1 : 0) <= 1":
+        _at_most_one("selector", "targetRef", "targetRefs"),
+    "(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) &&\n"
+    "!has(self.notPrincipals) && !has(self.namespaces) && !has(self.notNamespaces)) : true":
+        _predicate(_service_accounts_alone),
 }
 
 
@@ -1173,10 +1278,297 @@ def _validate_workload_entry(spec: dict[str, Any], namespace: str, out: _Issues)
     _check_labels(spec.get("labels") or {}, "spec.labels", out)
 
 
+
+
+# --------------------------------------------------------------------------- PeerAuthentication
+
+def _validate_peer_authentication(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    """Nothing beyond the CRD: Istio's ValidatePeerAuthentication checks port-level mTLS keys
+    (1-65535), that it is not empty and that it comes with a selector, and that selector labels
+    hold no wildcard; the CRD's ``minProperties`` and CEL rules enforce all of it first."""
+
+
+# --------------------------------------------------------------------------- policy targets
+
+# PolicyTargetReference may name these (group, kind); "" and "core" are the core group.
+_POLICY_TARGETS = (("core", "Service"), ("networking.istio.io", "ServiceEntry"),
+                   ("gateway.networking.k8s.io", "Gateway"), ("gateway.networking.k8s.io", "GatewayClass"))
+
+
+def _validate_policy_targets(spec: dict[str, Any], out: _Issues) -> None:
+    refs = [("spec.targetRef", spec["targetRef"])] if spec.get("targetRef") else []
+    refs += [(f"spec.targetRefs[{i}]", ref) for i, ref in enumerate(spec.get("targetRefs") or [])]
+    for path, ref in refs:
+        group = ref.get("group") or "core"
+        if (group, ref["kind"]) not in _POLICY_TARGETS:
+            allowed = ", ".join(f"{g}/{k}" for g, k in _POLICY_TARGETS)
+            out.append((f"{path}.kind", f"Unsupported value: {ref.get('group', '')}/{ref['kind']}: "
+                                        f"targetRef must be to one of {allowed}"))
+
+
+# --------------------------------------------------------------------------- RequestAuthentication
+
+def _validate_request_authentication(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    _validate_policy_targets(spec, out)
+    for i, rule in enumerate(spec.get("jwtRules") or []):
+        _validate_jwt_rule(rule, f"spec.jwtRules[{i}]", out)
+
+
+def _validate_jwt_rule(rule: dict[str, Any], path: str, out: _Issues) -> None:
+    uri_field = "jwksUri" if rule.get("jwksUri") else "jwks_uri"
+    uri = rule.get(uri_field) or ""
+    if not rule.get("issuer") and not uri:
+        out.append((f"{path}.issuer", "Required value: issuer or jwksUri must be non-empty string"))
+    if uri:
+        error = _jwks_uri_port_error(uri)
+        if error:
+            out.append((f"{path}.{uri_field}", f"Invalid value: {uri!r}: {error}"))
+    if rule.get("jwks"):
+        error = _jwks_error(rule["jwks"])
+        if error:
+            out.append((f"{path}.jwks", f"jwks parse error: {error}"))
+    for i, header in enumerate(rule.get("fromHeaders") or []):
+        _check_envoy_header_name(header["name"], f"{path}.fromHeaders[{i}].name", out)
+    if rule.get("outputPayloadToHeader"):
+        _check_envoy_header_name(rule["outputPayloadToHeader"], f"{path}.outputPayloadToHeader", out)
+
+
+def _jwks_uri_port_error(uri: str) -> str | None:
+    """Istio's ParseJwksURI: a port after the host must be a number (the CRD checks the scheme)."""
+    authority = uri.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    host = authority.rpartition("@")[2]
+    port = host.rpartition("]")[2] if host.startswith("[") else host
+    _, colon, number = port.rpartition(":")
+    if colon and number and not (number.isascii() and number.isdigit()):
+        return f"invalid port {':' + number!r} after host"
+    return None
+
+
+def _jwks_error(text: str) -> str | None:
+    """A JSON Web Key or key set (RFC 7517): JSON, an object, every key naming its ``kty``."""
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(document, dict):
+        return "a JWK or JWK set must be a JSON object"
+    keys = document["keys"] if "keys" in document else [document]
+    if not isinstance(keys, list):
+        return '"keys" must be an array'
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str) or not key["kty"]:
+            return f"key {i} has no \"kty\""
+    return None
+
+
+def _check_envoy_header_name(name: str, path: str, out: _Issues) -> None:
+    """Envoy rejects (NACKs) header names holding NUL, CR or LF (HTTP_HEADER_NAME, strict=false)."""
+    if any(c in name for c in "\0\r\n"):
+        out.append((path, f"invalid header name {name!r}: must not contain NUL, CR or LF"))
+
+
+# --------------------------------------------------------------------------- AuthorizationPolicy
+
+_SOURCE_FIELDS = ("principals", "requestPrincipals", "namespaces", "serviceAccounts", "ipBlocks",
+                  "remoteIpBlocks", "trustDomains", "notPrincipals", "notRequestPrincipals",
+                  "notNamespaces", "notServiceAccounts", "notIpBlocks", "notRemoteIpBlocks",
+                  "notTrustDomains")
+_IP_FIELDS = ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")
+_OPERATION_FIELDS = ("hosts", "ports", "methods", "paths", "notHosts", "notPorts", "notMethods", "notPaths")
+# Source fields and condition keys an ext_authz (CUSTOM) provider cannot be given.
+_CUSTOM_UNSUPPORTED_SOURCES = ("namespaces", "notNamespaces", "serviceAccounts", "notServiceAccounts",
+                               "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals")
+_CUSTOM_UNSUPPORTED_KEYS = ("source.namespace", "source.serviceAccount", "source.principal")
+_PATH_LITERAL = re.compile(r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+")  # RFC 3986 pchar, less "*"
+
+
+def _validate_authorization_policy(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    _validate_policy_targets(spec, out)
+    action = spec.get("action") or "ALLOW"
+    rules: list[dict[str, Any]] = spec.get("rules") or []
+    if action in ("CUSTOM", "DENY") and not rules:
+        out.append(("spec.rules", f"Required value: {action} action without `rules` is meaningless as it will "
+                                  "never be triggered, add an empty rule `{}` if you want it be triggered "
+                                  "for every request"))
+    if action == "CUSTOM" and rules and not (spec.get("provider") or {}).get("name"):
+        out.append(("spec.provider.name", "Required value: `provider.name` must not be empty"))
+    if spec.get("provider") is not None and action != "CUSTOM":
+        out.append(("spec.provider", f"`provider` must not be with non CUSTOM action, found {action}"))
+    for i, rule in enumerate(rules):
+        path = f"spec.rules[{i}]"
+        for j, source in enumerate(rule.get("from") or []):
+            _validate_source(source.get("source"), action, f"{path}.from[{j}].source", out)
+        for j, operation in enumerate(rule.get("to") or []):
+            _validate_operation(operation.get("operation"), f"{path}.to[{j}].operation", out)
+        for j, condition in enumerate(rule.get("when") or []):
+            _validate_condition(condition, action, f"{path}.when[{j}]", out)
+
+
+def _validate_source(source: dict[str, Any] | None, action: str, path: str, out: _Issues) -> None:
+    if source is None:
+        out.append((path, "Required value: `from.source` must not be nil"))
+        return
+    if not any(source.get(f) for f in _SOURCE_FIELDS):
+        out.append((path, "`from.source` must not be empty"))
+    for field in _SOURCE_FIELDS:
+        _check_no_empty_values(source.get(field) or [], f"{path}.{field}", out)
+    for fields, check in ((_IP_FIELDS, _ip_or_cidr_error),
+                          (("serviceAccounts", "notServiceAccounts"), _service_account_error)):
+        for field in fields:
+            for k, value in enumerate(source.get(field) or []):
+                if value and (error := check(value)):
+                    out.append((f"{path}.{field}[{k}]", error))
+    if action == "CUSTOM":
+        for field in _CUSTOM_UNSUPPORTED_SOURCES:
+            if source.get(field):
+                out.append((f"{path}.{field}", "is currently not supported with CUSTOM action"))
+
+
+def _validate_operation(operation: dict[str, Any] | None, path: str, out: _Issues) -> None:
+    if operation is None:
+        out.append((path, "Required value: `to.operation` must not be nil"))
+        return
+    if not any(operation.get(f) for f in _OPERATION_FIELDS):
+        out.append((path, "`to.operation` must not be empty"))
+    for field in _OPERATION_FIELDS:
+        _check_no_empty_values(operation.get(field) or [], f"{path}.{field}", out)
+    for field in ("ports", "notPorts"):
+        for k, port in enumerate(operation.get(field) or []):
+            if port and (error := _port_string_error(port)):
+                out.append((f"{path}.{field}[{k}]", error))
+    for field in ("paths", "notPaths"):
+        for k, value in enumerate(operation.get(field) or []):
+            error = _path_template_error(value)
+            if error:
+                out.append((f"{path}.{field}[{k}]", error))
+
+
+def _validate_condition(condition: dict[str, Any], action: str, path: str, out: _Issues) -> None:
+    key: str = condition["key"]
+    if not key:
+        out.append((f"{path}.key", "Required value: `key` must not be empty"))
+        return
+    if action == "CUSTOM" and (key in _CUSTOM_UNSUPPORTED_KEYS or key.startswith("request.auth.")):
+        out.append((f"{path}.key", f"{key} is currently not supported with CUSTOM action"))
+    if not condition.get("values") and not condition.get("notValues"):
+        out.append((path, f"at least one of `values` or `notValues` must be set for key {key}"))
+        return
+    key_error = _attribute_key_error(key)
+    if key_error:
+        out.append((f"{path}.key", key_error))
+        return
+    for field in ("values", "notValues"):
+        for i, value in enumerate(condition.get(field) or []):
+            error = _attribute_value_error(key, value)
+            if error:
+                out.append((f"{path}.{field}[{i}]", error))
+
+
+def _check_no_empty_values(values: list[str], path: str, out: _Issues) -> None:
+    for i, value in enumerate(values):
+        if value == "":
+            out.append((f"{path}[{i}]", "empty value not allowed"))
+
+
+def _ip_or_cidr_error(text: str) -> str | None:
+    """Go's netip.ParseAddr / ParsePrefix, which Istio's ValidateIPs uses."""
+    if "/" in text:
+        address, _, bits = text.partition("/")
+        if "%" in address or not _is_ip(address):
+            return f"bad CIDR range ({text}): bad address"
+        if not (bits.isascii() and bits.isdigit()) or (len(bits) > 1 and bits[0] == "0"):
+            return f"bad CIDR range ({text}): bad bits after slash"
+        if int(bits) > ipaddress.ip_address(address).max_prefixlen:
+            return f"bad CIDR range ({text}): prefix length out of range"
+        return None
+    return None if _is_ip(text) else f"bad IP address ({text})"
+
+
+def _port_string_error(text: str) -> str | None:
+    """Istio's ValidatePorts: a decimal number 0-65535."""
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        return f"bad port ({text}): must be a number between 0 and 65535"
+    return None
+
+
+def _service_account_error(value: str) -> str | None:
+    """Istio's CheckServiceAccount: ``serviceAccount`` or ``namespace/serviceAccount``, no wildcard."""
+    if "*" in value:
+        return "wildcard not allowed"
+    namespace, slash, account = value.rpartition("/")
+    if value.count("/") > 1 or (slash and not namespace) or not account:
+        return f"expected format 'serviceAccount' or 'namespace/serviceAccount', found {value!r}"
+    return None
+
+
+def _path_template_error(path: str) -> str | None:
+    """Istio's CheckValidPathTemplate: ``{*}`` and a final ``{**}`` segment, literals elsewhere."""
+    templated = "{*}" in path or "{**}" in path
+    seen_any = False
+    for segment in path.strip("/").split("/"):
+        if segment in ("{*}", "{**}"):
+            if seen_any:
+                return f"invalid or unsupported path {path}: {{**}} is not the last operator"
+            seen_any = seen_any or segment == "{**}"
+            continue
+        if "{" in segment or "}" in segment:
+            return f"invalid or unsupported path {path}: contains '{{' or '}}' beyond a supported path template"
+        if templated and not _PATH_LITERAL.fullmatch(segment):
+            return f"invalid or unsupported path {path}: segment {segment!r} is not a valid literal"
+    return None
+
+
+def _any_value(value: str) -> None:
+    """Keys whose values are matched as strings (exact, prefix or suffix) take any value."""
+
+
+# Condition keys (Istio's security.ValidateAttribute), by the check their values get.
+_MAP_KEY_PREFIXES = ("request.headers", "request.experimental.inline.headers", "request.auth.claims",
+                     "experimental.envoy.filters.")
+_VALUE_CHECKS: dict[str, Callable[[str], str | None]] = {
+    "source.ip": _ip_or_cidr_error,
+    "remote.ip": _ip_or_cidr_error,
+    "destination.ip": _ip_or_cidr_error,
+    "destination.port": _port_string_error,
+    "source.serviceAccount": _service_account_error,
+    **dict.fromkeys(("source.namespace", "source.principal", "source.trustDomain", "request.auth.principal",
+                     "request.auth.audiences", "request.auth.presenter", "connection.sni"), _any_value),
+}
+_RETIRED_KEYS = {
+    "destination.namespace": "attribute destination.namespace is replaced by the metadata.namespace",
+    "destination.name": "deprecated attribute destination.name: only supported in v1alpha1",
+    "destination.user": "deprecated attribute destination.user: only supported in v1alpha1",
+}
+
+
+def _attribute_key_error(key: str) -> str | None:
+    if key.startswith(_MAP_KEY_PREFIXES):
+        open_at = key.find("[")
+        ok = key.endswith("]") and 0 < open_at < len(key) - 2
+        return None if ok else f"bad key ({key}): should have format a[b]"
+    if key in _VALUE_CHECKS:
+        return None
+    if key in _RETIRED_KEYS:
+        return _RETIRED_KEYS[key]
+    if key.startswith("destination.labels"):
+        return f"attribute {key} is replaced by the workload selector"
+    return f"unknown attribute: {key}"
+
+
+def _attribute_value_error(key: str, value: str) -> str | None:
+    if not value:
+        return "empty value not allowed"
+    check = _VALUE_CHECKS.get(key)
+    return check(value) if check else None
+
+
 _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "VirtualService": _validate_virtual_service,
     "DestinationRule": _validate_destination_rule,
     "Gateway": _validate_gateway,
     "ServiceEntry": _validate_service_entry,
     "WorkloadEntry": _validate_workload_entry,
+    "PeerAuthentication": _validate_peer_authentication,
+    "RequestAuthentication": _validate_request_authentication,
+    "AuthorizationPolicy": _validate_authorization_policy,
 }

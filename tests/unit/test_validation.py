@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from mesh.loader import Document
-from mesh.resources import Resource
+from mesh.resources import API_VERSIONS, KIND_GROUPS, Resource
 from mesh.validation import (
     CEL_RULES,
     SCHEMA_DIR,
@@ -59,8 +59,9 @@ def test_field_error_str_names_file_document_object_and_path() -> None:
 def test_unknown_kind_lists_supported_kinds() -> None:
     (error,) = validate_document(doc("Sidecar", {}))
     assert error.path == "kind"
-    assert error.reason == ('unknown kind "Sidecar"; supported kinds: DestinationRule, Gateway, '
-                            "ServiceEntry, VirtualService, WorkloadEntry")
+    assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, DestinationRule, '
+                            "Gateway, PeerAuthentication, RequestAuthentication, ServiceEntry, "
+                            "VirtualService, WorkloadEntry")
 
 
 def test_api_version_must_match_kind() -> None:
@@ -110,11 +111,11 @@ def test_unknown_field_is_rejected_with_its_path() -> None:
 
 def test_wrong_type() -> None:
     assert problems("VirtualService", {"hosts": "reviews", "http": [{"route": ROUTE}]}) == [
-        ("spec.hosts", "must be of type array, got string")]
+        ("spec.hosts", 'Invalid value: "string": spec.hosts in body must be of type array: "string"')]
     assert problems("WorkloadEntry", {"address": "1.2.3.4", "weight": True}) == [
-        ("spec.weight", "must be of type integer, got boolean")]
+        ("spec.weight", 'Invalid value: "boolean": spec.weight in body must be of type integer: "boolean"')]
     assert problems("VirtualService", {"hosts": ["r"], "http": None}) == [
-        ("spec.http", "must be of type array, got null")]
+        ("spec.http", 'Invalid value: "null": spec.http in body must be of type array: "null"')]
 
 
 def test_bad_enum() -> None:
@@ -171,10 +172,12 @@ def test_schemas_use_only_implemented_keywords_and_rules() -> None:
                 walk(item)
 
     files = sorted(SCHEMA_DIR.glob("*.json"))
-    assert [f.stem for f in files] == ["destinationrule", "gateway", "serviceentry", "virtualservice", "workloadentry"]
+    assert [f.stem for f in files] == sorted(kind.lower() for kind in KIND_GROUPS)
     for path in files:
-        for entry in json.loads(path.read_text())["schemas"]:
-            assert set(entry["versions"]) == {"v1", "v1beta1", "v1alpha3"}
+        schema_file = json.loads(path.read_text())
+        assert schema_file["group"] == KIND_GROUPS[schema_file["kind"]]
+        for entry in schema_file["schemas"]:
+            assert set(entry["versions"]) == set(API_VERSIONS[schema_file["group"]])
             walk(entry["openAPIV3Schema"]["properties"]["spec"])
     assert keywords - {"message", "rule"} <= SUPPORTED_SCHEMA_KEYWORDS
     assert rules == set(CEL_RULES)
