@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans
+from mesh.compiler_security import compile_security
 from mesh.compiler_routes import binds_mesh, default_route, select_virtual_service, translate_http_routes
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
 from mesh.registry import NodeInfo, RegistryState
@@ -58,6 +59,7 @@ class _MeshPlan:
     vips: list[dict[str, Any]]
     virtual_hosts: list[dict[str, Any]]
     clusters: dict[str, ClusterPlan]
+    security: dict[str, Any]
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -97,7 +99,8 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     services = build_service_index(by_kind, registry)
     mesh_vs = [vs for vs in by_kind.get("VirtualService", []) if binds_mesh(vs)]
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
-                     clusters=build_cluster_plans(services, by_kind.get("DestinationRule", [])))
+                     clusters=build_cluster_plans(services, by_kind.get("DestinationRule", [])),
+                     security=compile_security(resources))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -188,5 +191,6 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "vips": copy.deepcopy(plan.vips),
         "virtual_hosts": copy.deepcopy(plan.virtual_hosts),
         "clusters": {name: _cluster(c, node_id, nodes) for name, c in plan.clusters.items()},
+        "security": copy.deepcopy(plan.security),
     }
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -24,7 +24,8 @@ Shape of the dict (every key optional unless marked *required*)::
           "port": 9080,
           "domains": ["reviews", "reviews.default", "reviews.default.svc.cluster.local", "127.10.0.3"],
           "routes": [ROUTE, ...]}],
-      "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...}
+      "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...},
+      "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]}   # see mesh/compiler_security.py
     }
 
 ROUTE::
@@ -415,6 +416,9 @@ class Snapshot:
     vips: tuple[Vip, ...]
     virtual_hosts: tuple[VirtualHost, ...]
     clusters: Mapping[str, Cluster]
+    # AuthorizationPolicy / RequestAuthentication, scoped per policy (see mesh/compiler_security.py);
+    # proxy_core.authz and proxy_core.jwt_auth build per-workload checkers from them.
+    security: Mapping[str, Any] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -435,6 +439,7 @@ class Snapshot:
                        for v in d.get("vips") or ()),
             virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()),
             clusters={name: Cluster.from_dict(name, c) for name, c in (d.get("clusters") or {}).items()},
+            security={k: list((d.get("security") or {}).get(k) or ()) for k in ("authz", "jwt")},
             raw=d,
         )
 

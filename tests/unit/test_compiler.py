@@ -950,3 +950,27 @@ def test_compile_all_uses_each_nodes_addresses_and_matches_compile_snapshot() ->
     # Snapshots share no mutable state.
     all_snaps[NODE_A]["virtual_hosts"][0]["routes"].clear()
     assert all_snaps[NODE_B]["virtual_hosts"][0]["routes"]
+
+
+def test_security_policies_reach_the_snapshot_and_drive_an_authorizer() -> None:
+    from proxy_core.authz import Authorizer, RequestAttributes
+
+    resources = load("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+""")
+    snap = compile_checked(resources, bookinfo_registry())
+    parsed = Snapshot.from_dict(snap)
+    assert [p["name"] for p in parsed.security["authz"]] == ["reviews-viewer"]
+    authorizer = Authorizer(parsed.security["authz"], "default", {"app": "reviews", "version": "v1"})
+    get = RequestAttributes(method="GET", path="/reviews/1", host="reviews")
+    post = RequestAttributes(method="POST", path="/reviews/1", host="reviews")
+    assert authorizer.check(get).allowed and not authorizer.check(post).allowed
+    # A workload the policy does not select is unaffected.
+    assert Authorizer(parsed.security["authz"], "default", {"app": "ratings"}).check(post).allowed
