@@ -164,7 +164,10 @@ def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo]) 
         if node is None or not node.alive or not node.inbound_port:
             return None
         via = {"address": node.ip, "port": node.inbound_port}
-    return {"address": ep.address, "port": ep.port, "node": ep.node, "labels": dict(ep.labels), "via": via}
+    out = {"address": ep.address, "port": ep.port, "node": ep.node, "labels": dict(ep.labels), "via": via}
+    if ep.service_account:
+        out["namespace"], out["service_account"] = ep.namespace, ep.service_account
+    return out
 
 
 def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any]:

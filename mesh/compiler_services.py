@@ -48,6 +48,8 @@ class ServiceEndpoint:
     labels: tuple[tuple[str, str], ...]
     node: str = ""                     # Ray node id; "" for endpoints outside Ray
     in_ray: bool = False               # True for Ray workloads, which may need a node tunnel
+    namespace: str = ""                # the workload's identity, for policy and telemetry
+    service_account: str = ""
 
     def has_labels(self, selector: Mapping[str, str]) -> bool:
         return labels_match(selector, dict(self.labels))
@@ -125,7 +127,8 @@ def _registry_services(registry: RegistryState) -> list[Service]:
         # Instances should agree on a port's name and protocol; if they do not, the smallest wins.
         ports = tuple(ServicePort(n, *min(by_port[n])) for n in sorted(by_port))
         endpoints = tuple(ServiceEndpoint(i.address, i.port, i.service_port, _sorted_labels(i.labels),
-                                          node=i.node_id, in_ray=True) for i in insts)
+                                          node=i.node_id, in_ray=True, namespace=i.namespace,
+                                          service_account=i.service_account) for i in insts)
         vip = registry.vips.get(host)
         services.append(Service(host, namespace, name, ports, (vip,) if vip else (), _sort_endpoints(endpoints)))
     return services
@@ -172,7 +175,8 @@ def _selected_endpoints(se: Resource, ports: Sequence[ServicePort], workload_ent
         for sp in ports:
             if inst.service_port == (sp.target_port if sp.target_port is not None else sp.number):
                 out.append(ServiceEndpoint(inst.address, inst.port, sp.number, _sorted_labels(inst.labels),
-                                           node=inst.node_id, in_ray=True))
+                                           node=inst.node_id, in_ray=True, namespace=inst.namespace,
+                                           service_account=inst.service_account))
     return out
 
 

@@ -77,6 +77,7 @@ CLUSTER::
             "ring_size": 1024},
      "endpoints": [{"address": "127.0.0.1", "port": 40123, "node": "<node id>",
                     "labels": {"version": "v1"},
+                    "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
                     "via": {"address": "127.0.0.1", "port": 15006} | null}]}
 
 ``via`` is set when the endpoint lives on another node: the client-side proxy opens a
@@ -340,6 +341,8 @@ class Endpoint:
     node: str = ""
     labels: tuple[tuple[str, str], ...] = ()
     via: Address | None = None
+    namespace: str = ""
+    service_account: str = ""
     # Derived once: the request path uses them for every request (LB bookkeeping, pooling).
     key: str = field(init=False, compare=False, repr=False)                  # "address:port"
     pool_key: tuple[str, Address | None] = field(init=False, compare=False, repr=False)
@@ -390,7 +393,8 @@ class Cluster:
             via = e.get("via")
             eps.append(Endpoint(address=e["address"], port=int(e["port"]), node=e.get("node", ""),
                                 labels=tuple(sorted((e.get("labels") or {}).items())),
-                                via=Address(via["address"], int(via["port"])) if via else None))
+                                via=Address(via["address"], int(via["port"])) if via else None,
+                                namespace=e.get("namespace", ""), service_account=e.get("service_account", "")))
         return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
                    lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
                    connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")))
