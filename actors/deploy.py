@@ -13,6 +13,7 @@ import ray
 
 from actors.citadel import Citadel, CitadelOptions
 from actors.galley import Galley
+from actors.mixer import Mixer, MixerOptions
 from actors.pilot import Pilot, PilotOptions
 from actors.replicaset import deploy_replicas, find_replicas
 from actors.store import GcsKV
@@ -20,13 +21,14 @@ from mesh.client import NAMESPACE, MeshClient
 
 
 def install(replicas: int = 2, options: dict[str, Any] | None = None, timeout: float = 120.0,
-            citadel: dict[str, Any] | None = None) -> None:
-    """Start Galley, Pilot and Citadel replica sets; Pilot then starts one proxy worker per node."""
+            citadel: dict[str, Any] | None = None, mixer: dict[str, Any] | None = None) -> None:
+    """Start Galley, Pilot, Citadel and Mixer replica sets; Pilot then starts one proxy worker per node."""
     opts = PilotOptions.from_dict(options).to_dict()
     galleys = deploy_replicas(Galley, "galley", replicas)
     pilots = deploy_replicas(Pilot, "pilot", replicas, opts)
     citadels = deploy_replicas(Citadel, "citadel", replicas, CitadelOptions.from_dict(citadel).to_dict())
-    ray.get([a.ready.remote() for a in (*galleys, *pilots, *citadels)], timeout=timeout)
+    mixers = deploy_replicas(Mixer, "mixer", replicas, MixerOptions.from_dict(mixer).to_dict())
+    ray.get([a.ready.remote() for a in (*galleys, *pilots, *citadels, *mixers)], timeout=timeout)
     wait_for_proxies(timeout=timeout)
 
 
@@ -57,7 +59,7 @@ def uninstall(purge: bool = False) -> None:
             ray.get(proxy.stop.remote(), timeout=10)
         finally:
             ray.kill(proxy, no_restart=True)
-    for component in ("pilot", "galley", "citadel"):
+    for component in ("pilot", "galley", "citadel", "mixer"):
         for handle in find_replicas(component):
             ray.kill(handle, no_restart=True)
     if purge:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from typing import Any
 
 import ray
@@ -65,6 +66,8 @@ class ProxyWorker:
         self._starting: asyncio.Lock | None = None
         self._restarts = 0
         self._synced_at: float | None = None
+        self._telemetry_seq = 0
+        self._telemetry_dropped = 0
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -78,7 +81,8 @@ class ProxyWorker:
                 await self._report_node()
             if not self._tasks:
                 loop = asyncio.get_running_loop()
-                self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor())]
+                self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor()),
+                               loop.create_task(self._telemetry_loop())]
         return dict(self._ports)
 
     def _bootstrap(self) -> dict[str, Any]:
@@ -191,6 +195,37 @@ class ProxyWorker:
         else:
             log.error("proxy rejected snapshot %s: %s", snapshot.get("version"), reply.get("error"))
 
+    async def _telemetry_loop(self) -> None:
+        """Every flush interval: take the proxy's Arrow batch, put it in the object store once and
+        hand the reference to this node's Mixer replica (failing over). Mixer is never on the
+        request path: when no replica takes a batch it is dropped and counted."""
+        interval = float(self.options.get("telemetry_interval", 1.0))
+        while True:
+            await asyncio.sleep(interval)
+            if self._proc is None or self._proc.poll() is not None:
+                continue
+            try:
+                reply = await acall(self._control_path, {"op": "telemetry"})
+            except CONTROL_ERRORS:
+                continue
+            if not reply.get("rows"):
+                continue
+            self._telemetry_seq += 1
+            ref = ray.put(reply["batch"])
+            mixers = find_replicas("mixer")
+            if not mixers:
+                self._telemetry_dropped += int(reply["rows"])
+                continue
+            start = zlib.crc32(self.node_id.encode()) % len(mixers)  # stable shard per node
+            for mixer in mixers[start:] + mixers[:start]:
+                try:
+                    await mixer.ingest.remote(self.node_id, self._telemetry_seq, [ref])
+                    break
+                except RayActorError:
+                    continue
+            else:
+                self._telemetry_dropped += int(reply["rows"])
+
     # -- queries -------------------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
@@ -202,7 +237,7 @@ class ProxyWorker:
                 pass
         return {"name": self.name, "node_id": self.node_id, "version": self._version, "ports": dict(self._ports),
                 "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,
-                "synced_at": self._synced_at, "stats": stats}
+                "synced_at": self._synced_at, "telemetry_dropped": self._telemetry_dropped, "stats": stats}
 
     async def http_proxy_url(self) -> str:
         ports = await self.ensure_started()

@@ -69,6 +69,20 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(handler=cmd_proxy_status)
 
+    p = sub.add_parser("top", help="per destination service: requests/s, success rate, latency percentiles")
+    p.add_argument("--since", type=float, default=60.0, help="seconds back (default 60)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(handler=cmd_top)
+
+    p = sub.add_parser("telemetry", help="query recent requests (Mixer's window)")
+    tel = p.add_subparsers(dest="telemetry_command", required=True)
+    q = tel.add_parser("query", help="request summaries grouped by labels")
+    q.add_argument("--group-by", default="destination_service", help="comma-separated columns ('' = all requests)")
+    q.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]", help="filter, repeatable")
+    q.add_argument("--since", type=float, default=60.0, help="seconds back (default 60)")
+    q.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    q.set_defaults(handler=cmd_telemetry_query)
+
     p = sub.add_parser("ca", help="the mesh's root CA (Citadel)")
     ca = p.add_subparsers(dest="ca_command", required=True)
     c = ca.add_parser("info", help="trust domain, signing root and still-trusted retired roots")
@@ -179,6 +193,46 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
         _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST"],
                [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-"] for r in rows])
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
+
+
+_SUMMARY = ["REQUESTS", "RPS", "SUCCESS", "P50", "P90", "P99"]
+
+
+def _emit(args: argparse.Namespace, out: TextIO, keys: Sequence[str], rows: list[dict[str, Any]]) -> int:
+    if args.output == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    else:
+        _table(out, [k.upper() for k in keys] + _SUMMARY,
+               [[*(r[k] for k in keys), r["requests"], f"{r['rps']:.1f}", f"{r['success_rate']:.1f}%",
+                 *(f"{r[c]:.2f}ms" for c in ("p50_ms", "p90_ms", "p99_ms"))] for r in rows])
+    return 0
+
+
+def _parse_where(items: Sequence[str]) -> dict[str, list[Any]]:
+    filters: dict[str, list[Any]] = {}
+    for item in items:
+        column, sep, values = item.partition("=")
+        if not sep or not column or not values:
+            raise MeshError([f"--where {item!r}: expected COLUMN=VALUE[,VALUE...]"])
+        try:
+            filters[column] = [int(v) if column == "response_code" else v for v in values.split(",")]
+        except ValueError:
+            raise MeshError([f"--where {item!r}: response_code takes numbers"]) from None
+    return filters
+
+
+def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
+    return _emit(args, out, ["destination_service"], _client(args).top(args.since))
+
+
+def cmd_telemetry_query(args: argparse.Namespace, out: TextIO) -> int:
+    keys = [k for k in args.group_by.split(",") if k]
+    try:
+        rows = _client(args).telemetry_query(_parse_where(args.where), keys, args.since)
+    except ValueError as exc:  # an unknown column, named by mesh.metrics
+        raise MeshError([str(exc)]) from None
+    return _emit(args, out, keys, rows)
 
 
 def cmd_ca_info(args: argparse.Namespace, out: TextIO) -> int:

@@ -11,11 +11,13 @@ import logging
 import random
 from typing import Any, Sequence
 
+import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from mesh.errors import MeshError
 from mesh.loader import Document
+from mesh.metrics import TELEMETRY_SCHEMA, summarize
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,20 @@ def connect(address: str = "auto") -> None:
 
 
 def find_replicas(component: str) -> list[Any]:
-    """Handles of the replicas of ``component`` that exist, by name, in index order."""
-    found = []
+    """Handles of the replicas of ``component`` that exist, by name, in index order.
+
+    One missing index does not end the scan (a replica may be gone for good while the
+    others serve); two missing in a row do.
+    """
+    found, misses = [], 0
     for i in range(MAX_REPLICAS):
         try:
             found.append(ray.get_actor(f"{component}-{i}", namespace=NAMESPACE))
+            misses = 0
         except ValueError:
-            break
+            misses += 1
+            if misses == 2:
+                break
     return found
 
 
@@ -108,6 +117,32 @@ class MeshClient:
 
     def ca_rotate(self, expected: str | None = None) -> dict[str, Any]:
         return call_any("citadel", "rotate_root", expected)
+
+    def _telemetry_rows(self, filters: dict[str, Any] | None, columns: Sequence[str], since_s: float) -> pa.Table:
+        """Window rows from every Mixer replica: each holds its shard of nodes, and percentiles
+        only add up over the rows themselves."""
+        handles = find_replicas("mixer")
+        if not handles:
+            raise RuntimeError("no mixer replica is running: is the mesh installed? (meshctl install)")
+        tables = []
+        for handle in handles:
+            try:
+                tables.append(ray.get(handle.rows.remote(filters, list(columns), since_s), timeout=30))
+            except FAILOVER_ERRORS as exc:
+                log.warning("a mixer replica did not answer (%s); its shard is missing", exc)
+        return pa.concat_tables(tables) if tables else TELEMETRY_SCHEMA.empty_table().select(list(columns))
+
+    def top(self, since_s: float = 60.0) -> list[dict[str, Any]]:
+        rows = self._telemetry_rows(None, ["destination_service", "response_code", "duration_ms"], since_s)
+        return summarize(rows, ["destination_service"], since_s).to_pylist()
+
+    def telemetry_query(self, filters: dict[str, Any] | None = None,
+                        group_by: Sequence[str] = ("destination_service",), since_s: float = 60.0) -> list[dict[str, Any]]:
+        columns = list(dict.fromkeys([*group_by, "response_code", "duration_ms"]))
+        return summarize(self._telemetry_rows(filters, columns, since_s), group_by, since_s).to_pylist()
+
+    def mixer_stats(self) -> list[dict[str, Any]]:
+        return ray.get([h.stats.remote() for h in find_replicas("mixer")], timeout=30)
 
     def pilot_status(self) -> dict[str, Any]:
         return call_any("pilot", "status")

@@ -19,6 +19,7 @@ from proxy_core.accesslog import AccessLog
 from proxy_core.control import ControlServer
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
+from proxy_core.telemetry import DEFAULT_MAX_ROWS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control", help="unix socket path for the supervisor's control channel")
     p.add_argument("--access-log", help="write the JSON access log to this file instead of stdout")
     p.add_argument("--no-access-log", action="store_true", help="disable the access log")
+    p.add_argument("--telemetry-buffer", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
+                   help="request rows kept for Mixer between two drains; beyond that rows are dropped and counted")
+    p.add_argument("--no-telemetry", action="store_true", help="record no per-request telemetry")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on shutdown")
     return p.parse_args(argv)
 
@@ -35,7 +39,8 @@ async def serve(args: argparse.Namespace) -> None:
     with open(args.snapshot, encoding="utf-8") as f:
         snapshot = Snapshot.from_json(f.read())
     sink = open(args.access_log, "a", encoding="utf-8") if args.access_log else sys.stdout
-    proxy = ProxyServer(snapshot, access_log=AccessLog(sink, enabled=not args.no_access_log))
+    proxy = ProxyServer(snapshot, access_log=AccessLog(sink, enabled=not args.no_access_log),
+                        telemetry_rows=0 if args.no_telemetry else args.telemetry_buffer)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -7,6 +7,10 @@ request gets exactly one reply.  Operations:
 * ``{"op": "snapshot", "snapshot": {...}}`` -> ``{"ok": true, "version": v, "ports": {...}}``;
   an invalid snapshot answers ``{"ok": false, "error": "..."}`` and the old one stays.
 * ``{"op": "status"}`` -> ``{"ok": true, "version": v, "stats": {...}, "ports": {...}}``
+* ``{"op": "telemetry"}`` -> ``{"ok": true, "batch": <Arrow IPC stream bytes, or b"">, "rows": n,
+  "dropped": n}``: the request rows buffered since the last call (schema in ``proxy_core.telemetry``)
+  and how many were dropped because the buffer was full; ``{"ok": false, ...}`` when the proxy runs
+  with telemetry off.
 * ``{"op": "shutdown"}`` -> ``{"ok": true}``, then the proxy drains and exits.
 
 The channel is off the request path, so it uses asyncio streams for clarity.
@@ -98,6 +102,11 @@ class ControlServer:
         if op == "status":
             return {"ok": True, "version": proxy.snapshot.version, "stats": proxy.stats(), "ports": proxy.ports,
                     "vips": proxy.vip_ports()}
+        if op == "telemetry":
+            if proxy.telemetry is None:
+                return {"ok": False, "error": "telemetry is disabled"}
+            batch, rows, dropped = proxy.telemetry.drain()
+            return {"ok": True, "batch": batch, "rows": rows, "dropped": dropped}
         if op == "shutdown":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}

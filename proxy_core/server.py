@@ -50,6 +50,7 @@ from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import Cluster, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip, WeightedCluster
+from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool, pool_key
 
 log = logging.getLogger("proxy_core.server")
@@ -156,7 +157,8 @@ class ProxyServer:
     """Owns listeners, the current configuration, the upstream pool, stats and the access log."""
 
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
-                 pool: UpstreamPool | None = None, rng: random.Random | None = None) -> None:
+                 pool: UpstreamPool | None = None, rng: random.Random | None = None,
+                 telemetry_rows: int = DEFAULT_MAX_ROWS) -> None:
         self.rng = rng or random.Random()
         self.state = _State.build(snapshot, self.rng)
         self.access_log = access_log or AccessLog(enabled=False)
@@ -164,6 +166,8 @@ class ProxyServer:
         self.dialer: Dialer = self.pool.dialer
         self.counters = Stats()
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
+        # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
+        self.telemetry = TelemetryRecorder(telemetry_rows) if telemetry_rows > 0 else None
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
@@ -279,7 +283,13 @@ class ProxyServer:
                 "active_connections": c.active_connections, "active_requests": c.active_requests,
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
-                "destinations": destinations}
+                "destinations": destinations, "telemetry": self._telemetry_stats()}
+
+    def _telemetry_stats(self) -> dict[str, Any]:
+        t = self.telemetry
+        if t is None:
+            return {"enabled": False, "rows_buffered": 0, "dropped_total": 0}
+        return {"enabled": True, "rows_buffered": t.rows_buffered, "dropped_total": t.dropped_total}
 
 
 # -- downstream connections ------------------------------------------------------------------
@@ -480,12 +490,15 @@ class HttpConnection(asyncio.Protocol):
         if self.transport.is_closing():
             return
         body = exc.reason.encode()
-        self.transport.write(http1.response_head(exc.status, None, [
-            (b"content-length", b"%d" % len(body)), (b"content-type", b"text/plain"),
-            (b"connection", b"close")]) + body)
+        head = http1.response_head(exc.status, None, [
+            (b"content-length", b"%d" % len(body)), (b"content-type", b"text/plain"), (b"connection", b"close")])
+        self.transport.write(head + body)
         self.transport.close()
         server = self.server
         server.record("unknown", exc.status, 0.0, flags.DPE)
+        if server.telemetry is not None:
+            server.telemetry.record(server.state.snapshot, None, None, None, None, None, time.time(), exc.status,
+                                    flags.DPE, 0.0, 0, len(head) + len(body))
         server.access_log.log(time.time(), "-", "-", "HTTP/1.1", exc.status, flags.DPE, 0, len(body), 0, None,
                               None, None, None, "", None, None, None, self.peer, self.listener.name)
 
@@ -540,6 +553,7 @@ class Exchange:
     up_paused = False
     counted_on_start = False
     up_keep_alive = True
+    resp_head_bytes = 0
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -1020,7 +1034,9 @@ class Exchange:
         elif head.version == "1.0":
             headers.append((b"connection", b"keep-alive"))
         self.up_keep_alive = rh.keep_alive
-        self.out.append(http1.response_head(status, rh.reason, headers))
+        resp_head = http1.response_head(status, rh.reason, headers)
+        self.resp_head_bytes = len(resp_head)
+        self.out.append(resp_head)
 
     def _upgrade_response(self, rh: ResponseHead) -> None:
         """101 Switching Protocols: both connections become one byte pipe."""
@@ -1028,7 +1044,9 @@ class Exchange:
         self.response_started = True
         headers = [(n, v) for n, v in rh.headers if n != b"connection" and n != b"keep-alive"]
         headers.append((b"connection", b"upgrade"))
-        self.conn.transport.write(http1.response_head(101, rh.reason, headers))
+        resp_head = http1.response_head(101, rh.reason, headers)
+        self.resp_head_bytes = len(resp_head)
+        self.conn.transport.write(resp_head)
         conn = self.upstream
         assert conn is not None and conn.transport is not None
         self.upstream = None
@@ -1234,8 +1252,9 @@ class Exchange:
         if self.conn.transport.is_closing():
             self._complete(False)
             return
-        self.conn.transport.write(http1.response_head(status, None, headers)
-                                  + (body if head.method != b"HEAD" else b""))
+        resp_head = http1.response_head(status, None, headers)
+        self.resp_head_bytes = len(resp_head)
+        self.conn.transport.write(resp_head + (body if head.method != b"HEAD" else b""))
         self.bytes_sent = len(body)
         self._complete(False)
 
@@ -1294,6 +1313,12 @@ class Exchange:
         response_flags = ",".join(flag_list) if flag_list else flags.NONE
         server.record(self.cluster.service if self.cluster is not None else "unknown", status, duration_ms,
                       response_flags)
+        telemetry = server.telemetry
+        if telemetry is not None and self.head.method != b"CONNECT":
+            head_bytes = len(self.up_head) if self.attempt else request_head_size(self.head)
+            telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
+                             self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
+                             self.bytes_sent + self.resp_head_bytes)
         alog = server.access_log
         if alog.enabled:
             req = self.req

@@ -1,0 +1,271 @@
+"""Mixer: turns the proxies' telemetry batches into Istio's standard metrics, off the request path.
+
+Each proxy worker flushes its recorder every interval: it ``ray.put``s the Arrow IPC bytes
+once and calls ``ingest(node_id, seq, [ref])`` on the replica its node hashes to (failing over
+to another). The reference travels inside a list so Ray does not resolve it in the caller;
+the replica fetches it (zero-copy on its own node), aggregates it with ``mesh.metrics`` and
+appends the rows to its rolling window.
+
+A replica serves its own series at ``http://127.0.0.1:<port>/metrics`` and writes a Prometheus
+file-based service discovery file for it; since every replica aggregates only the batches of
+its shard of nodes, Prometheus summing over all replicas' targets sees the whole mesh.
+``istio_requests_total`` is mirrored into Ray's metrics as well, where Ray names it
+``ray_istio_requests_total``.
+
+A replica's state is its own and starts empty after a restart: Prometheus reads that as a
+counter reset, and the window refills within its span.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import ray
+from ray.exceptions import RayError
+
+from mesh.metrics import (DEFAULT_CLUSTER_ID, LABEL_NAMES, REQUESTS_TOTAL, Filters, MetricStore, MetricUpdate, Window,
+                          aggregate, conform, decode_batch)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_SD_DIR = "/tmp/raymesh/prometheus"
+HOST = "127.0.0.1"  # loopback only: a Prometheus server on the node scrapes the replicas there
+# The classic text format, which every Prometheus 2.x and 3.x reads; all names are legacy-valid.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class MixerOptions:
+    port: int = 0                           # replica i serves port + i; 0 = an ephemeral port each
+    file_sd_dir: str = DEFAULT_FILE_SD_DIR  # writes <dir>/mixer-<i>.json; "" = none
+    window_s: float = 300.0                 # raw rows kept for top and queries
+    window_max_rows: int = 2_000_000        # bound on those rows (oldest batches dropped first)
+    cluster_id: str = DEFAULT_CLUSTER_ID    # source_cluster / destination_cluster label value
+    dedupe_history: int = 1024              # batch ids remembered per node
+    ray_metrics: bool = True                # mirror istio_requests_total into Ray's metrics
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "MixerOptions":
+        d = d or {}
+        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+
+
+BatchId = tuple[int, tuple[str, ...]]
+
+
+class BatchLog:
+    """The batch ids each node sent recently, so a re-sent ``ingest`` is counted once.
+
+    A batch is named by its node and sequence number; the object ids are part of the name
+    because Ray re-sends a call with the same arguments, while a restarted proxy worker that
+    starts its sequence over puts new objects.
+    """
+
+    def __init__(self, per_node: int) -> None:
+        self._per_node = per_node
+        self._order: dict[str, deque[BatchId]] = {}
+        self._seen: dict[str, set[BatchId]] = {}
+
+    def __contains__(self, item: tuple[str, BatchId]) -> bool:
+        node, batch = item
+        return batch in self._seen.get(node, ())
+
+    def add(self, node: str, batch: BatchId) -> None:
+        order = self._order.setdefault(node, deque())
+        seen = self._seen.setdefault(node, set())
+        order.append(batch)
+        seen.add(batch)
+        if len(order) > self._per_node:
+            seen.discard(order.popleft())
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.1 on loopback, on a thread and event loop of its own so that
+    scrapes are answered while the actor is busy ingesting."""
+
+    def __init__(self, render: Callable[[], bytes], port: int = 0) -> None:
+        self._render = render
+        self._want_port = port
+        self.port = 0
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mixer-metrics", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> int:
+        self._thread.start()
+        if not self._bound.wait(timeout):
+            raise TimeoutError("metrics endpoint did not start")
+        if self._error is not None:
+            raise self._error
+        return self.port
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            server = loop.run_until_complete(asyncio.start_server(self._serve, HOST, self._want_port))
+            self.port = server.sockets[0].getsockname()[1]
+        except OSError as exc:
+            self._error = exc
+            self._bound.set()
+            return
+        self._bound.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            if target.split("?", 1)[0] != "/metrics":
+                status, ctype, body = "404 Not Found", "text/plain; charset=utf-8", b"not found; try /metrics\n"
+            elif method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain; charset=utf-8", b""
+            else:
+                body = await asyncio.get_running_loop().run_in_executor(None, self._render)
+                status, ctype = "200 OK", CONTENT_TYPE
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def write_file_sd(directory: str, name: str, target: str, labels: dict[str, str]) -> str:
+    """Write Prometheus' file_sd JSON for one target, atomically (Prometheus may read at any time)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([{"targets": [target], "labels": labels}], f)
+    os.replace(tmp, path)
+    return path
+
+
+class RayMirror:
+    """``istio_requests_total`` as a Ray counter, which Ray exports as ``ray_istio_requests_total``.
+
+    Only the counter is mirrored: Ray's Histogram takes one observation per call, so mirroring
+    the histograms would cost a Python call per request and per histogram.
+    """
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter
+
+        self._requests = Counter(REQUESTS_TOTAL.name, description=REQUESTS_TOTAL.help, tag_keys=LABEL_NAMES)
+
+    def record(self, updates: Sequence[MetricUpdate]) -> None:
+        for u in updates:
+            if u.metric == REQUESTS_TOTAL.name and u.count > 0:
+                self._requests.inc(u.count, tags=dict(zip(LABEL_NAMES, u.labels)))
+
+
+def _as_table(payload: Any) -> pa.Table:
+    if isinstance(payload, (pa.Table, pa.RecordBatch)):
+        return conform(payload)
+    if isinstance(payload, (bytearray, memoryview)):
+        payload = bytes(payload)
+    return decode_batch(payload)
+
+
+@ray.remote
+class Mixer:
+    """One replica. Calls are serialized (a threaded actor of concurrency 1); the metrics
+    endpoint's thread reads the store under ``_lock``."""
+
+    def __init__(self, replica: int, options: dict[str, Any] | None = None) -> None:
+        self.replica = replica
+        self.name = ray.get_runtime_context().get_actor_name() or f"mixer-{replica}"
+        self.options = MixerOptions.from_dict(options)
+        self._lock = threading.Lock()
+        self._store = MetricStore()
+        self._window = Window(self.options.window_s, self.options.window_max_rows)
+        self._batches = BatchLog(self.options.dedupe_history)
+        self._counts = {"batches": 0, "rows": 0, "duplicates": 0, "rejected": 0}
+        self._mirror = RayMirror() if self.options.ray_metrics else None
+        self._server = MetricsServer(self._render, self.options.port + replica if self.options.port else 0)
+        self.port = self._server.start()
+        self._file_sd: str | None = None
+        if self.options.file_sd_dir:
+            self._file_sd = write_file_sd(self.options.file_sd_dir, self.name, self.endpoint(), {
+                "mixer_replica": self.name, "ray_node_id": ray.get_runtime_context().get_node_id()})
+
+    def ready(self) -> int:
+        return self.replica
+
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def ingest(self, node_id: str, seq: int, refs: list[ray.ObjectRef]) -> dict[str, Any]:
+        """Aggregate the batch ``seq`` of ``node_id`` (its Arrow IPC bytes behind ``refs``).
+
+        Never raises for a bad or lost batch (it is counted as rejected), so a caller's flush
+        loop does not die on one."""
+        batch: BatchId = (int(seq), tuple(ref.hex() for ref in refs))
+        with self._lock:
+            if (node_id, batch) in self._batches:
+                self._counts["duplicates"] += 1
+                return {"ok": True, "duplicate": True, "rows": 0}
+        try:
+            tables = [_as_table(payload) for payload in ray.get(list(refs), timeout=60)]
+            updates = [u for t in tables for u in aggregate(t, self.options.cluster_id)]
+        except (RayError, pa.ArrowException, ValueError, TypeError) as exc:
+            log.warning("rejected telemetry batch %s/%s: %s", node_id, seq, exc)
+            with self._lock:
+                self._counts["rejected"] += 1
+            return {"ok": False, "duplicate": False, "rows": 0, "error": str(exc)}
+        rows = sum(t.num_rows for t in tables)
+        with self._lock:
+            self._store.apply(updates)
+            for t in tables:
+                self._window.append(t)
+            self._batches.add(node_id, batch)
+            self._counts["batches"] += 1
+            self._counts["rows"] += rows
+        if self._mirror is not None:
+            self._mirror.record(updates)
+        return {"ok": True, "duplicate": False, "rows": rows}
+
+    def metrics_text(self) -> str:
+        return self._render().decode()
+
+    def top(self, since_s: float = 60.0) -> list[dict[str, Any]]:
+        """This replica's shard only; ``MeshClient.top`` merges the rows of every replica."""
+        with self._lock:
+            return self._window.top(since_s).to_pylist()
+
+    def query(self, filters: Filters | None = None, group_by: Sequence[str] = ("destination_service",),
+              since_s: float | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._window.query(filters, group_by, since_s).to_pylist()
+
+    def rows(self, filters: Filters | None = None, columns: Sequence[str] | None = None,
+             since_s: float | None = None) -> pa.Table:
+        """Raw window rows, for summaries over all replicas (``mesh.metrics.summarize``)."""
+        with self._lock:
+            return self._window.rows(since_s, filters, columns)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"replica": self.name, "endpoint": self.endpoint(), "file_sd": self._file_sd,
+                    **self._counts, "window_rows": self._window.num_rows, "series": self._store.series_count()}
+
+    def _render(self) -> bytes:
+        with self._lock:
+            snapshot = self._store.copy()
+        return snapshot.render_prometheus().encode()

@@ -1,0 +1,369 @@
+"""Istio's standard request metrics, computed from the proxies' telemetry batches.
+
+Proxies record one row per finished request in the Arrow schema ``raymesh.telemetry.v1``
+(``TELEMETRY_SCHEMA``) and hand whole batches to Mixer, so the request path never waits on it.
+This module is the pure part of Mixer (no Ray, no sockets):
+
+* ``aggregate`` turns a batch into ``MetricUpdate``s with one pyarrow group-by over Istio's
+  label set: ``istio_requests_total`` and the ``istio_request_duration_milliseconds``,
+  ``istio_request_bytes`` and ``istio_response_bytes`` histograms, each exported twice, for
+  ``reporter="source"`` and ``reporter="destination"``, as Istio's two sidecars would;
+* ``MetricStore`` keeps the cumulative series and renders them in the Prometheus text format
+  through ``prometheus_client``, so Istio's Grafana dashboards read them unchanged;
+* ``Window`` keeps the raw rows of the last minutes for ``meshctl top`` and ad-hoc queries,
+  whose percentiles are exact (``pyarrow.compute.quantile`` over the rows), unlike the
+  bucketed estimate ``histogram_quantile`` makes from the exported histograms.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from proxy_core.telemetry import SCHEMA as TELEMETRY_ROW_SCHEMA
+from proxy_core.telemetry import SCHEMA_NAME
+
+# The row schema is the proxy's (proxy_core.telemetry): one definition for writer and reader.
+TELEMETRY_SCHEMA = TELEMETRY_ROW_SCHEMA
+
+# Istio's standard label set, in the order its stats filter (istio/proxy istio_stats.cc) lists them.
+LABEL_NAMES: tuple[str, ...] = (
+    "reporter",
+    "source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_canonical_service", "source_canonical_revision", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal", "destination_app",
+    "destination_version", "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_canonical_service", "destination_canonical_revision", "destination_cluster",
+    "request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
+)
+# Labels that are not row columns: the reporter is chosen at export, the cluster is the mesh's.
+_DERIVED = ("reporter", "source_cluster", "destination_cluster")
+ROW_LABELS: tuple[str, ...] = tuple(n for n in LABEL_NAMES if n not in _DERIVED)
+REPORTERS = ("source", "destination")
+
+# Istio defines no buckets of its own: every istio_* histogram gets Envoy's default bucket
+# settings (Stats::HistogramSettingsImpl::defaultBuckets) unless a pod sets the
+# sidecar.istio.io/statsHistogramBuckets annotation. The decade buckets [1, 10, ..., 1e9] some
+# guides show for the byte histograms were Mixer's Prometheus adapter (Istio <= 1.4), retired.
+ENVOY_DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    300000, 600000, 1800000, 3600000,
+)
+DURATION_BUCKETS_MS = ENVOY_DEFAULT_BUCKETS
+BYTES_BUCKETS = ENVOY_DEFAULT_BUCKETS
+
+DEFAULT_CLUSTER_ID = "raymesh"
+# Istio's client sidecar cannot see the server's authentication policy and reports this value.
+SOURCE_SECURITY_POLICY = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    name: str
+    kind: str                              # "counter" | "histogram"
+    help: str
+    column: str | None = None              # the row column a histogram observes
+    buckets: tuple[float, ...] = ()
+
+
+REQUESTS_TOTAL = MetricDef("istio_requests_total", "counter",
+                           "Requests handled by the mesh, counted once per reporter.")
+HISTOGRAMS: tuple[MetricDef, ...] = (
+    MetricDef("istio_request_duration_milliseconds", "histogram",
+              "Request duration: from the first request byte to the last response byte.",
+              "duration_ms", DURATION_BUCKETS_MS),
+    MetricDef("istio_request_bytes", "histogram", "Request size in bytes: head and body.",
+              "request_bytes", BYTES_BUCKETS),
+    MetricDef("istio_response_bytes", "histogram", "Response size in bytes: head and body.",
+              "response_bytes", BYTES_BUCKETS),
+)
+METRICS: tuple[MetricDef, ...] = (REQUESTS_TOTAL, *HISTOGRAMS)
+_BY_NAME = {m.name: m for m in METRICS}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricUpdate:
+    """An increment of one series: ``labels`` are values in ``LABEL_NAMES`` order.
+
+    For a histogram ``buckets`` holds cumulative counts, one per finite bound (Prometheus'
+    ``le`` semantics: value <= bound); ``count`` is the ``+Inf`` bucket.
+    """
+
+    metric: str
+    labels: tuple[str, ...]
+    count: int
+    sum: float = 0.0
+    buckets: tuple[int, ...] = ()
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+def decode_batch(data: bytes | pa.Buffer) -> pa.Table:
+    """The rows of an Arrow IPC stream as sent by a proxy (empty for ``b""``), conformed."""
+    if len(data) == 0:
+        return TELEMETRY_SCHEMA.empty_table()
+    with pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data) as reader:
+        return conform(reader.read_all())
+
+
+def conform(table: pa.Table | pa.RecordBatch) -> pa.Table:
+    """``table`` in ``TELEMETRY_SCHEMA``: columns in contract order, extra ones dropped, plain
+    strings dictionary-encoded, other types cast. Raises ValueError naming a missing column."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    if table.schema.equals(TELEMETRY_SCHEMA, check_metadata=False):
+        return table
+    missing = [f.name for f in TELEMETRY_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"telemetry batch lacks column(s) {', '.join(missing)} of {SCHEMA_NAME}")
+    columns = []
+    for f in TELEMETRY_SCHEMA:
+        col = table[f.name]
+        if col.type != f.type:
+            col = pc.dictionary_encode(col) if pa.types.is_dictionary(f.type) and pa.types.is_string(col.type) \
+                else col.cast(f.type)
+        columns.append(col)
+    return pa.table(columns, schema=TELEMETRY_SCHEMA)
+
+
+# -- aggregation ---------------------------------------------------------------------------------
+
+def _bucket_column(metric: MetricDef, index: int) -> str:
+    return f"{metric.column}:le{index}"
+
+
+def aggregate(batch: pa.RecordBatch | pa.Table, cluster_id: str = DEFAULT_CLUSTER_ID) -> list[MetricUpdate]:
+    """The metric increments of one batch, for both reporters.
+
+    One hash group-by over the row labels computes every series at once: the request count,
+    each histogram's count and sum, and its cumulative bucket counts as sums of ``value <=
+    bound`` booleans, so no Python code runs per row.
+    """
+    table = conform(batch)
+    if table.num_rows == 0:
+        return []
+    names: list[str] = list(ROW_LABELS)
+    arrays: list[pa.ChunkedArray] = [table[n] for n in ROW_LABELS]
+    aggs: list[tuple] = [("response_code", "count", pc.CountOptions(mode="all"))]
+    for m in HISTOGRAMS:
+        assert m.column is not None
+        values = table[m.column]
+        names.append(m.column)
+        arrays.append(values)
+        aggs += [(m.column, "count"), (m.column, "sum")]
+        for i, bound in enumerate(m.buckets):
+            names.append(_bucket_column(m, i))
+            arrays.append(pc.less_equal(values, bound))
+            aggs.append((_bucket_column(m, i), "sum"))
+    grouped = (pa.table(arrays, names=names).unify_dictionaries()
+               .group_by(list(ROW_LABELS), use_threads=False).aggregate(aggs).to_pydict())
+    updates: list[MetricUpdate] = []
+    for g in range(len(grouped["response_code_count"])):
+        row = {n: _label_value(grouped[n][g]) for n in ROW_LABELS}
+        measures = [(m, grouped[f"{m.column}_count"][g], grouped[f"{m.column}_sum"][g] or 0.0,
+                     tuple(int(grouped[f"{_bucket_column(m, i)}_sum"][g] or 0) for i in range(len(m.buckets))))
+                    for m in HISTOGRAMS]
+        for reporter in REPORTERS:
+            labels = _labels(row, reporter, cluster_id)
+            updates.append(MetricUpdate(REQUESTS_TOTAL.name, labels, int(grouped["response_code_count"][g])))
+            updates.extend(MetricUpdate(m.name, labels, int(count), float(total), buckets)
+                           for m, count, total, buckets in measures if count)
+    return updates
+
+
+def _label_value(value: object) -> str:
+    return "unknown" if value is None else str(value)
+
+
+def _labels(row: Mapping[str, str], reporter: str, cluster_id: str) -> tuple[str, ...]:
+    values = dict(row, reporter=reporter, source_cluster=cluster_id, destination_cluster=cluster_id)
+    if reporter == "source":
+        values["connection_security_policy"] = SOURCE_SECURITY_POLICY
+    return tuple(values[n] for n in LABEL_NAMES)
+
+
+# -- cumulative store and Prometheus exposition --------------------------------------------------
+
+@dataclass(slots=True)
+class Series:
+    count: int = 0
+    sum: float = 0.0
+    buckets: list[int] = field(default_factory=list)
+
+
+class MetricStore:
+    """Cumulative series since this store was created (a restart resets them, which Prometheus'
+    ``rate`` treats as a counter reset). Not thread-safe: the owner serializes access."""
+
+    def __init__(self) -> None:
+        self._series: dict[str, dict[tuple[str, ...], Series]] = {m.name: {} for m in METRICS}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_IstioCollector(self))
+
+    def apply(self, updates: Iterable[MetricUpdate]) -> None:
+        for u in updates:
+            series = self._series[u.metric]
+            s = series.get(u.labels)
+            if s is None:
+                s = series[u.labels] = Series(buckets=[0] * len(_BY_NAME[u.metric].buckets))
+            s.count += u.count
+            s.sum += u.sum
+            for i, n in enumerate(u.buckets):
+                s.buckets[i] += n
+
+    def copy(self) -> "MetricStore":
+        """A snapshot to render while this store keeps changing (rendering is the slow part)."""
+        other = MetricStore()
+        other._series = {name: {labels: Series(s.count, s.sum, list(s.buckets)) for labels, s in series.items()}
+                         for name, series in self._series.items()}
+        return other
+
+    def get(self, metric: str, labels: Mapping[str, str]) -> Series | None:
+        return self._series[metric].get(tuple(labels[n] for n in LABEL_NAMES))
+
+    def series(self, metric: str) -> Iterator[tuple[dict[str, str], Series]]:
+        for labels, s in self._series[metric].items():
+            yield dict(zip(LABEL_NAMES, labels)), s
+
+    def series_count(self) -> int:
+        return sum(len(s) for s in self._series.values())
+
+    def render_prometheus(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def families(self) -> Iterator[Metric]:
+        counters = CounterMetricFamily(REQUESTS_TOTAL.name, REQUESTS_TOTAL.help, labels=LABEL_NAMES)
+        for labels, s in self._series[REQUESTS_TOTAL.name].items():
+            counters.add_metric(labels, s.count)
+        yield counters
+        for m in HISTOGRAMS:
+            family = HistogramMetricFamily(m.name, m.help, labels=LABEL_NAMES)
+            les = [format(b, "g") for b in m.buckets]   # Go's %g, as Envoy writes le: "0.5", "1", "1.8e+06"
+            for labels, s in self._series[m.name].items():
+                family.add_metric(labels, list(zip(les, s.buckets)) + [("+Inf", s.count)], s.sum)
+            yield family
+
+
+class _IstioCollector:
+    def __init__(self, store: MetricStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        return self._store.families()
+
+    def describe(self) -> list[Metric]:
+        return []  # the families are dynamic; nothing to check for duplicates at registration
+
+
+# -- rolling window of raw rows ------------------------------------------------------------------
+
+QUANTILES = (0.5, 0.9, 0.99)
+Filters = Mapping[str, "str | int | Sequence[str | int]"]
+
+
+class Window:
+    """The rows received in the last ``span_s`` seconds (at most ``max_rows``, oldest batches
+    dropped first), for queries that need the raw distribution."""
+
+    def __init__(self, span_s: float = 300.0, max_rows: int = 2_000_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.span_s = span_s
+        self.max_rows = max_rows
+        self._clock = clock
+        self._batches: deque[tuple[float, pa.Table]] = deque()
+        self.num_rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        now = self._clock()
+        if table.num_rows:
+            self._batches.append((now, table))
+            self.num_rows += table.num_rows
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        while self._batches and (self._batches[0][0] < now - self.span_s or
+                                 (self.num_rows > self.max_rows and len(self._batches) > 1)):
+            self.num_rows -= self._batches.popleft()[1].num_rows
+
+    def rows(self, since_s: float | None = None, filters: Filters | None = None,
+             columns: Sequence[str] | None = None) -> pa.Table:
+        """Rows that started in the last ``since_s`` seconds and match ``filters`` (column ->
+        value or values), projected on ``columns``."""
+        _check_columns([*(filters or {}), *(columns or ())])
+        now = self._clock()
+        self._prune(now)
+        table = (pa.concat_tables([t for _, t in self._batches]) if self._batches
+                 else TELEMETRY_SCHEMA.empty_table())
+        mask = None
+        if since_s is not None:
+            cutoff = pa.scalar(datetime.fromtimestamp(now - since_s, tz=timezone.utc), TELEMETRY_SCHEMA.field("start_time").type)
+            mask = pc.greater_equal(table["start_time"], cutoff)
+        for column, wanted in (filters or {}).items():
+            values = [wanted] if isinstance(wanted, (str, int)) else list(wanted)
+            value_type = TELEMETRY_SCHEMA.field(column).type
+            value_set = pa.array(values, value_type.value_type if pa.types.is_dictionary(value_type) else value_type)
+            cond = pc.is_in(table[column], value_set=value_set)
+            mask = cond if mask is None else pc.and_(mask, cond)
+        if mask is not None:
+            table = table.filter(mask)
+        return table.select(list(columns)) if columns is not None else table
+
+    def query(self, filters: Filters | None = None, group_by: Sequence[str] = ("destination_service",),
+              since_s: float | None = None) -> pa.Table:
+        columns = list(dict.fromkeys([*group_by, "response_code", "duration_ms"]))
+        rows = self.rows(since_s, filters, columns)
+        return summarize(rows, group_by, since_s if since_s is not None else self.span_s)
+
+    def top(self, since_s: float = 60.0) -> pa.Table:
+        """Per destination service: rps, success rate and latency percentiles, busiest first."""
+        return self.query(None, ("destination_service",), since_s)
+
+
+def _check_columns(names: Iterable[str]) -> None:
+    unknown = [n for n in names if n not in TELEMETRY_SCHEMA.names]
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(map(repr, unknown))} (not in {SCHEMA_NAME})")
+
+
+def summarize(rows: pa.Table, group_by: Sequence[str], interval_s: float) -> pa.Table:
+    """Per group of ``rows``: request count, rate over ``interval_s``, success rate (percent of
+    responses that are not 5xx, as Istio's dashboards define it) and exact duration percentiles.
+
+    Pure over its input, so rows gathered from several Mixer replicas summarize exactly.
+    """
+    keys = list(group_by)
+    _check_columns(keys)
+    out_fields = [pa.field(k, pa.int32() if k == "response_code" else pa.string()) for k in keys] + [
+        pa.field("requests", pa.int64()), pa.field("rps", pa.float64()), pa.field("success_rate", pa.float64()),
+        *(pa.field(f"p{round(q * 100)}_ms", pa.float64()) for q in QUANTILES)]
+    schema = pa.schema(out_fields)
+    if rows.num_rows == 0:
+        return schema.empty_table()
+    code = rows["response_code"]
+    table = pa.table({**{k: rows[k] for k in keys}, "duration_ms": rows["duration_ms"],
+                      "_5xx": pc.and_(pc.greater_equal(code, 500), pc.less_equal(code, 599))})
+    group_keys = keys or ["_all"]
+    if not keys:  # a hash group-by needs a key: one constant group
+        table = table.append_column("_all", pa.array([0] * table.num_rows, pa.int8()))
+    grouped = (table.unify_dictionaries().group_by(group_keys, use_threads=False)
+               .aggregate([("duration_ms", "list"), ("_5xx", "sum")]).to_pydict())
+    result: dict[str, list] = {f.name: [] for f in out_fields}
+    for g, durations in enumerate(grouped["duration_ms_list"]):
+        requests = len(durations)
+        errors = grouped["_5xx_sum"][g] or 0
+        for k in keys:
+            result[k].append(grouped[k][g])
+        result["requests"].append(requests)
+        result["rps"].append(requests / interval_s if interval_s > 0 else 0.0)
+        result["success_rate"].append(100.0 * (requests - errors) / requests)
+        quantiles = pc.quantile(pa.array(durations, pa.float64()), q=list(QUANTILES)).to_pylist()
+        for q, v in zip(QUANTILES, quantiles):
+            result[f"p{round(q * 100)}_ms"].append(v)
+    return pa.table(result, schema=schema).sort_by([("requests", "descending")] + [(k, "ascending") for k in keys])
