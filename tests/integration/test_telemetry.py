@@ -16,7 +16,7 @@ from mesh.client import find_replicas
 
 pytestmark = pytest.mark.ray
 
-SERVICE = "echo.default.svc.cluster.local"
+SERVICE = "tele.default.svc.cluster.local"  # a service no other test sends to: exact counts
 
 
 def _scrape_total(metric: str, **labels: str) -> float:
@@ -32,16 +32,16 @@ def _scrape_total(metric: str, **labels: str) -> float:
 
 
 def test_traffic_shows_up_in_metrics_and_top(mesh):
-    mesh.deploy("echo", "v1", node_index=1)
-    mesh.wait_endpoints("echo", 1)
+    mesh.deploy("tele", "v1", node_index=1)
+    mesh.wait_endpoints("tele", 1)
     before_ok = _scrape_total("istio_requests_total", reporter="destination", destination_service=SERVICE,
                               response_code="200")
     before_err = _scrape_total("istio_requests_total", reporter="destination", destination_service=SERVICE,
                                response_code="503")
     for _ in range(30):
-        assert mesh.get("http://echo:8000/ok")[0] == 200
+        assert mesh.get("http://tele:8000/ok")[0] == 200
     for _ in range(5):
-        assert mesh.get("http://echo:8000/status/503")[0] == 503
+        assert mesh.get("http://tele:8000/status/503")[0] == 503
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         ok = _scrape_total("istio_requests_total", reporter="destination", destination_service=SERVICE,
@@ -54,7 +54,7 @@ def test_traffic_shows_up_in_metrics_and_top(mesh):
     assert (ok, err) == (30, 5)
     # The same requests under Istio's other labels and metrics.
     assert _scrape_total("istio_requests_total", reporter="source", destination_service=SERVICE,
-                         destination_app="echo", destination_version="v1") >= 35
+                         destination_app="tele", destination_version="v1") >= 35
     assert _scrape_total("istio_request_duration_milliseconds_count", reporter="destination",
                          destination_service=SERVICE) >= 35
 
