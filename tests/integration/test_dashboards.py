@@ -1,0 +1,429 @@
+"""Istio's own Grafana dashboards, and raymesh's, evaluated by a real Prometheus over real traffic.
+
+A Prometheus server (Debian's ``prometheus``) scrapes the running mesh's Mixer replicas through
+the file SD files they write, and Ray's node metrics endpoints. Traffic goes through the mesh to
+a fresh service; then every panel query of Istio's service, workload and mesh dashboards that
+reads only the HTTP metrics Mixer exports is evaluated the way Grafana does: template variables
+resolved from their own queries (``query_result``, ``label_values``), ``$__rate_interval``
+replaced, and the expression run as a range query over the traffic's time span.
+
+A defined core set of panels must show the traffic with the right labels and plausible values;
+every other evaluated panel must show data too, unless a known, stated reason says why not (TCP
+metrics, mTLS-only splits, a workload that sends nothing). A panel that is empty for any other
+reason fails the test. A negative control shows the substitution matters.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import pytest
+import ray
+
+from mesh.client import find_replicas
+from tests.integration.prometheus import MIXER_JOB, PrometheusServer, scrape_config
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = Path(os.environ.get("RAYMESH_CONFORMANCE_DIR") or ROOT.parent / "shared" / "conformance" / "istio")
+ISTIO_DASHBOARDS = CORPUS / "dashboards"
+OUR_DASHBOARDS = ROOT / "dashboards"
+SERVICE_DASHBOARD = "istio-service-dashboard.json"
+WORKLOAD_DASHBOARD = "istio-workload-dashboard.json"
+MESH_DASHBOARD = "istio-mesh-dashboard.gen.json"
+OURS = ("raymesh-mesh.json", "raymesh-service.json", "raymesh-workload.json", "raymesh-control-plane.json")
+
+SERVICE = "dash"
+NAMESPACE = "default"
+FQDN = f"{SERVICE}.{NAMESPACE}.svc.cluster.local"
+WORKLOAD = f"{SERVICE}-v1"
+# Mixer exports these; the duration panels also OR in Istio's legacy seconds histogram, which
+# is allowed to be absent.
+EXPORTED = frozenset({"istio_requests_total", "istio_request_duration_milliseconds_bucket",
+                      "istio_request_bytes_bucket", "istio_response_bytes_bucket"})
+LEGACY = frozenset({"istio_request_duration_seconds_bucket"})
+# Grafana's interval macros, at the resolution this test scrapes with.
+MACROS = {"__rate_interval": "1m", "__interval": "1s", "__range": "5m"}
+TRAFFIC_S = 6.0
+TRAFFIC_MAX_ROUNDS = 400
+PATHS = ("/ok", "/ok", "/ok", "/status/503", "/status/404")
+
+
+# -- dashboards as Grafana reads them -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PanelQuery:
+    dashboard: str
+    panel_id: int
+    title: str
+    ref: str
+    expr: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.dashboard}#{self.panel_id}{self.ref} {self.title!r}"
+
+
+def load_dashboard(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        pytest.fail(f"dashboard not found: {path} (Istio corpus: set RAYMESH_CONFORMANCE_DIR)", pytrace=False)
+    return json.loads(path.read_text())
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in panels:
+        yield p
+        yield from _panels(p.get("panels") or [])  # panels nested in collapsed rows
+
+
+def panel_queries(name: str, dashboard: dict[str, Any]) -> list[PanelQuery]:
+    return [PanelQuery(name, p["id"], p.get("title", ""), t.get("refId") or "", t["expr"])
+            for p in _panels(dashboard.get("panels") or []) for t in p.get("targets") or [] if t.get("expr")]
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_METRIC = re.compile(r"\b(?:istio|envoy|pilot|galley|sidecar|container|go|process|workload_manager|ray)_\w+")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names in ``expr`` (label values are stripped first: they may look like names)."""
+    return set(_METRIC.findall(_STRING.sub('""', expr)))
+
+
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}|\[\[(\w+)\]\]")
+
+
+def substitute(expr: str, values: Mapping[str, str]) -> str:
+    """Grafana's interpolation of ``$name``, ``${name}`` and ``[[name]]``; an unknown name is an error."""
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2) or m.group(3)
+        if name in MACROS:
+            return MACROS[name]
+        if name not in values:
+            raise KeyError(f"template variable ${name} has no value in {expr!r}")
+        return values[name]
+    return _VARIABLE.sub(one, expr)
+
+
+def _regex_escape(value: str) -> str:
+    """A value inside a PromQL ``=~"..."`` string, as Grafana escapes multi-value selections."""
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
+
+
+def _series_text(sample: dict[str, Any]) -> str:
+    """How Grafana's ``query_result()`` prints a series for the variable's regex to pick from."""
+    labels = dict(sample["metric"])
+    name = labels.pop("__name__", "")
+    return name + "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "} " + " ".join(
+        str(x) for x in reversed(sample["value"]))
+
+
+def variable_options(prom: PrometheusServer, var: dict[str, Any], values: Mapping[str, str]) -> list[str]:
+    if var["type"] == "custom":
+        return [o.strip() for o in str(var["query"]).split(",")]
+    query = var.get("query")
+    query = substitute(query["query"] if isinstance(query, dict) else query, values)
+    if m := re.fullmatch(r"\s*query_result\((.*)\)\s*", query, re.S):
+        found = [_series_text(s) for s in prom.query(m.group(1))]
+    elif m := re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", query, re.S):
+        found = prom.label_values(m.group(2), m.group(1))
+    else:
+        raise AssertionError(f"variable ${var['name']}: query form not handled: {query!r}")
+    pattern = (var.get("regex") or "").strip("/")
+    if pattern:
+        found = [m.group(1) for s in found if (m := re.fullmatch(pattern, s, re.S))]
+    return sorted(set(found))
+
+
+def resolve_variables(prom: PrometheusServer, dashboard: dict[str, Any], chosen: Mapping[str, str]) -> dict[str, str]:
+    """Each template variable's value, in dashboard order: a chosen value must be one its query
+    offers; any other is "All", which Grafana sends as every option, ``(a|b)``."""
+    values: dict[str, str] = {}
+    for var in dashboard.get("templating", {}).get("list", []):
+        name = var["name"]
+        if var["type"] == "datasource":
+            values[name] = "prometheus"
+            continue
+        options = variable_options(prom, var, values)
+        if name in chosen:
+            assert chosen[name] in options, f"variable ${name}: {chosen[name]!r} not among its options {options}"
+            values[name] = chosen[name]
+        elif len(options) == 1:
+            values[name] = _regex_escape(options[0])
+        else:
+            values[name] = "(" + "|".join(_regex_escape(o) for o in options) + ")"
+    return values
+
+
+# -- evaluating ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    query: PanelQuery
+    view: str
+    series: list[dict[str, Any]]   # [{"metric": labels, "values": [finite floats]}], only those with some
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.series)
+
+    def values(self) -> list[float]:
+        return [v for s in self.series for v in s["values"]]
+
+    def labels(self, name: str) -> set[str]:
+        return {s["metric"].get(name, "") for s in self.series}
+
+
+def evaluate(prom: PrometheusServer, query: PanelQuery, view: str, values: Mapping[str, str],
+             start: float, end: float) -> Outcome:
+    result = prom.query_range(substitute(query.expr, values), start, end)
+    series = []
+    for s in result:
+        finite = [float(v) for _, v in s["values"] if math.isfinite(float(v))]
+        if finite:
+            series.append({"metric": s["metric"], "values": finite})
+    return Outcome(query, view, series)
+
+
+def why_empty(expr: str) -> str | None:
+    """The known reason a panel query shows no data for this traffic, or None."""
+    flat = expr.replace(" ", "")
+    if 'reporter="source"' in flat and re.search(r'source_workload=~?"\$workload"', flat):
+        return f"outbound: {WORKLOAD} sends no requests (and the proxy reports callers as unknown)"
+    if 'connection_security_policy="mutual_tls"' in flat:
+        return "mTLS half of a split: Mixer reports connection_security_policy none/unknown"
+    return None
+
+
+# -- the core set: what the dashboards must show for the traffic sent ---------------------------
+
+Check = Callable[[Outcome], None]
+
+
+def positive(o: Outcome) -> None:
+    assert max(o.values()) > 0, o.series
+
+
+def ratio_below_one(o: Outcome) -> None:
+    vals = o.values()
+    assert all(0 <= v <= 1 for v in vals) and any(0 < v < 1 for v in vals), vals
+
+
+def seconds(o: Outcome) -> None:
+    assert all(0 < v < 30 for v in o.values()), o.values()
+
+
+def byte_size(o: Outcome) -> None:
+    assert all(0 < v <= 5000 for v in o.values()), o.values()
+
+
+def labelled(check: Check, **expected: str | set[str]) -> Check:
+    def run(o: Outcome) -> None:
+        check(o)
+        for name, want in expected.items():
+            got = o.labels(name)
+            assert (want <= got if isinstance(want, set) else got == {want}), f"{name}: {got} (want {want})"
+    return run
+
+
+BY_SOURCE = {"source_workload": "unknown", "source_workload_namespace": "unknown"}
+BY_DEST_WL = {"destination_workload": WORKLOAD, "destination_workload_namespace": NAMESPACE}
+CODES = {"200", "404", "503"}
+# (dashboard, view, panel id, refIds, check)
+CORE: list[tuple[str, str, int, str, Check]] = [
+    *[(SERVICE_DASHBOARD, rep, pid, refs, check) for rep in ("destination", "source") for pid, refs, check in [
+        (12, "A", positive),                                              # Client Request Volume
+        (14, "A", ratio_below_one),                                       # Client Success Rate
+        (87, "ABC", seconds),                                             # Client Request Duration p50/p90/p99
+        (25, "B", labelled(positive, response_code=CODES, **BY_SOURCE)),  # Incoming Requests By Source And Code
+        (26, "B", labelled(ratio_below_one, **BY_SOURCE)),                # Incoming Success Rate By Source
+        (27, "EFGH", labelled(seconds, **BY_SOURCE)),                     # Incoming Request Duration By Source
+        (28, "EFGH", labelled(byte_size, **BY_SOURCE)),                   # Incoming Request Size By Source
+        (68, "EFGH", labelled(byte_size, **BY_SOURCE)),                   # Response Size By Source
+    ]],
+    (SERVICE_DASHBOARD, "destination", 97, "A", positive),                # Server Request Volume
+    (SERVICE_DASHBOARD, "destination", 98, "A", ratio_below_one),         # Server Success Rate
+    (SERVICE_DASHBOARD, "destination", 99, "ABC", seconds),               # Server Request Duration
+    (SERVICE_DASHBOARD, "destination", 90, "B", labelled(positive, response_code=CODES, **BY_DEST_WL)),
+    (SERVICE_DASHBOARD, "destination", 91, "B", labelled(ratio_below_one, **BY_DEST_WL)),
+    (SERVICE_DASHBOARD, "destination", 94, "EFGH", labelled(seconds, **BY_DEST_WL)),
+    (SERVICE_DASHBOARD, "destination", 95, "EFGH", labelled(byte_size, **BY_DEST_WL)),
+    (SERVICE_DASHBOARD, "destination", 96, "EFGH", labelled(byte_size, **BY_DEST_WL)),
+    *[(WORKLOAD_DASHBOARD, rep, pid, refs, check) for rep in ("destination", "source") for pid, refs, check in [
+        (12, "A", positive),                                              # Incoming Request Volume
+        (14, "A", ratio_below_one),                                       # Incoming Success Rate
+        (87, "ABC", seconds),                                             # Request Duration
+        (25, "B", labelled(positive, response_code=CODES, **BY_SOURCE)),
+        (26, "B", labelled(ratio_below_one, **BY_SOURCE)),
+        (27, "EFGH", labelled(seconds, **BY_SOURCE)),
+        (28, "EFGH", labelled(byte_size, **BY_SOURCE)),
+        (68, "EFGH", labelled(byte_size, **BY_SOURCE)),
+    ]],
+    (MESH_DASHBOARD, "mesh", 2, "", positive),                            # Traffic Volume
+    (MESH_DASHBOARD, "mesh", 3, "", lambda o: None),                      # Success Rate (whole mesh: any value)
+    (MESH_DASHBOARD, "mesh", 4, "", positive),                            # 4xxs
+    (MESH_DASHBOARD, "mesh", 5, "", positive),                            # 5xxs
+]
+# The mesh dashboard's workload table: one row per destination; ours must be in it.
+MESH_TABLE_REFS = {"requests": positive, "p50": positive, "p90": positive, "p99": positive, "success": ratio_below_one}
+
+
+def views(prom: PrometheusServer) -> dict[tuple[str, str], dict[str, str]]:
+    svc, wl = (load_dashboard(ISTIO_DASHBOARDS / n) for n in (SERVICE_DASHBOARD, WORKLOAD_DASHBOARD))
+    out = {(MESH_DASHBOARD, "mesh"): {}}
+    for rep in ("destination", "source"):
+        out[(SERVICE_DASHBOARD, rep)] = resolve_variables(prom, svc, {"service": FQDN, "qrep": rep})
+        out[(WORKLOAD_DASHBOARD, rep)] = resolve_variables(
+            prom, wl, {"namespace": NAMESPACE, "workload": WORKLOAD, "qrep": rep})
+    return out
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def prometheus(mesh_cluster, tmp_path: Path) -> Iterator[PrometheusServer]:
+    mixers = find_replicas("mixer")
+    assert mixers, "no Mixer replicas running"
+    stats = ray.get([m.stats.remote() for m in mixers], timeout=30)
+    sd_files = [s["file_sd"] for s in stats]
+    assert all(sd_files), f"a Mixer replica writes no file SD: {stats}"
+    ray_targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n.get("Alive")]
+    server = PrometheusServer(tmp_path, scrape_config(sd_files, ray_targets))
+    server.start()
+    try:
+        want = {s["endpoint"] for s in stats}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            up = {t["labels"]["instance"] for t in server.active_targets()
+                  if t["labels"]["job"] == MIXER_JOB and t["health"] == "up"}
+            if up == want:
+                break
+            time.sleep(0.2)
+        assert up == want, f"Mixer targets up {up}, expected {want}: {server.active_targets()}"
+        yield server
+    finally:
+        server.stop()
+
+
+def send_traffic(mesh) -> int:
+    """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals."""
+    sent, deadline = 0, time.monotonic() + TRAFFIC_S
+    for _ in range(TRAFFIC_MAX_ROUNDS):
+        if time.monotonic() > deadline:
+            break
+        for path in PATHS:
+            status = mesh.get(f"http://{SERVICE}:8000{path}")[0]
+            assert status == (int(path.rsplit("/", 1)[1]) if path.startswith("/status") else 200)
+            sent += 1
+        time.sleep(0.01)
+    return sent
+
+
+def wait_for(prom: PrometheusServer, expr: str, done: Callable[[float], bool], timeout: float) -> float:
+    value, deadline = float("nan"), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = prom.query(expr)
+        value = float(result[0]["value"][1]) if result else float("nan")
+        if done(value):
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{expr} = {value} after {timeout}s")
+
+
+def test_istio_dashboards_show_mesh_traffic(mesh, prometheus: PrometheusServer) -> None:
+    queries = {name: panel_queries(name, load_dashboard(ISTIO_DASHBOARDS / name))
+               for name in (SERVICE_DASHBOARD, WORKLOAD_DASHBOARD, MESH_DASHBOARD)}
+    ours = {name: load_dashboard(OUR_DASHBOARDS / name) for name in OURS}
+
+    mesh.deploy(SERVICE, "v1", node_index=1)
+    mesh.wait_endpoints(SERVICE, 1)
+    start = time.time() - 2
+    sent = send_traffic(mesh)
+    wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+             lambda v: v == sent, timeout=15)
+    # Ray exports application metrics every few seconds: the mirror is the last to arrive.
+    wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+             lambda v: v == sent, timeout=20)
+    end = time.time()
+
+    resolved = views(prometheus)
+    outcomes: dict[tuple[str, str, int, str], Outcome] = {}
+    report: list[str] = []
+    unexplained: list[str] = []
+    for (name, view), values in resolved.items():
+        for q in queries[name]:
+            names = metric_names(q.expr)
+            if not names <= EXPORTED | LEGACY or not names & EXPORTED:
+                report.append(f"[{view}] {q.key}: not evaluated, uses {sorted(names - EXPORTED - LEGACY)}")
+                continue
+            o = evaluate(prometheus, q, view, values, start, end)
+            outcomes[(name, view, q.panel_id, q.ref)] = o
+            reason = None if o.has_data else why_empty(q.expr)
+            report.append(f"[{view}] {q.key}: " + ("data" if o.has_data else f"no data: {reason}"))
+            if not o.has_data and reason is None:
+                unexplained.append(f"[{view}] {q.key}: {substitute(q.expr, values)}")
+    print("\n".join(report))
+    assert not unexplained, "panels with no data and no known reason:\n" + "\n".join(unexplained)
+
+    for name, view, pid, refs, check in CORE:
+        for ref in refs:
+            o = outcomes.get((name, view, pid, ref))
+            assert o is not None, f"core panel {name}#{pid}{ref} missing from the dashboard or not evaluated"
+            assert o.has_data, f"core panel [{view}] {o.query.key}: no data"
+            try:
+                check(o)
+            except AssertionError as exc:
+                raise AssertionError(f"core panel [{view}] {o.query.key}: {exc}") from exc
+    for ref, check in MESH_TABLE_REFS.items():
+        o = outcomes[(MESH_DASHBOARD, "mesh", 6, ref)]
+        ours_row = [s for s in o.series if s["metric"].get("destination_workload_var") == f"{WORKLOAD}.{NAMESPACE}"]
+        assert ours_row, f"mesh table {ref}: no row for {WORKLOAD}.{NAMESPACE}: {o.series}"
+        check(Outcome(o.query, o.view, ours_row))
+    requests_row = [s for s in outcomes[(MESH_DASHBOARD, "mesh", 6, "requests")].series
+                    if s["metric"].get("destination_workload") == WORKLOAD]
+    assert {s["metric"]["destination_service"] for s in requests_row} == {FQDN}
+
+    # Negative control: the same core panels for a service that got no traffic show nothing.
+    absent = dict(resolved[(SERVICE_DASHBOARD, "destination")], service="absent.default.svc.cluster.local")
+    for name, view, pid, refs, _ in CORE:
+        if name == SERVICE_DASHBOARD and view == "destination":
+            for ref in refs:
+                q = outcomes[(name, view, pid, ref)].query
+                assert not evaluate(prometheus, q, "absent", absent, start, end).has_data, q.key
+
+    check_our_dashboards(prometheus, ours, start, end)
+
+
+# -- raymesh's own dashboards --------------------------------------------------------------------
+
+OUR_CHOICES = {"service": FQDN, "namespace": NAMESPACE, "workload": WORKLOAD, "qrep": "destination",
+               "reporter": "destination"}
+
+
+def check_our_dashboards(prom: PrometheusServer, ours: Mapping[str, dict[str, Any]], start: float,
+                         end: float) -> None:
+    """Every query of every raymesh dashboard returns data for this run's traffic (outbound panels of a
+    workload that calls nothing excepted), with this run's service among the services it lists."""
+    empty: list[str] = []
+    for name, dashboard in ours.items():
+        assert dashboard.get("uid") and dashboard.get("title"), f"{name}: needs a uid and a title"
+        chosen = {k: v for k, v in OUR_CHOICES.items()
+                  if any(var["name"] == k for var in dashboard.get("templating", {}).get("list", []))}
+        values = resolve_variables(prom, dashboard, chosen)
+        queries = panel_queries(name, dashboard)
+        assert queries, f"{name}: no panel queries"
+        for q in queries:
+            o = evaluate(prom, q, "raymesh", values, start, end)
+            if not o.has_data:
+                if why_empty(q.expr) is None:
+                    empty.append(f"{q.key}: {substitute(q.expr, values)}")
+            elif (services := o.labels("destination_service") - {""}):
+                assert FQDN in services, f"{q.key}: this run's service missing from {services}"
+    assert not empty, "raymesh dashboard queries with no data:\n" + "\n".join(empty)
