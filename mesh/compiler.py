@@ -10,6 +10,7 @@ Pipeline, one small module per topic:
 * ``compiler_services``: the service index (registry workloads, ServiceEntry, WorkloadEntry);
 * ``compiler_routes``: VirtualService ``http`` rules -> routes, Istio's default route;
 * ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
+* ``compiler_security`` / ``compiler_ratelimit``: policies -> ``security`` / ``rate_limits``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
 Virtual hosts exist for every (host, port).  VirtualService ``http`` rules apply to ports
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans
+from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import compile_security
 from mesh.compiler_routes import binds_mesh, default_route, select_virtual_service, translate_http_routes
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
@@ -60,6 +62,7 @@ class _MeshPlan:
     virtual_hosts: list[dict[str, Any]]
     clusters: dict[str, ClusterPlan]
     security: dict[str, Any]
+    rate_limits: dict[str, Any]
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -100,7 +103,7 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     mesh_vs = [vs for vs in by_kind.get("VirtualService", []) if binds_mesh(vs)]
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
                      clusters=build_cluster_plans(services, by_kind.get("DestinationRule", [])),
-                     security=compile_security(resources))
+                     security=compile_security(resources), rate_limits=compile_rate_limits(resources))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -195,5 +198,6 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "virtual_hosts": copy.deepcopy(plan.virtual_hosts),
         "clusters": {name: _cluster(c, node_id, nodes) for name, c in plan.clusters.items()},
         "security": copy.deepcopy(plan.security),
+        "rate_limits": copy.deepcopy(plan.rate_limits),
     }
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -1,4 +1,4 @@
-"""Istio API objects as raymesh stores them.
+"""Istio API objects (and raymesh's own ``policy.raymesh.io`` kinds) as raymesh stores them.
 
 A resource keeps the user's document as it was written (``spec`` stays a plain dict with
 Istio's camelCase field names), plus the identity Galley needs: group/version/kind,
@@ -21,11 +21,15 @@ KIND_GROUPS: dict[str, str] = {
     "PeerAuthentication": "security.istio.io",
     "RequestAuthentication": "security.istio.io",
     "AuthorizationPolicy": "security.istio.io",
+    # raymesh's own kind: Istio configures rate limits through EnvoyFilter, which raymesh does not
+    # accept (it patches Envoy internals), so local rate limits get a first-class resource.
+    "RateLimitPolicy": "policy.raymesh.io",
 }
 
 API_VERSIONS: dict[str, tuple[str, ...]] = {
     "networking.istio.io": ("v1", "v1beta1", "v1alpha3"),
     "security.istio.io": ("v1", "v1beta1"),
+    "policy.raymesh.io": ("v1alpha1",),
 }
 
 # Lower-case names and short names accepted by ``meshctl get`` (as kubectl does); the short
@@ -40,6 +44,7 @@ for _kind, _aliases in {
     "PeerAuthentication": ("peerauthentication", "peerauthentications", "pa"),
     "RequestAuthentication": ("requestauthentication", "requestauthentications", "ra"),
     "AuthorizationPolicy": ("authorizationpolicy", "authorizationpolicies", "ap"),
+    "RateLimitPolicy": ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
 }.items():
     for _a in _aliases:
         KIND_ALIASES[_a] = _kind

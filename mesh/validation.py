@@ -1,13 +1,15 @@
-"""Validation of Istio networking and security objects before Galley commits them.
+"""Validation of Istio networking and security objects (and raymesh's RateLimitPolicy) before
+Galley commits them.
 
 Three layers, in the order the Kubernetes apiserver and Istio's validating webhook apply them:
 
 1. **Envelope**: apiVersion/kind known, metadata well formed, no unknown top-level fields.
 2. **Structure**: the ``spec`` against Istio's own CRD OpenAPI v3 schema (``mesh/schemas``,
-   copied from Istio's ``crd-all.gen.yaml``). The schemas are structural, so unknown fields
-   are errors, as with ``kubectl apply`` (strict field validation). The CEL rules the CRDs
-   carry (``x-kubernetes-validations``) are implemented as Python predicates keyed by the
-   exact rule text: a schema update that adds a rule fails loudly instead of being ignored.
+   copied from Istio's ``crd-all.gen.yaml``; raymesh's own kinds are written in the same
+   form). The schemas are structural, so unknown fields are errors, as with ``kubectl
+   apply`` (strict field validation). The CEL rules the CRDs carry
+   (``x-kubernetes-validations``) are implemented as Python predicates keyed by the exact
+   rule text: a schema update that adds a rule fails loudly instead of being ignored.
 3. **Semantics**: the checks of Istio's ``pkg/config/validation`` (hosts, routes, weights,
    regexes, retries, TLS, resolution modes, JWT rules, authorization rules and attributes
    ...). They run only on a structurally valid spec, as the webhook only ever sees objects
@@ -1562,6 +1564,68 @@ def _attribute_value_error(key: str, value: str) -> str | None:
     return check(value) if check else None
 
 
+# --------------------------------------------------------------------------- RateLimitPolicy
+
+# What a RateLimitPolicy may target: services, registry or ServiceEntry ones.
+_RATE_LIMIT_TARGETS = (("core", "Service"), ("networking.istio.io", "ServiceEntry"))
+
+
+def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    """raymesh's RateLimitPolicy: the schema checks types, ranges and durations (>= 1ms);
+    this checks what a schema cannot say: one way to name the services, hosts that are
+    service names, a bucket somewhere, route selectors that can match."""
+    refs: list[dict[str, Any]] = spec.get("targetRefs") or []
+    hosts: list[str] = spec.get("hosts") or []
+    if bool(refs) == bool(hosts):
+        out.append(("spec", "exactly one of targetRefs or hosts must be set"))
+    for i, ref in enumerate(refs):
+        group = ref.get("group") or "core"
+        if (group, ref["kind"]) not in _RATE_LIMIT_TARGETS:
+            allowed = ", ".join(f"{g}/{k}" for g, k in _RATE_LIMIT_TARGETS)
+            out.append((f"spec.targetRefs[{i}].kind", f"Unsupported value: {ref.get('group', '')}/{ref['kind']}: "
+                                                      f"targetRef must be to one of {allowed}"))
+    for i, host in enumerate(hosts):
+        path = f"spec.hosts[{i}]"
+        if "*" in host:
+            out.append((path, f"Invalid value: {host!r}: wildcard hosts are not supported; name services"))
+        elif _is_ip(host):
+            out.append((path, f"Invalid value: {host!r}: an IP address is not a service host"))
+        elif error := _fqdn_error(host):
+            out.append((path, f"Invalid value: {host!r}: {error}"))
+        if host in hosts[:i]:
+            out.append((path, f"Duplicate value: {host!r}"))
+    if "global" in spec:
+        out.append(("spec.global", "Forbidden: global rate limits (quota leases granted by Mixer) "
+                                   "are not supported yet; use local"))
+    local: dict[str, Any] = spec["local"]
+    routes: list[dict[str, Any]] = local.get("routes") or []
+    if "tokenBucket" not in local and not routes:
+        out.append(("spec.local", "Required value: at least one of tokenBucket or routes must be set"))
+    names: list[str] = []
+    for i, route in enumerate(routes):
+        path = f"spec.local.routes[{i}]"
+        if ("name" in route) == ("match" in route):
+            out.append((path, "exactly one of name or match must be set"))
+        if "name" in route:
+            if route["name"] in names:
+                out.append((f"{path}.name", f"Duplicate value: {route['name']!r}"))
+            names.append(route["name"])
+        if "match" in route:
+            _validate_rate_limit_match(route["match"], f"{path}.match", out)
+
+
+def _validate_rate_limit_match(match: dict[str, Any], path: str, out: _Issues) -> None:
+    for field in ("uri", "method"):
+        if field in match:
+            _validate_string_match(match[field], f"{path}.{field}", out)
+    for field in ("headers", "queryParams"):
+        for name, string_match in (match.get(field) or {}).items():
+            if field == "headers":
+                _check_header_name(name, f"{path}.{field}[{name}]", out)
+            if string_match and "regex" in string_match:
+                _check_regex(string_match["regex"], f"{path}.{field}[{name}].regex", out)
+
+
 _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "VirtualService": _validate_virtual_service,
     "DestinationRule": _validate_destination_rule,
@@ -1571,4 +1635,5 @@ _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "PeerAuthentication": _validate_peer_authentication,
     "RequestAuthentication": _validate_request_authentication,
     "AuthorizationPolicy": _validate_authorization_policy,
+    "RateLimitPolicy": _validate_rate_limit_policy,
 }

@@ -4,13 +4,15 @@ Everything on the request path is callback driven (asyncio Protocols, ``call_lat
 timers); the only coroutine a request may create is the dial of a new upstream
 connection.  One ``Exchange`` object carries one request through its states::
 
-    head parsed -> route (vhost, match) -> direct response | redirect | fault
+    head parsed -> route (vhost, match) -> local rate limit -> direct response | redirect | fault
       -> cluster + endpoint pick -> [dial] -> request sent -> response head
       -> retry (back to pick, after backoff) | stream body downstream -> done
 
-Configuration is held in an immutable ``_State`` (snapshot, router, balancers).  An
-exchange captures the state current when its head arrived and keeps it to the end, so
-``ProxyServer.swap`` is hitless: in-flight requests finish on the config they started on.
+Configuration is held in an immutable ``_State`` (snapshot, router, balancers, rate-limit
+buckets).  An exchange captures the state current when its head arrived and keeps it to the
+end, so ``ProxyServer.swap`` is hitless: in-flight requests finish on the config they started
+on.  Token buckets are the one piece of live state a swap carries over (when their spec is
+unchanged), so that pushing config does not refill them.
 
 Listeners (all on loopback):
 
@@ -47,6 +49,7 @@ from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_fault, redirect_location,
                                retry_on_failure, retry_on_status, rewrite_target)
+from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import Cluster, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip, WeightedCluster
@@ -104,6 +107,7 @@ class _State:
     router: Router
     balancers: dict[str, LoadBalancer]
     local_endpoints: frozenset[tuple[str, int]]
+    rate_limits: dict[str, ServiceRateLimiter]   # by service host; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -121,11 +125,15 @@ class _State:
         return ops
 
     @classmethod
-    def build(cls, snapshot: Snapshot, rng: random.Random) -> "_State":
+    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock,
+              previous: "_State | None" = None) -> "_State":
+        """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
+        ``previous`` keep their tokens, so a config push does not refill them."""
         balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
-        return cls(snapshot, Router(snapshot), balancers, local)
+        limiters = build_rate_limiters(snapshot.rate_limits, previous.rate_limits if previous else None, clock)
+        return cls(snapshot, Router(snapshot), balancers, local, limiters)
 
 
 @dataclass(slots=True)
@@ -158,9 +166,10 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
                  pool: UpstreamPool | None = None, rng: random.Random | None = None,
-                 telemetry_rows: int = DEFAULT_MAX_ROWS) -> None:
+                 telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic) -> None:
         self.rng = rng or random.Random()
-        self.state = _State.build(snapshot, self.rng)
+        self.clock = clock                      # drives rate-limit token buckets
+        self.state = _State.build(snapshot, self.rng, clock)
         self.access_log = access_log or AccessLog(enabled=False)
         self.pool = pool or UpstreamPool()
         self.dialer: Dialer = self.pool.dialer
@@ -186,7 +195,7 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -554,6 +563,7 @@ class Exchange:
     counted_on_start = False
     up_keep_alive = True
     resp_head_bytes = 0
+    rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -647,6 +657,9 @@ class Exchange:
             return
         route, self.match = found
         self.route = route
+        limiter = self.state.rate_limits.get(vhost.host)  # the only cost when no policy applies
+        if limiter is not None and not self._within_rate_limit(limiter, route, req):
+            return
         if route.direct_response is not None:
             dr = route.direct_response
             self.local_reply(dr.status, dr.body, None, ops=route.headers.response)
@@ -666,6 +679,23 @@ class Exchange:
                 self.local_reply(fault.abort_status, b"fault filter abort", flags.FI)
                 return
         self._to_cluster()
+
+    def _within_rate_limit(self, limiter: ServiceRateLimiter, route: Route, req: RequestInfo) -> bool:
+        """Envoy's local rate limit filter: take a token or answer ``deny_status`` (flag RL).
+
+        It runs after routing (a route may have a bucket of its own) and before fault
+        injection, direct responses and the upstream, as the filter precedes the router.
+        """
+        bucket = limiter.bucket_for(route.name, req)
+        if bucket is None:
+            return True
+        spec = limiter.spec
+        if spec.response_headers:
+            self.rl_bucket = bucket
+        if bucket.try_consume():
+            return True
+        self.local_reply(spec.deny_status, DENIED_BODY, flags.RL, extra=[(b"x-envoy-ratelimited", b"true")])
+        return False
 
     def _after_delay(self, abort_status: int | None) -> None:
         self.retry_timer = None
@@ -1017,6 +1047,8 @@ class Exchange:
                 headers = [h for h in headers if h[0] not in names]
         for o in self.resp_ops:
             headers = _apply_ops(headers, o)
+        if self.rl_bucket is not None:
+            headers.extend(self.rl_bucket.x_ratelimit_headers())
         if self.set_cookie is not None:
             headers.append((b"set-cookie", self.set_cookie))
         keep_alive = head.keep_alive and not self.conn.eof and not head.upgrade
@@ -1238,6 +1270,8 @@ class Exchange:
             headers.append((b"content-type", b"text/plain"))
         if ops:
             headers = _apply_ops(headers, ops)
+        if self.rl_bucket is not None:
+            headers.extend(self.rl_bucket.x_ratelimit_headers())
         headers.append((b"content-length", b"%d" % len(body)))
         if flag is not None:
             self.flags.append(flag)

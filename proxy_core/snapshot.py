@@ -25,7 +25,8 @@ Shape of the dict (every key optional unless marked *required*)::
           "domains": ["reviews", "reviews.default", "reviews.default.svc.cluster.local", "127.10.0.3"],
           "routes": [ROUTE, ...]}],
       "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...},
-      "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]}   # see mesh/compiler_security.py
+      "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]},  # see mesh/compiler_security.py
+      "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...}  # by service host
     }
 
 ROUTE::
@@ -79,6 +80,17 @@ CLUSTER::
                     "labels": {"version": "v1"},
                     "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
                     "via": {"address": "127.0.0.1", "port": 15006} | null}]}
+
+RATE_LIMIT (a RateLimitPolicy's ``local`` part, see mesh/compiler_ratelimit.py)::
+
+    {"policy": "default/reviews-ratelimit",
+     "token_bucket": BUCKET | null,     # the service's bucket; null = only the routes are limited
+     "routes": [{"name": "reviews-v2", "token_bucket": BUCKET},      # by route name, or
+                {"match": MATCH, "token_bucket": BUCKET}],           # by request match
+     "response_headers": false,         # x-ratelimit-limit / -remaining / -reset
+     "deny_status": 429}
+
+BUCKET: ``{"max_tokens": 100, "tokens_per_fill": 100, "fill_interval": 1.0}`` (seconds).
 
 ``via`` is set when the endpoint lives on another node: the client-side proxy opens a
 tunnel to that node's inbound listener (``CONNECT address:port``) instead of dialling the
@@ -409,6 +421,50 @@ class Vip:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenBucketSpec:
+    """Envoy's ``type.v3.TokenBucket``; equality decides whether a config push keeps a bucket."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float          # seconds
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TokenBucketSpec":
+        return cls(int(d["max_tokens"]), int(d.get("tokens_per_fill", 1)), float(d["fill_interval"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimit:
+    """A route's own bucket, selected by the matched route's name or by a request match."""
+
+    bucket: TokenBucketSpec
+    route_name: str | None = None
+    match: Match | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimit:
+    """One service's local rate limit; a route entry that applies replaces ``bucket``."""
+
+    policy: str
+    bucket: TokenBucketSpec | None
+    routes: tuple[RouteRateLimit, ...] = ()
+    response_headers: bool = False
+    deny_status: int = 429
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LocalRateLimit":
+        tb = d.get("token_bucket")
+        routes = tuple(RouteRateLimit(TokenBucketSpec.from_dict(r["token_bucket"]), r.get("name"),
+                                      Match.from_dict(r["match"]) if r.get("match") is not None else None)
+                       for r in d.get("routes") or ())
+        status = int(d.get("deny_status", 429))
+        return cls(policy=d.get("policy", ""), bucket=TokenBucketSpec.from_dict(tb) if tb else None,
+                   routes=routes, response_headers=bool(d.get("response_headers")),
+                   deny_status=status if status >= 400 else 429)   # Envoy: a status below 400 means 429
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """An immutable, pre-parsed proxy configuration.  ``raw`` keeps the dict it came from."""
 
@@ -423,6 +479,7 @@ class Snapshot:
     # AuthorizationPolicy / RequestAuthentication, scoped per policy (see mesh/compiler_security.py);
     # proxy_core.authz and proxy_core.jwt_auth build per-workload checkers from them.
     security: Mapping[str, Any] = field(default_factory=dict)
+    rate_limits: Mapping[str, LocalRateLimit] = field(default_factory=dict)   # by service host
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -444,6 +501,7 @@ class Snapshot:
             virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()),
             clusters={name: Cluster.from_dict(name, c) for name, c in (d.get("clusters") or {}).items()},
             security={k: list((d.get("security") or {}).get(k) or ()) for k in ("authz", "jwt")},
+            rate_limits={host: LocalRateLimit.from_dict(rl) for host, rl in (d.get("rate_limits") or {}).items()},
             raw=d,
         )
 

@@ -60,7 +60,7 @@ def test_unknown_kind_lists_supported_kinds() -> None:
     (error,) = validate_document(doc("Sidecar", {}))
     assert error.path == "kind"
     assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, DestinationRule, '
-                            "Gateway, PeerAuthentication, RequestAuthentication, ServiceEntry, "
+                            "Gateway, PeerAuthentication, RateLimitPolicy, RequestAuthentication, ServiceEntry, "
                             "VirtualService, WorkloadEntry")
 
 
