@@ -125,6 +125,16 @@ def print_services(before: list[dict[str, Any]], after: list[dict[str, Any]], ou
               file=out)
 
 
+def print_top(started: float, out=sys.stdout) -> None:
+    """The whole run as Mixer saw it (what ``meshctl top`` shows), once the last batches are in."""
+    time.sleep(1.5)  # proxies hand Mixer a batch every second
+    print("\nmeshctl top (from Mixer, whole run):", file=out)
+    print(f"  {'destination service':<40} {'requests':>8} {'success':>8} {'p50 ms':>8} {'p99 ms':>8}", file=out)
+    for r in MeshClient().top(since_s=time.monotonic() - started + 5):
+        print(f"  {r['destination_service']:<40} {r['requests']:>8} {r['success_rate']:>7.1f}% "
+              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}", file=out)
+
+
 def apply(files: Sequence[str]) -> list[str]:
     docs = load_documents([str(SAMPLES / f) for f in files])
     return MeshClient().apply(docs)["results"]
@@ -157,6 +167,7 @@ def run(requests: int = 200, out=sys.stdout) -> dict[str, Any]:
             report["steps"].append({"title": step.title, "splits": {str(u): dict(r.versions) for u, r in results.items()}})
         rows = MeshClient().proxy_status()
         print(f"\nproxies: {', '.join(r['proxy'] + ' ' + r['status'] for r in rows)}", file=out)
+        print_top(started, out)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"demo finished in {report['seconds']} s", file=out)
     return report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import ray
@@ -31,14 +32,21 @@ def pin_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 class LocalCluster:
     def __init__(self, nodes: int = 2, cpus_per_node: int = 2, namespace: str = NAMESPACE,
                  dashboard: bool = True) -> None:
         pin_loopback()
-        # The dashboard also serves the job API (``ray job submit``); it listens on loopback only.
+        # The dashboard also serves the job API (``ray job submit``); it listens on loopback only,
+        # on a free port so that several embedded clusters (a demo beside a test run) can coexist.
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": cpus_per_node, "node_ip_address": LOOPBACK, "include_dashboard": dashboard,
-            "dashboard_host": LOOPBACK,
+            "dashboard_host": LOOPBACK, "dashboard_port": _free_port(),
         })
         self.nodes = [self.cluster.head_node]
         for _ in range(nodes - 1):
