@@ -15,8 +15,13 @@ Scope for node proxies (the mesh "gateway"):
   rule rather than widening a rule meant for a few clients to everyone).  A rule whose
   matches are all dropped is dropped.
 * A match with ``port`` applies only to that port's virtual host.
-* ``tcp`` and ``tls`` rules, ``mirror``, ``corsPolicy``, ``delegate``, ``abort.grpcStatus``,
-  ``delay.exponentialDelay`` and ``retryRemoteLocalities`` are not translated yet.
+* ``corsPolicy`` becomes the route's ``cors`` on every kind of rule (Envoy's per-route CORS
+  config); ``maxAge`` travels as whole seconds (validation rejects fractions, as Istio's does).
+* ``mirror`` (+ ``mirrorPercentage``, legacy ``mirrorPercent``; unset means 100%) and
+  ``mirrors[]`` become the route's ``mirrors``, on ``route`` rules only, as in Istio; an
+  explicit 0% drops the mirror.  Mirror clusters are named like any destination's.
+* ``tcp`` and ``tls`` rules, ``delegate``, ``abort.grpcStatus``, ``delay.exponentialDelay``
+  and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
   scheme's port (80/443); otherwise the redirect keeps the request's port.
 """
@@ -98,8 +103,13 @@ def _translate_rule(vs: Resource, index: int, rule: Mapping[str, Any], port: int
         if timeout > 0:  # Istio: 0s (or unset) disables the route timeout
             out["timeout"] = timeout
         out["retries"] = translate_retries(rule.get("retries"))
+        mirrors = _translate_mirrors(vs, rule, port, lookup)
+        if mirrors:
+            out["mirrors"] = mirrors
     else:
         return None  # delegate-only rule
+    if rule.get("corsPolicy") is not None:
+        out["cors"] = translate_cors(rule["corsPolicy"])
     if rule.get("fault"):
         fault = translate_fault(rule["fault"])
         if fault:
@@ -165,16 +175,19 @@ def _weights(routes: Sequence[Mapping[str, Any]]) -> list[int]:
     return [share + (1 if i < extra else 0) for i in range(len(routes))]
 
 
+def _destination_cluster(vs: Resource, dest: Mapping[str, Any], port: int, lookup: ServiceLookup) -> str:
+    """Istio Destination -> ``outbound|PORT|SUBSET|HOST``."""
+    host = resolve_host(str(dest["host"]), vs.namespace)
+    return cluster_name(host, _destination_port(dest, lookup(host), port), str(dest.get("subset") or ""))
+
+
 def _translate_destinations(vs: Resource, routes: Sequence[Mapping[str, Any]], port: int,
                             lookup: ServiceLookup) -> list[dict[str, Any]]:
     out = []
     for r, weight in zip(routes, _weights(routes)):
         if weight <= 0:
             continue  # never selected; Envoy drops zero-weight clusters too
-        dest = r["destination"]
-        host = resolve_host(str(dest["host"]), vs.namespace)
-        dport = _destination_port(dest, lookup(host), port)
-        entry: dict[str, Any] = {"cluster": cluster_name(host, dport, str(dest.get("subset") or "")),
+        entry: dict[str, Any] = {"cluster": _destination_cluster(vs, r["destination"], port, lookup),
                                  "weight": weight}
         if r.get("headers"):
             entry["headers"] = translate_headers(r["headers"])
@@ -236,6 +249,59 @@ def _percentage(spec: Mapping[str, Any]) -> float:
     if spec.get("percentage") is not None:
         return float(spec["percentage"].get("value") or 0.0)
     return float(spec.get("percent") or 0)
+
+
+def _mirror_percentage(rule: Mapping[str, Any]) -> float:
+    """Istio mirrorPercent(): ``mirrorPercentage.value``, else legacy ``mirrorPercent``, else 100."""
+    if rule.get("mirrorPercentage") is not None:
+        return float(rule["mirrorPercentage"].get("value") or 0.0)
+    for key in ("mirrorPercent", "mirror_percent"):
+        if rule.get(key) is not None:
+            return float(rule[key])
+    return 100.0
+
+
+def _translate_mirrors(vs: Resource, rule: Mapping[str, Any], port: int,
+                       lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """``mirror`` and ``mirrors[]`` as Envoy request mirror policies; 0% entries are dropped."""
+    out = []
+    if rule.get("mirror"):
+        percentage = _mirror_percentage(rule)
+        if percentage > 0:
+            out.append({"cluster": _destination_cluster(vs, rule["mirror"], port, lookup),
+                        "percentage": percentage})
+    for mirror in rule.get("mirrors") or ():
+        if not mirror.get("destination"):
+            continue
+        percentage = 100.0 if mirror.get("percentage") is None else float(mirror["percentage"].get("value") or 0.0)
+        if percentage > 0:
+            out.append({"cluster": _destination_cluster(vs, mirror["destination"], port, lookup),
+                        "percentage": percentage})
+    return out
+
+
+def translate_cors(cors: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio CorsPolicy -> the snapshot's CORS dict (Istio TranslateCORSPolicy).
+
+    ``allowOrigins`` StringMatches keep their kind; the deprecated ``allowOrigin`` strings
+    are exact matches.  Unset ``allowCredentials`` means false, unset ``maxAge`` sends no
+    ``access-control-max-age``.
+    """
+    if cors.get("allowOrigins") is not None:
+        origins = [m for m in (_string_match(o) for o in cors["allowOrigins"]) if m]
+    else:
+        origins = [{"exact": str(o)} for o in cors.get("allowOrigin") or ()]
+    out: dict[str, Any] = {"allow_origins": origins}
+    for key, field in (("allow_methods", "allowMethods"), ("allow_headers", "allowHeaders"),
+                       ("expose_headers", "exposeHeaders")):
+        if cors.get(field):
+            out[key] = [str(v) for v in cors[field]]
+    if cors.get("maxAge") is not None:
+        out["max_age"] = int(parse_duration(cors["maxAge"]))
+    if cors.get("allowCredentials"):
+        out["allow_credentials"] = True
+    out["unmatched_preflights"] = "IGNORE" if cors.get("unmatchedPreflights") == "IGNORE" else "FORWARD"
+    return out
 
 
 def translate_fault(fault: Mapping[str, Any]) -> dict[str, Any]:

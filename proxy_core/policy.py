@@ -1,4 +1,5 @@
-"""Per-route request policies as pure decisions: retry, backoff, fault, header ops, rewrite.
+"""Per-route request policies as pure decisions: retry, backoff, fault, header ops, rewrite,
+CORS and request mirroring.
 
 The server asks these functions *what* to do; it does the waiting and the I/O itself.
 Semantics follow Envoy, which is what Istio's VirtualService compiles to.
@@ -8,9 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Mapping
 
 from proxy_core.router import RequestInfo, split_host_port
-from proxy_core.snapshot import Fault, HeaderOps, Match, Redirect, RetryPolicy, Route
+from proxy_core.snapshot import CorsPolicy, Fault, HeaderOps, Match, Redirect, RetryPolicy, Route
 
 _RNG = random.Random()
 
@@ -252,3 +254,84 @@ def redirect_location(redirect: Redirect, req: RequestInfo, matched: Match | Non
         path = req.path
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}{path}"
+
+
+# -- CORS ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CorsDecision:
+    """What Envoy's CORS filter does with one request.
+
+    ``preflight`` set: answer 200 at once with exactly these headers, never calling the
+    upstream (an empty tuple is the IGNORE answer to a preflight from an origin not allowed).
+    ``response`` set: headers to set on whatever response the request gets, upstream or local.
+    """
+
+    preflight: tuple[tuple[bytes, bytes], ...] | None = None
+    response: HeaderOps | None = None
+
+
+NO_CORS = CorsDecision()
+
+
+def origin_allowed(cors: CorsPolicy, origin: str) -> bool:
+    """Envoy ``isOriginAllowed``: a matcher that matches ``*`` (``exact: "*"``) allows any origin."""
+    return any(m.matches("*") or m.matches(origin) for m in cors.allow_origins)
+
+
+def decide_cors(cors: CorsPolicy, method: str, headers: Mapping[str, str]) -> CorsDecision:
+    """Envoy's CORS filter for a route with a ``corsPolicy``.
+
+    ==================================================  =========================================
+    request                                             result
+    ==================================================  =========================================
+    no ``Origin``                                       nothing (not a CORS request)
+    preflight (OPTIONS + Origin + Access-Control-       200 with allow-origin (the origin),
+    Request-Method), origin allowed                     -allow-credentials, -allow-methods,
+                                                        -allow-headers, -max-age as configured
+    preflight, origin not allowed                       FORWARD: nothing; IGNORE: 200, no CORS headers
+    any other request, origin allowed                   response gets allow-origin,
+                                                        -allow-credentials, -expose-headers
+    any other request, origin not allowed               nothing
+    ==================================================  =========================================
+    """
+    origin = headers.get("origin")
+    if not origin:
+        return NO_CORS
+    preflight = method == "OPTIONS" and bool(headers.get("access-control-request-method"))
+    if not origin_allowed(cors, origin):
+        if preflight and not cors.forward_unmatched_preflights:
+            return CorsDecision(preflight=())
+        return NO_CORS
+    if preflight:
+        reply = [(b"access-control-allow-origin", origin.encode("latin-1"))]
+        if cors.allow_credentials:
+            reply.append((b"access-control-allow-credentials", b"true"))
+        for name, value in ((b"access-control-allow-methods", cors.allow_methods),
+                            (b"access-control-allow-headers", cors.allow_headers),
+                            (b"access-control-max-age", cors.max_age)):
+            if value:
+                reply.append((name, value.encode("latin-1")))
+        return CorsDecision(preflight=tuple(reply))
+    ops = [("access-control-allow-origin", origin)]
+    if cors.allow_credentials:
+        ops.append(("access-control-allow-credentials", "true"))
+    if cors.expose_headers:
+        ops.append(("access-control-expose-headers", cors.expose_headers))
+    return CorsDecision(response=HeaderOps(set=tuple(ops)))
+
+
+# -- request mirroring -----------------------------------------------------------------------
+
+
+def mirror_sampled(percentage: float, rng: random.Random) -> bool:
+    """Whether one request is copied to a mirror taking ``percentage`` (0-100) of the traffic."""
+    return percentage >= 100.0 or (percentage > 0.0 and rng.random() * 100.0 < percentage)
+
+
+def shadow_authority(authority: str) -> str:
+    """Envoy's shadow Host: ``-shadow`` appended to the host name, before any port
+    (``reviews:9080`` -> ``reviews-shadow:9080``), so the mirror's logs tell copies apart."""
+    host, port = split_host_port(authority)
+    return f"{host}-shadow" if port is None else f"{host}-shadow:{port}"

@@ -4,9 +4,15 @@ Everything on the request path is callback driven (asyncio Protocols, ``call_lat
 timers); the only coroutine a request may create is the dial of a new upstream
 connection.  One ``Exchange`` object carries one request through its states::
 
-    head parsed -> route (vhost, match) -> local rate limit -> direct response | redirect | fault
-      -> cluster + endpoint pick -> [dial] -> request sent -> response head
+    head parsed -> route (vhost, match) -> CORS -> local rate limit -> direct response | redirect | fault
+      -> cluster + endpoint pick -> [dial] -> request sent -> [mirror copies] -> response head
       -> retry (back to pick, after backoff) | stream body downstream -> done
+
+CORS (a route's ``corsPolicy``) answers allowed preflights itself and adds the
+``access-control-*`` headers to every response of an allowed origin, local replies included,
+as Envoy's CORS filter does ahead of the router.  Mirroring (``mirror`` / ``mirrors``) sends
+sampled copies of a complete request to other clusters through ``MirrorSender``: fire and
+forget, never on the primary request's path.
 
 Configuration is held in an immutable ``_State`` (snapshot, router, balancers, rate-limit
 buckets).  An exchange captures the state current when its head arrived and keeps it to the
@@ -47,14 +53,17 @@ from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
-from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_fault, redirect_location,
-                               retry_on_failure, retry_on_status, rewrite_target)
+from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
+from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
+                               mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
+                               shadow_authority)
 from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
-from proxy_core.snapshot import Cluster, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip, WeightedCluster
+from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
+                                 WeightedCluster)
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
-from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool, pool_key
+from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("proxy_core.server")
 
@@ -166,13 +175,15 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
                  pool: UpstreamPool | None = None, rng: random.Random | None = None,
-                 telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic) -> None:
+                 telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic,
+                 mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
         self.state = _State.build(snapshot, self.rng, clock)
         self.access_log = access_log or AccessLog(enabled=False)
         self.pool = pool or UpstreamPool()
         self.dialer: Dialer = self.pool.dialer
+        self.mirrors = MirrorSender(self.pool, mirror_limit)
         self.counters = Stats()
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
         # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
@@ -261,6 +272,7 @@ class ProxyServer:
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
             conn.abort()
+        self.mirrors.close()
         self.pool.close()
         self.access_log.close()
 
@@ -292,7 +304,8 @@ class ProxyServer:
                 "active_connections": c.active_connections, "active_requests": c.active_requests,
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
-                "destinations": destinations, "telemetry": self._telemetry_stats()}
+                "destinations": destinations, "telemetry": self._telemetry_stats(),
+                "mirror": self.mirrors.stats()}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -564,6 +577,8 @@ class Exchange:
     up_keep_alive = True
     resp_head_bytes = 0
     rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
+    cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
+    mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -657,6 +672,8 @@ class Exchange:
             return
         route, self.match = found
         self.route = route
+        if route.cors is not None and self._cors_answered(route.cors, req):
+            return
         limiter = self.state.rate_limits.get(vhost.host)  # the only cost when no policy applies
         if limiter is not None and not self._within_rate_limit(limiter, route, req):
             return
@@ -679,6 +696,20 @@ class Exchange:
                 self.local_reply(fault.abort_status, b"fault filter abort", flags.FI)
                 return
         self._to_cluster()
+
+    def _cors_answered(self, cors: CorsPolicy, req: RequestInfo) -> bool:
+        """Envoy's CORS filter (see ``policy.decide_cors``): answer a preflight here, or remember
+        the headers an allowed origin's response gets.  True when the request was answered.
+
+        It runs before the rate limit, so preflights never spend tokens, and its headers reach
+        local replies too (rate limit, faults, errors), as Envoy's encoder path gives them.
+        """
+        decision = decide_cors(cors, req.method, req.headers)
+        if decision.preflight is not None:
+            self.local_reply(200, b"", None, extra=list(decision.preflight))
+            return True
+        self.cors_ops = decision.response
+        return False
 
     def _within_rate_limit(self, limiter: ServiceRateLimiter, route: Route, req: RequestInfo) -> bool:
         """Envoy's local rate limit filter: take a token or answer ``deny_status`` (flag RL).
@@ -817,6 +848,10 @@ class Exchange:
             out.append((b"x-request-id", self.request_id.encode()))  # type: ignore[union-attr]
         for o in ops:
             out = _apply_ops(out, o)
+        route = self.route
+        mirrored = not upgrade and route is not None and bool(route.mirrors)
+        if mirrored:
+            self.mirror_pending = (list(out), path.encode("latin-1"))
         if upgrade:
             out.append((b"connection", b"upgrade"))
         elif head.chunked:
@@ -826,6 +861,50 @@ class Exchange:
             # Envoy answers 100-continue itself and strips Expect before forwarding.
             self.conn.transport.write(_CONTINUE)
         self._attempt()
+        if mirrored and self.request_complete:
+            self._send_mirrors()
+
+    def _send_mirrors(self) -> None:
+        """Copy the complete request to the route's sampled mirrors (Envoy request mirroring).
+
+        Called once the whole request is known: the copies carry the body, so only a body
+        that fits the retry buffer and was read whole is mirrored; otherwise the copies are
+        skipped (counted).  Each copy has the headers sent upstream (rewrites and header
+        operations applied), Host ``<host>-shadow[:port]``, and a ``content-length`` framing
+        its body (trailers are not copied).
+        """
+        pending = self.mirror_pending
+        route = self.route
+        assert pending is not None and route is not None and self.req is not None
+        self.mirror_pending = None
+        server = self.server
+        rng = server.rng
+        targets = [m for m in route.mirrors if mirror_sampled(m.percentage, rng)]
+        if not targets:
+            return
+        sender = server.mirrors
+        if not self.body_retriable or self.body_size != self.bytes_received:
+            sender.counters.skipped_body += len(targets)
+            return
+        headers, path = pending
+        body = b"".join(self.body)
+        head = self.head
+        copy: list[tuple[bytes, bytes]] = []
+        authority = b""
+        for h in headers:
+            n = h[0]
+            if n == b"host":
+                authority = h[1]
+            elif n != b"content-length":
+                copy.append(h)
+        copy.insert(0, (b"host", shadow_authority(authority.decode("latin-1")).encode("latin-1")))
+        if body or head.content_length is not None or head.chunked:
+            copy.append((b"content-length", b"%d" % len(body)))
+        data = http1.request_head(head.method, path, copy) + body
+        timeout = route.timeout or MIRROR_TIMEOUT
+        for m in targets:
+            sender.send(self.loop, self.state.snapshot.clusters, self.state.balancers, m.cluster, self.req, data,
+                        head.method == b"HEAD", timeout)
 
     # upstream attempts
 
@@ -973,6 +1052,8 @@ class Exchange:
         conn = self.upstream
         if conn is not None and self.head.chunked:
             conn.transport.write(http1.last_chunk(trailers))  # type: ignore[union-attr]
+        if self.mirror_pending is not None:
+            self._send_mirrors()
         if self.done:
             self._finish_downstream()
 
@@ -1047,6 +1128,8 @@ class Exchange:
                 headers = [h for h in headers if h[0] not in names]
         for o in self.resp_ops:
             headers = _apply_ops(headers, o)
+        if self.cors_ops is not None:
+            headers = _apply_ops(headers, self.cors_ops)
         if self.rl_bucket is not None:
             headers.extend(self.rl_bucket.x_ratelimit_headers())
         if self.set_cookie is not None:
@@ -1270,6 +1353,8 @@ class Exchange:
             headers.append((b"content-type", b"text/plain"))
         if ops:
             headers = _apply_ops(headers, ops)
+        if self.cors_ops is not None:
+            headers = _apply_ops(headers, self.cors_ops)
         if self.rl_bucket is not None:
             headers.extend(self.rl_bucket.x_ratelimit_headers())
         headers.append((b"content-length", b"%d" % len(body)))

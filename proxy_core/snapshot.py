@@ -48,7 +48,24 @@ ROUTE::
                  "retriable_status_codes": [503]},          # null = no retries
      "fault": {"delay": {"fixed_delay": 5.0, "percentage": 100.0},
                "abort": {"http_status": 500, "percentage": 50.0}},
-     "headers": HEADER_OPS}
+     "headers": HEADER_OPS,
+     "cors": CORS,                     # absent = no CORS processing on this route
+     "mirrors": [{"cluster": "outbound|9080|v3|reviews...", "percentage": 100.0}]}   # only with "route"
+
+CORS (Istio CorsPolicy as Envoy's CORS filter reads it)::
+
+    {"allow_origins": [STRING_MATCH, ...],   # an entry matching "*" (exact "*") allows every origin
+     "allow_methods": ["GET", "POST"],       # joined with "," into access-control-allow-methods
+     "allow_headers": ["x-user"],            # -> access-control-allow-headers
+     "expose_headers": ["x-trace"],          # -> access-control-expose-headers
+     "max_age": 86400,                       # whole seconds -> access-control-max-age; absent = not sent
+     "allow_credentials": true,              # -> access-control-allow-credentials: true
+     "unmatched_preflights": "FORWARD" | "IGNORE"}   # preflight from an origin not allowed:
+                                                     # forward it upstream, or answer 200 without CORS headers
+
+MIRROR entries are Istio's ``mirror`` + ``mirrorPercentage`` (one entry) or ``mirrors[]``
+(Envoy ``request_mirror_policies``): each sampled request is copied, fire and forget, to
+``cluster``; ``percentage`` (0-100, fractional) is the share of requests copied.
 
 MATCH (Istio HTTPMatchRequest, snake_cased; STRING_MATCH is {"exact"|"prefix"|"regex": str})::
 
@@ -269,6 +286,38 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    """Envoy's CORS filter configuration for one route; header values are pre-joined once here."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: str = ""
+    allow_headers: str = ""
+    expose_headers: str = ""
+    max_age: str = ""                       # seconds as the header carries them; "" = not sent
+    allow_credentials: bool = False
+    forward_unmatched_preflights: bool = True   # Istio unmatchedPreflights FORWARD (the default)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CorsPolicy":
+        max_age = d.get("max_age")
+        return cls(allow_origins=tuple(StringMatch.from_dict(m) for m in d.get("allow_origins") or ()),
+                   allow_methods=",".join(d.get("allow_methods") or ()),
+                   allow_headers=",".join(d.get("allow_headers") or ()),
+                   expose_headers=",".join(d.get("expose_headers") or ()),
+                   max_age=str(int(max_age)) if max_age is not None else "",
+                   allow_credentials=bool(d.get("allow_credentials")),
+                   forward_unmatched_preflights=d.get("unmatched_preflights", "FORWARD") != "IGNORE")
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    """One request mirror: a sampled, fire-and-forget copy of the request to ``cluster``."""
+
+    cluster: str
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     matches: tuple[Match, ...] = ()
@@ -281,6 +330,8 @@ class Route:
     fault: Fault | None = None
     headers: Headers = Headers()
     total_weight: int = 0
+    cors: CorsPolicy | None = None
+    mirrors: tuple[MirrorPolicy, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Route":
@@ -322,6 +373,9 @@ class Route:
             fault=fault,
             headers=Headers.from_dict(d.get("headers")),
             total_weight=sum(c.weight for c in clusters),
+            cors=CorsPolicy.from_dict(d["cors"]) if d.get("cors") is not None else None,
+            mirrors=tuple(MirrorPolicy(m["cluster"], float(m.get("percentage", 100.0)))
+                          for m in d.get("mirrors") or ()),
         )
 
 

@@ -975,3 +975,135 @@ spec:
     assert authorizer.check(get).allowed and not authorizer.check(post).allowed
     # A workload the policy does not select is unaffected.
     assert Authorizer(parsed.security["authz"], "default", {"app": "ratings"}).check(post).allowed
+
+
+# -- VirtualService corsPolicy and mirroring ---------------------------------------------------
+
+CORS_AND_MIRRORS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - name: mirrored
+    match:
+    - uri:
+        prefix: /api
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+    mirror:
+      host: reviews
+      subset: v2
+    mirrorPercentage:
+      value: 12.5
+    corsPolicy:
+      allowOrigins:
+      - exact: https://app.example.com
+      - prefix: https://dev.
+      - regex: "https://[a-z]+\\\\.corp\\\\.io"
+      allowMethods: [GET, POST]
+      allowHeaders: [X-User, Content-Type]
+      exposeHeaders: [X-Trace]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+  - name: fan-out
+    match:
+    - uri:
+        prefix: /fan
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+    mirrors:
+    - destination:
+        host: reviews
+        subset: v2
+    - destination:
+        host: ratings
+        port:
+          number: 9080
+      percentage:
+        value: 50
+    - destination:
+        host: reviews
+        subset: v3
+      percentage:
+        value: 0
+  - name: full-mirror
+    match:
+    - uri:
+        prefix: /all
+    route:
+    - destination:
+        host: reviews
+    mirror:
+      host: reviews
+      subset: v3
+  - name: mirror-off
+    match:
+    - uri:
+        prefix: /off
+    route:
+    - destination:
+        host: reviews
+    mirror:
+      host: reviews
+      subset: v3
+    mirrorPercentage:
+      value: 0
+  - name: gone
+    directResponse:
+      status: 410
+    corsPolicy:
+      allowOrigins:
+      - exact: "*"
+      maxAge: 90s
+"""
+
+
+def test_cors_policy_and_mirrors_translate_from_istio_yaml() -> None:
+    from mesh.loader import Document
+    from mesh.validation import to_resources
+    docs = [Document("inline.yaml", i, d) for i, d in enumerate(yaml.safe_load_all(CORS_AND_MIRRORS))]
+    vs = to_resources(docs)   # Galley accepts it as is
+    snap = compile_checked(load(DESTINATION_RULE_ALL) + vs)
+    mirrored, fan, full, off, gone = vhost(snap, FQDN("reviews"))["routes"]
+    cl = f"outbound|9080|{{}}|{FQDN('reviews')}".format
+    assert mirrored["mirrors"] == [{"cluster": cl("v2"), "percentage": 12.5}]
+    assert mirrored["cors"] == {
+        "allow_origins": [{"exact": "https://app.example.com"}, {"prefix": "https://dev."},
+                          {"regex": r"https://[a-z]+\.corp\.io"}],
+        "allow_methods": ["GET", "POST"], "allow_headers": ["X-User", "Content-Type"],
+        "expose_headers": ["X-Trace"], "max_age": 86400, "allow_credentials": True,
+        "unmatched_preflights": "IGNORE"}
+    assert fan["mirrors"] == [{"cluster": cl("v2"), "percentage": 100.0},
+                              {"cluster": f"outbound|9080||{FQDN('ratings')}", "percentage": 50.0}]
+    assert "cors" not in fan
+    assert full["mirrors"] == [{"cluster": cl("v3"), "percentage": 100.0}]   # mirrorPercentage unset: 100%
+    assert "mirrors" not in off                                               # explicit 0%: no mirror
+    assert gone["cors"] == {"allow_origins": [{"exact": "*"}], "max_age": 90, "unmatched_preflights": "FORWARD"}
+    for route in (mirrored, fan, full):
+        assert all(m["cluster"] in snap["clusters"] for m in route["mirrors"])
+    parsed = next(v for v in Snapshot.from_dict(snap).virtual_hosts if v.host == FQDN("reviews")).routes
+    cors = parsed[0].cors
+    assert cors is not None and not cors.forward_unmatched_preflights and cors.max_age == "86400"
+    assert cors.allow_methods == "GET,POST" and cors.allow_credentials
+    assert cors.allow_origins[2].matches("https://build.corp.io")
+    assert [(m.cluster, m.percentage) for m in parsed[1].mirrors] == [(cl("v2"), 100.0),
+                                                                      (f"outbound|9080||{FQDN('ratings')}", 50.0)]
+    assert parsed[3].mirrors == () and parsed[3].cors is None
+
+
+def test_legacy_mirror_percent_and_allow_origin() -> None:
+    vs = vs_doc("reviews", [{"route": [{"destination": {"host": "reviews"}}],
+                             "mirror": {"host": "ratings"}, "mirrorPercent": 30,
+                             "corsPolicy": {"allowOrigin": ["https://a.example"]}}])
+    (route,) = vhost(compile_checked([vs]), FQDN("reviews"))["routes"]
+    assert route["mirrors"] == [{"cluster": f"outbound|9080||{FQDN('ratings')}", "percentage": 30.0}]
+    assert route["cors"] == {"allow_origins": [{"exact": "https://a.example"}], "unmatched_preflights": "FORWARD"}
