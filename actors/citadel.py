@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import ray
 
-from actors.pilot import registry_state, registry_store
+from actors.registry import registry_state, registry_store
 from actors.replicaset import deploy_replicas
 from actors.store import GcsKV, RevisionedStore
 from mesh.identity import (DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, DEFAULT_TRUST_DOMAIN, MAX_SVID_TTL, CAKeyPair,

@@ -29,37 +29,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.galley import config_store, resources_of
 from actors.replicaset import find_replicas
 from actors.proxy_worker import ProxyWorker, proxy_actor_name
-from actors.store import NAMESPACE, GcsKV, RevisionedStore
+from actors.registry import allocate_vip, registry_state, registry_store
+from actors.store import NAMESPACE
 from mesh.compiler import compile_all
-from mesh.registry import NodeInfo, RegistryState, WorkloadInstance
+from mesh.registry import NodeInfo, WorkloadInstance
 
 log = logging.getLogger(__name__)
-
-REGISTRY_COLLECTION = "registry"
-VIP_BASE = (127, 10)  # services get 127.10.x.y
-
-
-def registry_store() -> RevisionedStore:
-    return RevisionedStore(GcsKV(), REGISTRY_COLLECTION)
-
-
-def registry_state(state: dict[str, Any]) -> RegistryState:
-    return RegistryState(
-        workloads=[WorkloadInstance.from_dict(w) for _, w in sorted((state.get("workloads") or {}).items())],
-        nodes={k: NodeInfo.from_dict(v) for k, v in (state.get("nodes") or {}).items()},
-        vips=dict(state.get("vips") or {}),
-    )
-
-
-def allocate_vip(state: dict[str, Any], host: str) -> None:
-    """Give ``host`` the next free 127.10.x.y address, once; addresses are never reused."""
-    vips = state.setdefault("vips", {})
-    if host in vips:
-        return
-    n = int(state.get("vip_next", 0)) + 1
-    state["vip_next"] = n
-    vips[host] = f"{VIP_BASE[0]}.{VIP_BASE[1]}.{n // 254}.{n % 254 + 1}"
-
 
 @dataclass(slots=True)
 class PilotOptions:
@@ -69,6 +44,7 @@ class PilotOptions:
     http_proxy_port: int = 0            # 0: each proxy picks a free port (several nodes on one host)
     inbound_port: int = 0
     proxy_env: dict[str, str] = field(default_factory=dict)
+    workload_api: dict[str, Any] = field(default_factory=dict)   # WorkloadApiOptions for every node
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "PilotOptions":

@@ -32,6 +32,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.replicaset import find_replicas
+from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
 from proxy_core.control import acall
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ProxyWorker:
         self._restarts = 0
         self._synced_at: float | None = None
         self._telemetry_seq = 0
+        self._workload_api: WorkloadApiServer | None = None
         self._telemetry_dropped = 0
 
     # -- supervision ---------------------------------------------------------------------------
@@ -83,6 +85,13 @@ class ProxyWorker:
                 loop = asyncio.get_running_loop()
                 self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor()),
                                loop.create_task(self._telemetry_loop())]
+            if self._workload_api is None:
+                server = WorkloadApiServer(self.node_id, WorkloadApiOptions.from_dict(self.options.get("workload_api")))
+                try:
+                    await server.start()
+                    self._workload_api = server
+                except (OSError, RuntimeError):  # e.g. a previous process still holds the socket
+                    log.exception("SPIFFE Workload API did not start; retrying on the next ensure_started")
         return dict(self._ports)
 
     def _bootstrap(self) -> dict[str, Any]:
@@ -244,6 +253,9 @@ class ProxyWorker:
         return f"http://127.0.0.1:{ports['http_proxy']}"
 
     async def stop(self) -> None:
+        if self._workload_api is not None:
+            await self._workload_api.stop()
+            self._workload_api = None
         for t in self._tasks:
             t.cancel()
         if self._proc is not None and self._proc.poll() is None:

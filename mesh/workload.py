@@ -13,6 +13,7 @@ loopback, for clients that connect directly.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import ray
@@ -52,6 +53,20 @@ def _instance(service: str, port: int, service_port: int | None, namespace: str,
 
 def leave(wl: WorkloadInstance) -> None:
     call_any("pilot", "deregister_workload", wl.uid)
+
+
+WORKLOAD_API_RUNTIME_DIR = "/tmp/raymesh"
+
+
+def workload_api_path(node_id: str, runtime_dir: str = WORKLOAD_API_RUNTIME_DIR) -> str:
+    """Where a node's SPIFFE Workload API listens (a unix socket)."""
+    return os.path.join(runtime_dir, node_id[:16], "workload.sock")
+
+
+def workload_api_socket(node_id: str | None = None) -> str:
+    """``unix:///tmp/raymesh/<node>/workload.sock`` of this node (or ``node_id``): the value for
+    ``SPIFFE_ENDPOINT_SOCKET``, so a stock SPIFFE client fetches this workload's SVID."""
+    return "unix://" + workload_api_path(node_id or ray.get_runtime_context().get_node_id())
 
 
 def local_proxy_url(timeout: float = 60.0) -> str:
