@@ -8,7 +8,8 @@ replicas compiling the same revisions produce byte-identical snapshots and the s
 Pipeline, one small module per topic:
 
 * ``compiler_services``: the service index (registry workloads, ServiceEntry, WorkloadEntry);
-* ``compiler_routes``: VirtualService ``http`` rules -> routes, Istio's default route;
+* ``compiler_routes``: VirtualService ``http`` rules -> routes, ``tcp`` rules -> tcp routes,
+  Istio's default routes;
 * ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
 * ``compiler_security`` / ``compiler_ratelimit``: policies -> ``security`` / ``rate_limits``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
@@ -18,6 +19,12 @@ whose protocol is HTTP-like (HTTP, HTTP2, GRPC, GRPC-WEB, or unset); other ports
 HTTPS) keep the default route, which lets a proxy map an authority to its cluster (CONNECT).
 A port where the chosen VirtualService yields no rule (e.g. every match names another port)
 falls back to the default route instead of answering 404 for the whole port.
+
+Ports whose protocol is TCP also get ``tcp_routes`` (VirtualService ``tcp`` rules, else the
+service's own cluster), which the proxy's tcp VIP listeners splice by.  Each tcp route's
+``idle_timeout`` is the ``connectionPool.tcp.idleTimeout`` of the DestinationRule (with its
+subset and port-level settings) of the route's first destination, as Istio sets one
+tcp_proxy idle timeout per filter chain; without one the proxy uses Envoy's 1 hour.
 
 Short names: Istio gives a sidecar short names only for its own namespace; a node proxy
 serves clients of every namespace, so ``reviews`` is a domain of one service only: the one
@@ -43,11 +50,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from mesh.compiler_clusters import ClusterPlan, build_cluster_plans
+from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
 from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import compile_security
-from mesh.compiler_routes import binds_mesh, default_route, select_virtual_service, translate_http_routes
+from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
+                                  translate_tcp_routes)
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
+from mesh.durations import parse_duration
 from mesh.registry import NodeInfo, RegistryState
 from mesh.resources import DEFAULT_NAMESPACE, Resource
 
@@ -63,6 +72,7 @@ class _MeshPlan:
     clusters: dict[str, ClusterPlan]
     security: dict[str, Any]
     rate_limits: dict[str, Any]
+    tcp_routes: list[dict[str, Any]]
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -101,9 +111,11 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     by_kind = resources_by_kind(resources)
     services = build_service_index(by_kind, registry)
     mesh_vs = [vs for vs in by_kind.get("VirtualService", []) if binds_mesh(vs)]
+    rules = by_kind.get("DestinationRule", [])
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
-                     clusters=build_cluster_plans(services, by_kind.get("DestinationRule", [])),
-                     security=compile_security(resources), rate_limits=compile_rate_limits(resources))
+                     clusters=build_cluster_plans(services, rules),
+                     security=compile_security(resources), rate_limits=compile_rate_limits(resources),
+                     tcp_routes=_tcp_routes(services, mesh_vs, rules))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -160,6 +172,37 @@ def _virtual_hosts(services: Mapping[str, Service], mesh_vs: Sequence[Resource])
     return out
 
 
+def _tcp_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource],
+                rules: Sequence[Resource]) -> list[dict[str, Any]]:
+    """One entry per TCP service port: its tcp routes, each with its idle timeout if configured."""
+    out = []
+    for svc in services.values():
+        vs = select_virtual_service(svc.host, mesh_vs)
+        for p in svc.ports:
+            if p.protocol != "tcp":
+                continue
+            routes = translate_tcp_routes(vs, svc.host, p.number, services.get)
+            for route in routes:
+                idle = _idle_timeout(route["route"][0]["cluster"], rules)
+                if idle is not None:
+                    route["idle_timeout"] = idle
+            out.append({"name": f"{svc.host}:{p.number}", "host": svc.host, "port": p.number, "routes": routes})
+    return out
+
+
+def _idle_timeout(cluster: str, rules: Sequence[Resource]) -> float | None:
+    """``connectionPool.tcp.idleTimeout`` of the DestinationRule for ``outbound|PORT|SUBSET|HOST``."""
+    _, port, subset, host = cluster.split("|", 3)
+    rule = select_destination_rule(host, rules)
+    if rule is None:
+        return None
+    subset_policy = next((s.get("trafficPolicy") for s in rule.spec.get("subsets") or ()
+                          if subset and s.get("name") == subset), None)
+    policy = merge_traffic_policy(rule.spec.get("trafficPolicy"), subset_policy, int(port))
+    raw = ((policy.get("connectionPool") or {}).get("tcp") or {}).get("idleTimeout")
+    return parse_duration(raw) if raw else None
+
+
 def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any] | None:
     via = None
     if ep.in_ray and ep.node != node_id:
@@ -199,5 +242,6 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "clusters": {name: _cluster(c, node_id, nodes) for name, c in plan.clusters.items()},
         "security": copy.deepcopy(plan.security),
         "rate_limits": copy.deepcopy(plan.rate_limits),
+        "tcp_routes": copy.deepcopy(plan.tcp_routes),
     }
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -20,7 +20,12 @@ Scope for node proxies (the mesh "gateway"):
 * ``mirror`` (+ ``mirrorPercentage``, legacy ``mirrorPercent``; unset means 100%) and
   ``mirrors[]`` become the route's ``mirrors``, on ``route`` rules only, as in Istio; an
   explicit 0% drops the mirror.  Mirror clusters are named like any destination's.
-* ``tcp`` and ``tls`` rules, ``delegate``, ``abort.grpcStatus``, ``delay.exponentialDelay``
+* ``tcp`` rules apply to ports whose protocol is TCP (``translate_tcp_routes``): a match's
+  ``port`` selects the port as for http, ``destinationSubnets`` travel to the proxy (matched
+  against the VIP a client dialled), ``sourceLabels`` / ``sourceNamespace`` drop the match as
+  above.  As in Istio, a port whose rules have no catch-all gets the service's own cluster
+  as a last route, so a connection matching no rule still reaches the service.
+* ``tls`` rules, ``delegate``, ``abort.grpcStatus``, ``delay.exponentialDelay``
   and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
   scheme's port (80/443); otherwise the redirect keeps the request's port.
@@ -55,6 +60,11 @@ def default_route(host: str, port: int) -> dict[str, Any]:
             "retries": default_retries()}
 
 
+def default_tcp_route(host: str, port: int) -> dict[str, Any]:
+    """The tcp route of a TCP service port no VirtualService rule claims: its own cluster."""
+    return {"name": "default", "match": [], "route": [{"cluster": cluster_name(host, port), "weight": 100}]}
+
+
 def binds_mesh(vs: Resource) -> bool:
     gateways = vs.spec.get("gateways") or []
     return not gateways or "mesh" in gateways
@@ -82,6 +92,37 @@ def translate_http_routes(vs: Resource, port: int, lookup: ServiceLookup) -> lis
         if route is not None:
             out.append(route)
     return out
+
+
+def translate_tcp_routes(vs: Resource | None, host: str, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The tcp routes of the TCP port ``host:port``: the rules of ``vs`` that apply, in order,
+    then the default route unless one of them already matches every connection."""
+    out = []
+    for index, rule in enumerate((vs.spec.get("tcp") or ()) if vs is not None else ()):
+        raw_matches = rule.get("match") or []
+        matches = [m for m in (_translate_l4_match(r, port) for r in raw_matches) if m is not None]
+        if (raw_matches and not matches) or not rule.get("route"):
+            continue
+        assert vs is not None
+        destinations = _translate_destinations(vs, rule["route"], port, lookup)
+        if destinations:
+            out.append({"name": f"{vs.namespace}/{vs.name}/{index}", "match": matches, "route": destinations})
+    if not any(not r["match"] or any(not m for m in r["match"]) for r in out):
+        out.append(default_tcp_route(host, port))
+    return out
+
+
+def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
+    """One L4MatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
+    if m.get("sourceLabels") or m.get("sourceNamespace"):
+        return None
+    gateways = m.get("gateways")
+    if gateways and "mesh" not in gateways:
+        return None
+    if m.get("port") is not None and int(m["port"]) != port:
+        return None
+    subnets = [str(n) for n in m.get("destinationSubnets") or ()]
+    return {"destination_subnets": subnets} if subnets else {}
 
 
 def _translate_rule(vs: Resource, index: int, rule: Mapping[str, Any], port: int,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 from urllib.parse import unquote
 
+from proxy_core.snapshot import TcpRoute
 from proxy_core.snapshot import Match, Route, Snapshot, StringMatch, VirtualHost, WeightedCluster
 
 _RNG = random.Random()
@@ -323,8 +324,8 @@ class Router:
         return None
 
     @staticmethod
-    def pick(route: Route, rng: random.Random | None = None) -> WeightedCluster:
-        """Weighted random choice among the route's destinations.
+    def pick(route: Route | TcpRoute, rng: random.Random | None = None) -> WeightedCluster:
+        """Weighted random choice among the route's destinations (HTTP or TCP route).
 
         A single destination takes all traffic whatever its weight (Istio).  Zero-weight
         destinations are never chosen.  A route with no destination, or several all of

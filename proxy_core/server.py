@@ -29,7 +29,8 @@ Listeners (all on loopback):
   SO_REUSEPORT so several proxy processes -- the workers of one node, or the proxies of
   two nodes co-hosted on one machine (a multi-node cluster on a laptop or CI runner) --
   can all bind the same ``VIP:port``; the kernel spreads connections among them and every
-  one of them has the same routes.
+  one of them has the same routes.  A VIP whose protocol is ``tcp`` is not parsed at all:
+  ``proxy_core.tcp`` splices its connections to the destination of its tcp routes.
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
   this node, answered 200 and spliced.  This is where mTLS will terminate.
 
@@ -47,7 +48,8 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
@@ -62,6 +64,7 @@ from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
+from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
@@ -158,7 +161,7 @@ class Stats:
 
 @dataclass(slots=True)
 class _Listener:
-    kind: str                     # "http_proxy" | "inbound" | "vip"
+    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" (a tcp-protocol VIP)
     name: str                     # shown in access logs
     host: str
     config_port: int
@@ -185,6 +188,7 @@ class ProxyServer:
         self.dialer: Dialer = self.pool.dialer
         self.mirrors = MirrorSender(self.pool, mirror_limit)
         self.counters = Stats()
+        self.tcp = TcpProxy()                   # sessions and counters of tcp-protocol VIPs
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
         # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
         self.telemetry = TelemetryRecorder(telemetry_rows) if telemetry_rows > 0 else None
@@ -222,6 +226,9 @@ class ProxyServer:
             if vip.protocol.lower() in ("http", "http1", "http/1.1"):
                 desired[("vip", vip.address, vip.port)] = _Listener("vip", f"{vip.address}:{vip.port}",
                                                                     vip.address, vip.port, vip)
+            elif vip.protocol.lower() in TCP_PROTOCOLS:
+                desired[("tcp", vip.address, vip.port)] = _Listener("tcp", f"{vip.address}:{vip.port}",
+                                                                    vip.address, vip.port, vip)
         opened: list[_Listener] = []
         try:
             for key, spec in desired.items():
@@ -246,17 +253,20 @@ class ProxyServer:
 
     async def _bind(self, spec: _Listener) -> None:
         loop = asyncio.get_running_loop()
-        spec.server = await loop.create_server(lambda: HttpConnection(self, spec), spec.host, spec.config_port,
+        factory: Callable[[], asyncio.Protocol] = partial(TcpSession if spec.kind == "tcp" else HttpConnection,
+                                                          self, spec)
+        spec.server = await loop.create_server(factory, spec.host, spec.config_port,
                                                reuse_port=True, backlog=1024, family=socket.AF_INET)
         spec.port = spec.server.sockets[0].getsockname()[1]
 
     @property
     def ports(self) -> dict[str, int]:
         """Actual bound ports of the http_proxy and inbound listeners (port 0 resolved)."""
-        return {spec.kind: spec.port for spec in self._listeners.values() if spec.kind != "vip"}
+        return {spec.kind: spec.port for spec in self._listeners.values() if spec.kind in ("http_proxy", "inbound")}
 
     def vip_ports(self) -> dict[str, int]:
-        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind == "vip"}
+        """Actual bound ports of the VIP listeners, HTTP and TCP, by ``address:port`` as configured."""
+        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind in ("vip", "tcp")}
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
@@ -272,6 +282,7 @@ class ProxyServer:
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
             conn.abort()
+        self.tcp.close()
         self.mirrors.close()
         self.pool.close()
         self.access_log.close()
@@ -305,7 +316,7 @@ class ProxyServer:
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
-                "mirror": self.mirrors.stats()}
+                "mirror": self.mirrors.stats(), "tcp": self.tcp.stats()}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry

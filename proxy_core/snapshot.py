@@ -26,8 +26,24 @@ Shape of the dict (every key optional unless marked *required*)::
           "routes": [ROUTE, ...]}],
       "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...},
       "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]},  # see mesh/compiler_security.py
-      "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...}  # by service host
+      "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...},  # by service host
+      "tcp_routes": [TCP_HOST, ...]      # service ports whose protocol is tcp (VIP listeners splice bytes)
     }
+
+TCP_HOST (Istio VirtualService ``tcp`` rules for one (host, port), as Envoy tcp_proxy filter chains)::
+
+    {"name": "db.default.svc.cluster.local:5432",
+     "host": "db.default.svc.cluster.local", "port": 5432,
+     "routes": [{"name": "default/db/0",
+                 "match": [{"destination_subnets": ["127.10.0.0/16", "127.10.0.9"]}],  # OR; empty = any
+                 "route": [{"cluster": "outbound|5432|v1|db...", "weight": 80}, ...],
+                 "idle_timeout": 3600.0}]}    # seconds without bytes either way; 0 = none;
+                                              # absent = 3600 (Envoy tcp_proxy's default in Istio)
+
+A connection to ``VIP:port`` takes the first route one of whose matches holds (a
+``destination_subnets`` entry contains the VIP address; a match without it holds always),
+then a destination by weight.  Port matches are resolved by the compiler (a route appears
+only under the port it matches); ``sourceLabels`` matches are dropped there, as for http.
 
 ROUTE::
 
@@ -116,6 +132,7 @@ endpoint directly.  Cluster names follow Envoy/Istio: ``outbound|PORT|SUBSET|HOS
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -474,6 +491,67 @@ class Vip:
     protocol: str = "http"
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_TCP_IDLE_TIMEOUT = 3600.0   # Envoy tcp_proxy's idle timeout as Istio sets it (1 hour)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpMatch:
+    """Istio L4MatchAttributes left for the proxy: the destination (VIP) address's subnets."""
+
+    destination_subnets: tuple[IpNetwork, ...] = ()
+
+    def matches(self, address: str) -> bool:
+        if not self.destination_subnets:
+            return True
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.destination_subnets)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRoute:
+    """One VirtualService ``tcp`` rule: matches (OR-ed, empty = any) and weighted clusters."""
+
+    name: str
+    matches: tuple[TcpMatch, ...]
+    clusters: tuple[WeightedCluster, ...]
+    total_weight: int
+    idle_timeout: float | None = DEFAULT_TCP_IDLE_TIMEOUT   # None: never closed for idleness
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TcpRoute":
+        clusters = tuple(WeightedCluster(c["cluster"], int(c.get("weight", 100))) for c in d.get("route") or ())
+        idle = float(d.get("idle_timeout", DEFAULT_TCP_IDLE_TIMEOUT))
+        return cls(name=d.get("name", ""),
+                   matches=tuple(TcpMatch(tuple(ipaddress.ip_network(n, strict=False)
+                                                for n in m.get("destination_subnets") or ()))
+                                 for m in d.get("match") or ()),
+                   clusters=clusters, total_weight=sum(c.weight for c in clusters),
+                   idle_timeout=idle if idle > 0 else None)
+
+    def matches_address(self, address: str) -> bool:
+        return not self.matches or any(m.matches(address) for m in self.matches)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpHost:
+    """The tcp routes of one service port, in rule order."""
+
+    name: str
+    host: str
+    port: int
+    routes: tuple[TcpRoute, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TcpHost":
+        return cls(name=d.get("name", f"{d['host']}:{d['port']}"), host=d["host"], port=int(d["port"]),
+                   routes=tuple(TcpRoute.from_dict(r) for r in d.get("routes") or ()))
+
+    def route_for(self, address: str) -> TcpRoute | None:
+        """The first route matching a connection to ``address`` (Envoy: filter chain match)."""
+        return next((r for r in self.routes if r.matches_address(address)), None)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenBucketSpec:
     """Envoy's ``type.v3.TokenBucket``; equality decides whether a config push keeps a bucket."""
@@ -534,6 +612,7 @@ class Snapshot:
     # proxy_core.authz and proxy_core.jwt_auth build per-workload checkers from them.
     security: Mapping[str, Any] = field(default_factory=dict)
     rate_limits: Mapping[str, LocalRateLimit] = field(default_factory=dict)   # by service host
+    tcp_routes: Mapping[tuple[str, int], TcpHost] = field(default_factory=dict)  # by (host, port)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -556,6 +635,7 @@ class Snapshot:
             clusters={name: Cluster.from_dict(name, c) for name, c in (d.get("clusters") or {}).items()},
             security={k: list((d.get("security") or {}).get(k) or ()) for k in ("authz", "jwt")},
             rate_limits={host: LocalRateLimit.from_dict(rl) for host, rl in (d.get("rate_limits") or {}).items()},
+            tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
             raw=d,
         )
 

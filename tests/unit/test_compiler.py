@@ -11,8 +11,10 @@ import yaml
 
 from mesh.compiler import compile_all, compile_snapshot
 from mesh.durations import DurationError, parse_duration, parse_duration_exact
+from mesh.loader import Document
 from mesh.registry import NodeInfo, RegistryState, WorkloadInstance
 from mesh.resources import Resource
+from mesh.validation import validate_documents
 from proxy_core.router import RequestInfo, Router
 from proxy_core.snapshot import Snapshot
 
@@ -1107,3 +1109,100 @@ def test_legacy_mirror_percent_and_allow_origin() -> None:
     (route,) = vhost(compile_checked([vs]), FQDN("reviews"))["routes"]
     assert route["mirrors"] == [{"cluster": f"outbound|9080||{FQDN('ratings')}", "percentage": 30.0}]
     assert route["cors"] == {"allow_origins": [{"exact": "https://a.example"}], "unmatched_preflights": "FORWARD"}
+
+
+# -- VirtualService tcp rules ------------------------------------------------------------------
+
+TCP_MESH = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: pg}
+spec:
+  hosts: [pg.internal]
+  addresses: [127.20.0.5]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}, {number: 8080, name: http-admin, protocol: HTTP}]
+  endpoints:
+  - {address: 127.0.0.1, ports: {tcp-pg: 45001, http-admin: 45101}, labels: {version: v1}}
+  - {address: 127.0.0.1, ports: {tcp-pg: 45002, http-admin: 45102}, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pg}
+spec:
+  host: pg.internal
+  trafficPolicy:
+    connectionPool: {tcp: {idleTimeout: 90s}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {connectionPool: {tcp: {idleTimeout: 0s}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: pg}
+spec:
+  hosts: [pg.internal]
+  tcp:
+  - match: [{port: 5432, sourceLabels: {app: batch}}]
+    route: [{destination: {host: pg.internal, subset: v2}}]
+  - match: [{port: 5432, destinationSubnets: [127.20.0.0/16]}]
+    route:
+    - {destination: {host: pg.internal, subset: v1, port: {number: 5432}}, weight: 75}
+    - {destination: {host: pg.internal, subset: v2}, weight: 25}
+  - match: [{port: 6000}]
+    route: [{destination: {host: pg.internal, subset: v2}}]
+"""
+
+
+def _tcp_host(snap: dict[str, Any], host: str, port: int) -> dict[str, Any]:
+    return next(t for t in snap["tcp_routes"] if (t["host"], t["port"]) == (host, port))
+
+
+def test_tcp_rules_translate_with_subnets_weights_idle_timeout_and_default() -> None:
+    docs = [d for d in yaml.safe_load_all(TCP_MESH) if d]
+    assert validate_documents([Document("tcp.yaml", i, d) for i, d in enumerate(docs)]) == []
+    snap = compile_checked(load(TCP_MESH))
+    assert {"address": "127.20.0.5", "port": 5432, "host": "pg.internal", "protocol": "tcp"} in snap["vips"]
+    assert [t["port"] for t in snap["tcp_routes"] if t["host"] == "pg.internal"] == [5432]  # not the HTTP port
+    split, fallback = _tcp_host(snap, "pg.internal", 5432)["routes"]
+    # sourceLabels dropped the first rule; the 6000 rule belongs to another port.
+    assert split == {"name": "default/pg/1", "match": [{"destination_subnets": ["127.20.0.0/16"]}],
+                     "route": [{"cluster": "outbound|5432|v1|pg.internal", "weight": 75},
+                               {"cluster": "outbound|5432|v2|pg.internal", "weight": 25}],
+                     "idle_timeout": 90.0}
+    # No rule matches every connection, so the service's own cluster comes last (Istio).
+    assert fallback == {"name": "default", "match": [], "route": [{"cluster": "outbound|5432||pg.internal",
+                                                                    "weight": 100}], "idle_timeout": 90.0}
+    assert [e["port"] for e in snap["clusters"]["outbound|5432|v2|pg.internal"]["endpoints"]] == [45002]
+    parsed = Snapshot.from_dict(snap).tcp_routes[("pg.internal", 5432)]
+    assert parsed.route_for("127.20.0.5") is parsed.routes[0]
+    assert parsed.route_for("127.30.0.1") is parsed.routes[1]
+    assert parsed.routes[0].total_weight == 100 and parsed.routes[0].idle_timeout == 90.0
+
+
+def test_tcp_catch_all_rule_replaces_default_and_zero_idle_timeout_disables() -> None:
+    vs = Resource.from_dict({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                             "metadata": {"name": "pg-v2", "namespace": "default"},
+                             "spec": {"hosts": ["pg.internal"],
+                                      "tcp": [{"route": [{"destination": {"host": "pg.internal", "subset": "v2"}}]}]}})
+    resources = [r for r in load(TCP_MESH) if r.kind != "VirtualService"] + [vs]
+    (only,) = _tcp_host(compile_checked(resources), "pg.internal", 5432)["routes"]
+    assert only["match"] == [] and only["route"] == [{"cluster": "outbound|5432|v2|pg.internal", "weight": 100}]
+    assert only["idle_timeout"] == 0.0        # the subset's 0s: never closed for idleness
+    parsed = Snapshot.from_dict(compile_checked(resources)).tcp_routes[("pg.internal", 5432)].routes[0]
+    assert parsed.idle_timeout is None
+
+
+def test_registry_tcp_port_without_virtual_service_goes_to_its_cluster() -> None:
+    reg = bookinfo_registry()
+    reg.workloads += [wl("db", "v1", 44001, NODE_A, service_port=5432, protocol="tcp", port_name="tcp-pg")]
+    reg.vips[FQDN("db")] = "127.10.0.9"
+    snap = compile_checked([], reg)
+    assert _tcp_host(snap, FQDN("db"), 5432)["routes"] == [
+        {"name": "default", "match": [], "route": [{"cluster": f"outbound|5432||{FQDN('db')}", "weight": 100}]}]
+    assert all(t["host"] == FQDN("db") for t in snap["tcp_routes"])   # HTTP ports have none
+    parsed = Snapshot.from_dict(snap).tcp_routes[(FQDN("db"), 5432)].routes[0]
+    assert parsed.idle_timeout == 3600.0      # Envoy's tcp_proxy default as Istio sets it
