@@ -1,11 +1,17 @@
-"""Helpers for proxy tests: tiny real HTTP/1.1 upstream servers and snapshot builders."""
+"""Helpers for proxy tests: tiny real HTTP/1.1 upstream servers, snapshot builders, and the
+``env`` fixture that starts upstreams and proxies on demand and closes them all afterwards."""
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import pytest
+
 from proxy_core import http1
+from proxy_core.accesslog import AccessLog
+from proxy_core.server import ProxyServer
+from proxy_core.snapshot import Snapshot
 
 
 @dataclass
@@ -126,3 +132,31 @@ def snapshot(version: str = "v1", *, vhosts: list[dict[str, Any]] = (), clusters
     return {"version": version, "node": {"id": node, "ip": "127.0.0.1"}, "listeners": listeners,
             "outbound_policy": outbound, "vips": list(vips), "virtual_hosts": list(vhosts),
             "clusters": clusters or {}}
+
+
+class Env:
+    """What a proxy test starts; everything is closed, newest first, when the test ends."""
+
+    def __init__(self) -> None:
+        self.made: list[Any] = []
+
+    def track(self, obj: Any) -> Any:
+        """Close ``obj`` (anything with an async ``close``) when the test ends."""
+        self.made.append(obj)
+        return obj
+
+    async def upstream(self, handler: Handler | None = None, name: str = "up") -> Upstream:
+        return self.track(await Upstream(handler, name).start())
+
+    async def proxy(self, snap: dict[str, Any], log: AccessLog | None = None, **kw: Any) -> ProxyServer:
+        p = ProxyServer(Snapshot.from_dict(snap), access_log=log, **kw)
+        await p.start()
+        return self.track(p)
+
+
+@pytest.fixture
+async def env():
+    harness = Env()
+    yield harness
+    for obj in reversed(harness.made):
+        await obj.close()

@@ -12,7 +12,7 @@ import pytest
 
 from proxy_core.policy import decide_cors, mirror_sampled, shadow_authority
 from proxy_core.server import RETRY_BUFFER_LIMIT, ProxyServer
-from proxy_core.snapshot import CorsPolicy, Snapshot
+from proxy_core.snapshot import CorsPolicy
 from tests.unit.conftest import Reply, Upstream, cluster, snapshot, vhost
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,25 +23,6 @@ SHADOW_B = "outbound|9080|v3|reviews"
 ORIGIN = "https://app.example.com"
 
 
-@pytest.fixture
-async def env():
-    made: list[Any] = []
-
-    class Env:
-        async def upstream(self, handler=None, name: str = "up") -> Upstream:
-            u = await Upstream(handler, name).start()
-            made.append(u)
-            return u
-
-        async def proxy(self, snap: dict[str, Any], **kw: Any) -> ProxyServer:
-            p = ProxyServer(Snapshot.from_dict(snap), **kw)
-            await p.start()
-            made.append(p)
-            return p
-
-    yield Env()
-    for obj in reversed(made):
-        await obj.close()
 
 
 def reviews(route: dict[str, Any], clusters: dict[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,8 @@ import pytest
 
 from proxy_core import control
 from proxy_core.accesslog import AccessLog
-from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
-from tests.unit.conftest import Reply, Seen, Upstream, cluster, snapshot, vhost
+from tests.unit.conftest import Reply, Seen, cluster, snapshot, vhost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,26 +28,6 @@ CL = "outbound|9080||reviews"
 # -- fixtures and clients ------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def env():
-    """Starts upstreams and proxies on demand and closes them all afterwards."""
-    made: list[Any] = []
-
-    class Env:
-        async def upstream(self, handler=None, name: str = "up") -> Upstream:
-            u = await Upstream(handler, name).start()
-            made.append(u)
-            return u
-
-        async def proxy(self, snap: dict[str, Any], log: AccessLog | None = None) -> ProxyServer:
-            p = ProxyServer(Snapshot.from_dict(snap), access_log=log)
-            await p.start()
-            made.append(p)
-            return p
-
-    yield Env()
-    for obj in reversed(made):
-        await obj.close()
 
 
 def reviews(routes: list[dict[str, Any]] | None = None, *ports: int, **kw: Any) -> dict[str, Any]:

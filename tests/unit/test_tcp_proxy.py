@@ -56,25 +56,6 @@ class Echo:
         await self.server.wait_closed()
 
 
-@pytest.fixture
-async def env():
-    made: list[Any] = []
-
-    class Env:
-        async def echo(self, name: str = "echo") -> Echo:
-            e = await Echo(name).start()
-            made.append(e)
-            return e
-
-        async def proxy(self, snap: dict[str, Any], rng: random.Random | None = None) -> ProxyServer:
-            p = ProxyServer(Snapshot.from_dict(snap), rng=rng)
-            await p.start()
-            made.append(p)
-            return p
-
-    yield Env()
-    for obj in reversed(made):
-        await obj.close()
 
 
 def db_snapshot(vip: str, routes: list[dict[str, Any]], clusters: dict[str, Any], node: str = "nA") -> dict[str, Any]:
@@ -122,7 +103,7 @@ async def closed_by_proxy(port: int, host: str) -> bool:
 
 
 async def test_half_close_reaches_upstream_and_reply_still_flows(env) -> None:
-    echo = await env.echo("v1")
+    echo = env.track(await Echo("v1").start())
     p = await env.proxy(db_snapshot("127.78.0.1", [to((V1, 100))], {V1: cluster(echo.port)}))
     port = p.vip_ports()["127.78.0.1:0"]
     reader, writer = await asyncio.open_connection("127.78.0.1", port)
@@ -168,7 +149,7 @@ async def test_upstream_half_close_keeps_client_direction_open(env) -> None:
 
 
 async def test_weighted_split_across_two_destinations(env) -> None:
-    a, b = await env.echo("v1"), await env.echo("v2")
+    a, b = env.track(await Echo("v1").start()), env.track(await Echo("v2").start())
     p = await env.proxy(db_snapshot("127.78.0.3", [to((V1, 80), (V2, 20))],
                                     {V1: cluster(a.port), V2: cluster(b.port)}), rng=random.Random(7))
     port = p.vip_ports()["127.78.0.3:0"]
@@ -183,7 +164,7 @@ async def test_weighted_split_across_two_destinations(env) -> None:
 
 
 async def test_destination_subnets_pick_the_route_and_unmatched_is_closed(env) -> None:
-    a, b = await env.echo("v1"), await env.echo("v2")
+    a, b = env.track(await Echo("v1").start()), env.track(await Echo("v2").start())
     routes = [to((V2, 100), name="other-subnet", match=[{"destination_subnets": ["10.0.0.0/8"]}]),
               to((V1, 100), name="vip-subnet", match=[{"destination_subnets": ["127.78.0.0/16"]}])]
     p = await env.proxy(db_snapshot("127.78.0.4", routes, {V1: cluster(a.port), V2: cluster(b.port)}))
@@ -201,7 +182,7 @@ async def test_destination_subnets_pick_the_route_and_unmatched_is_closed(env) -
 
 
 async def test_two_hops_through_the_peer_inbound_tunnel(env) -> None:
-    echo = await env.echo("on-node-b")
+    echo = env.track(await Echo("on-node-b").start())
     node_b = await env.proxy(snapshot(node="nB", clusters={V1: cluster(echo.port, node="nB")}))
     via = {"address": "127.0.0.1", "port": node_b.ports["inbound"]}
     node_a = await env.proxy(db_snapshot("127.78.0.5", [to((V1, 100))], {V1: cluster(echo.port, node="nB", via=via)}))
@@ -215,7 +196,7 @@ async def test_two_hops_through_the_peer_inbound_tunnel(env) -> None:
 
 
 async def test_large_transfer_with_a_stalled_reader_stays_bounded(env) -> None:
-    echo = await env.echo("big")
+    echo = env.track(await Echo("big").start())
     p = await env.proxy(db_snapshot("127.78.0.6", [to((V1, 100))], {V1: cluster(echo.port)}))
     port = p.vip_ports()["127.78.0.6:0"]
     size = 20 * 1024 * 1024
@@ -274,7 +255,7 @@ async def test_no_endpoint_closes_the_client_with_uh(env) -> None:
 
 
 async def test_idle_timeout_closes_both_sides_and_activity_defers_it(env) -> None:
-    echo = await env.echo("idle")
+    echo = env.track(await Echo("idle").start())
     p = await env.proxy(db_snapshot("127.78.0.9", [to((V1, 100), idle_timeout=0.3)], {V1: cluster(echo.port)}))
     reader, writer = await asyncio.open_connection("127.78.0.9", p.vip_ports()["127.78.0.9:0"])
     start = last = time.monotonic()
