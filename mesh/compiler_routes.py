@@ -112,14 +112,20 @@ def translate_tcp_routes(vs: Resource | None, host: str, port: int, lookup: Serv
     return out
 
 
-def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
-    """One L4MatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
+def _applies_to_mesh_port(m: Mapping[str, Any], port: int) -> bool:
+    """Whether a match (HTTP or L4) can select traffic of a node proxy on ``port``: matches on
+    the client's labels or namespace, for other gateways, or for another port cannot."""
     if m.get("sourceLabels") or m.get("sourceNamespace"):
-        return None
+        return False
     gateways = m.get("gateways")
     if gateways and "mesh" not in gateways:
-        return None
-    if m.get("port") is not None and int(m["port"]) != port:
+        return False
+    return m.get("port") is None or int(m["port"]) == port
+
+
+def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
+    """One L4MatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
+    if not _applies_to_mesh_port(m, port):
         return None
     subnets = [str(n) for n in m.get("destinationSubnets") or ()]
     return {"destination_subnets": subnets} if subnets else {}
@@ -167,12 +173,7 @@ def _string_match(sm: Mapping[str, Any] | None) -> dict[str, str]:
 
 def _translate_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
     """One HTTPMatchRequest, or None when it cannot apply to the mesh virtual host on ``port``."""
-    if m.get("sourceLabels") or m.get("sourceNamespace"):
-        return None
-    gateways = m.get("gateways")
-    if gateways and "mesh" not in gateways:
-        return None
-    if m.get("port") is not None and int(m["port"]) != port:
+    if not _applies_to_mesh_port(m, port):
         return None
     out: dict[str, Any] = {}
     for key in ("uri", "scheme", "method", "authority"):
