@@ -36,6 +36,7 @@ from mesh.registry import NodeInfo, WorkloadInstance
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class PilotOptions:
     poll_interval: float = 2.0          # safety-net poll of the store
