@@ -21,6 +21,7 @@ KIND_GROUPS: dict[str, str] = {
     "PeerAuthentication": "security.istio.io",
     "RequestAuthentication": "security.istio.io",
     "AuthorizationPolicy": "security.istio.io",
+    "Telemetry": "telemetry.istio.io",
     # raymesh's own kind: Istio configures rate limits through EnvoyFilter, which raymesh does not
     # accept (it patches Envoy internals), so local rate limits get a first-class resource.
     "RateLimitPolicy": "policy.raymesh.io",
@@ -29,6 +30,7 @@ KIND_GROUPS: dict[str, str] = {
 API_VERSIONS: dict[str, tuple[str, ...]] = {
     "networking.istio.io": ("v1", "v1beta1", "v1alpha3"),
     "security.istio.io": ("v1", "v1beta1"),
+    "telemetry.istio.io": ("v1", "v1alpha1"),
     "policy.raymesh.io": ("v1alpha1",),
 }
 
@@ -44,6 +46,7 @@ for _kind, _aliases in {
     "PeerAuthentication": ("peerauthentication", "peerauthentications", "pa"),
     "RequestAuthentication": ("requestauthentication", "requestauthentications", "ra"),
     "AuthorizationPolicy": ("authorizationpolicy", "authorizationpolicies", "ap"),
+    "Telemetry": ("telemetry", "telemetries"),  # Istio's short name is the singular itself
     "RateLimitPolicy": ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
 }.items():
     for _a in _aliases:

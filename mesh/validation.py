@@ -1,5 +1,5 @@
-"""Validation of Istio networking and security objects (and raymesh's RateLimitPolicy) before
-Galley commits them.
+"""Validation of Istio networking, security and telemetry objects (and raymesh's
+RateLimitPolicy) before Galley commits them.
 
 Three layers, in the order the Kubernetes apiserver and Istio's validating webhook apply them:
 
@@ -11,8 +11,8 @@ Three layers, in the order the Kubernetes apiserver and Istio's validating webho
    (``x-kubernetes-validations``) are implemented as Python predicates keyed by the exact
    rule text: a schema update that adds a rule fails loudly instead of being ignored.
 3. **Semantics**: the checks of Istio's ``pkg/config/validation`` (hosts, routes, weights,
-   regexes, retries, TLS, resolution modes, JWT rules, authorization rules and attributes
-   ...). They run only on a structurally valid spec, as the webhook only ever sees objects
+   regexes, retries, TLS, resolution modes, JWT rules, authorization rules and attributes,
+   telemetry tag overrides ...). They run only on a structurally valid spec, as the webhook only ever sees objects
    the schema accepted, so they can trust types.
 
 Errors are :class:`FieldError` values naming the file, the document, the object and the
@@ -522,6 +522,19 @@ def _service_accounts_alone(source: dict[str, Any]) -> bool:
         return True
     return not any(_has(source, f) for f in ("principals", "notPrincipals", "namespaces", "notNamespaces"))
 
+def _upsert_has_value(override: dict[str, Any], message: str) -> str | None:
+    """``(operation == "UPSERT") ? (self.value != "") : true``.
+
+    Reading an absent ``self.value`` is a CEL evaluation error ("no such key"), which the
+    apiserver reports with the rule's message appended.
+    """
+    if override.get("operation") != "UPSERT":
+        return None
+    if "value" not in override:
+        return f"no such key: value evaluating rule: {message}"
+    return message if override["value"] == "" else None
+
+
 # Every x-kubernetes-validations rule in mesh/schemas, by exact text -> check(value, message).
 CEL_RULES: dict[str, Callable[[Any, str], str | None]] = {
     "duration(self) >= duration('1ms')": _duration_rule,
@@ -569,6 +582,9 @@ CEL_RULES: dict[str, Callable[[Any, str], str | None]] = {
     "(has(self.serviceAccounts) || has(self.notServiceAccounts)) ? (!has(self.principals) &&\n"
     "!has(self.notPrincipals) && !has(self.namespaces) && !has(self.notNamespaces)) : true":
         _predicate(_service_accounts_alone),
+    '((has(self.operation) ? self.operation : "") == "UPSERT") ? (self.value != "") : true': _upsert_has_value,
+    '((has(self.operation) ? self.operation : "") == "REMOVE") ? !has(self.value) : true':
+        _predicate(lambda o: o.get("operation") != "REMOVE" or "value" not in o),
 }
 
 
@@ -1626,6 +1642,37 @@ def _validate_rate_limit_match(match: dict[str, Any], path: str, out: _Issues) -
                 _check_regex(string_match["regex"], f"{path}.{field}[{name}].regex", out)
 
 
+# --------------------------------------------------------------------------- Telemetry
+
+
+def _validate_telemetry(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    """Istio's ValidateTelemetry, less what the CRD already enforces (selector vs targetRefs,
+    provider names, metric enum, non-empty customMetric, sampling 0-100, tag override
+    operation vs value when the operation is written out)."""
+    _validate_policy_targets(spec, out)
+    for i, metrics in enumerate(spec.get("metrics") or []):
+        for j, override in enumerate(metrics.get("overrides") or []):
+            path = f"spec.metrics[{i}].overrides[{j}].tagOverrides"
+            for tag, change in (override.get("tagOverrides") or {}).items():
+                _validate_tag_override(tag, change, f"{path}[{tag}]", out)
+    for i, logging in enumerate(spec.get("accessLogging") or []):
+        expression = (logging.get("filter") or {}).get("expression")
+        if logging.get("filter") is not None and not expression:
+            out.append((f"spec.accessLogging[{i}].filter.expression",
+                        "Required value: filter expression must not be empty"))
+    for i, tracing in enumerate(spec.get("tracing") or []):
+        for tag in tracing.get("customTags") or {}:
+            if not tag:
+                out.append((f"spec.tracing[{i}].customTags", "tag name may not be empty"))
+
+
+def _validate_tag_override(tag: str, change: dict[str, Any], path: str, out: _Issues) -> None:
+    # Tag names are not checked further: Istio accepts any (it only warns on an empty one).
+    # An unset operation is UPSERT (the proto's zero value), which the CEL rule does not see.
+    if "operation" not in change and not change.get("value"):
+        out.append((f"{path}.value", "Required value: value must be set when operation is UPSERT"))
+
+
 _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "VirtualService": _validate_virtual_service,
     "DestinationRule": _validate_destination_rule,
@@ -1635,5 +1682,6 @@ _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "PeerAuthentication": _validate_peer_authentication,
     "RequestAuthentication": _validate_request_authentication,
     "AuthorizationPolicy": _validate_authorization_policy,
+    "Telemetry": _validate_telemetry,
     "RateLimitPolicy": _validate_rate_limit_policy,
 }

@@ -4,7 +4,7 @@ The corpus (``conformance/istio`` in the shared folder next to the repository, o
 ``$RAYMESH_CONFORMANCE_DIR``) holds verbatim files from istio/istio:
 
 * ``samples/bookinfo/networking/*.yaml``: the Bookinfo sample; every file must apply cleanly.
-* ``validation/pkg/test/datasets/validation/dataset/{networking,security}-*-<Kind>.yaml``: one
+* ``validation/pkg/test/datasets/validation/dataset/{networking,security,telemetry}-*-<Kind>.yaml``: one
   valid object per served version of each kind.
 * ``validation/pkg/config/validation/testdata/crds/<kind>-{valid,invalid}.yaml``: documents
   Istio's CRD must accept, and documents it must reject; each rejected one carries ``_err``,
@@ -28,12 +28,14 @@ if not CORPUS.is_dir():
                 "set RAYMESH_CONFORMANCE_DIR to its location", pytrace=False)
 
 KINDS = ("VirtualService", "DestinationRule", "Gateway", "ServiceEntry", "WorkloadEntry",
-         "PeerAuthentication", "RequestAuthentication", "AuthorizationPolicy")
+         "PeerAuthentication", "RequestAuthentication", "AuthorizationPolicy", "Telemetry")
 BOOKINFO = sorted((CORPUS / "samples" / "bookinfo" / "networking").glob("*.yaml"))
+DATASET_GROUPS = ("networking", "security", "telemetry")
 DATASET = sorted(p for p in (CORPUS / "validation/pkg/test/datasets/validation/dataset").glob("*.yaml")
-                 if p.stem.split("-", 1)[0] in ("networking", "security") and p.stem.rsplit("-", 1)[1] in KINDS)
+                 if p.stem.split("-", 1)[0] in DATASET_GROUPS and p.stem.rsplit("-", 1)[1] in KINDS)
 CRD_FIXTURES = CORPUS / "validation/pkg/config/validation/testdata/crds"
-FIXTURE_KINDS = ("destinationrule", "serviceentry", "workloadentry", "peerauth", "reqauth", "authz")
+FIXTURE_KINDS = ("destinationrule", "serviceentry", "workloadentry", "peerauth", "reqauth", "authz",
+                 "telemetry")
 
 
 def fixture_documents(outcome: str) -> list[Document]:
@@ -51,9 +53,9 @@ def doc_id(doc: Document) -> str:
 def test_corpus_is_complete() -> None:
     """Guards the globs: an empty or moved corpus must not pass as zero test cases."""
     assert len(BOOKINFO) == 21
-    assert len(DATASET) == 21
-    assert len(VALID) == 19
-    assert len(INVALID) == 50
+    assert len(DATASET) == 23
+    assert len(VALID) == 22
+    assert len(INVALID) == 54
 
 
 @pytest.mark.parametrize("path", BOOKINFO, ids=lambda p: p.name)

@@ -61,7 +61,7 @@ def test_unknown_kind_lists_supported_kinds() -> None:
     assert error.path == "kind"
     assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, DestinationRule, '
                             "Gateway, PeerAuthentication, RateLimitPolicy, RequestAuthentication, ServiceEntry, "
-                            "VirtualService, WorkloadEntry")
+                            "Telemetry, VirtualService, WorkloadEntry")
 
 
 def test_api_version_must_match_kind() -> None:
