@@ -1,5 +1,9 @@
 """Standalone proxy: ``python -m proxy_core --snapshot file.json [--control SOCK]``.
 
+The access log goes to stdout (or ``--access-log FILE``) as JSON lines and, with
+``--access-log-parquet DIR``, also to Parquet files in DIR, cut every
+``--access-log-rotate-rows`` rows or ``--access-log-rotate-seconds`` seconds.
+
 Prints one JSON line ``{"event": "ready", ...}`` on stdout once every listener is bound
 (the supervisor waits for it), then serves until SIGTERM/SIGINT or a control
 ``shutdown``: listeners close at once, in-flight requests get ``--grace`` seconds.
@@ -12,10 +16,11 @@ import json
 import logging
 import signal
 import sys
+from typing import Callable, TextIO
 
 import uvloop
 
-from proxy_core.accesslog import AccessLog
+from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS, AccessLog
 from proxy_core.control import ControlServer
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
@@ -28,18 +33,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control", help="unix socket path for the supervisor's control channel")
     p.add_argument("--access-log", help="write the JSON access log to this file instead of stdout")
     p.add_argument("--no-access-log", action="store_true", help="disable the access log")
+    p.add_argument("--access-log-parquet", metavar="DIR",
+                   help="also write the access log as Parquet files into DIR (created if missing)")
+    p.add_argument("--access-log-rotate-rows", type=_positive(int), default=DEFAULT_ROTATE_ROWS, metavar="N",
+                   help="start a new Parquet file after N rows")
+    p.add_argument("--access-log-rotate-seconds", type=_positive(float), default=DEFAULT_ROTATE_SECONDS,
+                   metavar="S", help="start a new Parquet file once its oldest row is S seconds old")
     p.add_argument("--telemetry-buffer", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help="request rows kept for Mixer between two drains; beyond that rows are dropped and counted")
     p.add_argument("--no-telemetry", action="store_true", help="record no per-request telemetry")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on shutdown")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.no_access_log and args.access_log_parquet:
+        p.error("--access-log-parquet needs the access log: drop --no-access-log")
+    return args
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: ``kind`` parsed from the text, rejected unless greater than zero."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" errors
+    return parse
+
+
+def make_access_log(args: argparse.Namespace, sink: TextIO) -> AccessLog:
+    """The access log the flags ask for, JSON lines into ``sink``."""
+    return AccessLog(sink, enabled=not args.no_access_log, parquet_dir=args.access_log_parquet,
+                     rotate_rows=args.access_log_rotate_rows, rotate_seconds=args.access_log_rotate_seconds)
 
 
 async def serve(args: argparse.Namespace) -> None:
     with open(args.snapshot, encoding="utf-8") as f:
         snapshot = Snapshot.from_json(f.read())
     sink = open(args.access_log, "a", encoding="utf-8") if args.access_log else sys.stdout
-    proxy = ProxyServer(snapshot, access_log=AccessLog(sink, enabled=not args.no_access_log),
+    proxy = ProxyServer(snapshot, access_log=make_access_log(args, sink),
                         telemetry_rows=0 if args.no_telemetry else args.telemetry_buffer)
     await proxy.start()
     stop = asyncio.Event()
