@@ -134,6 +134,42 @@ def snapshot(version: str = "v1", *, vhosts: list[dict[str, Any]] = (), clusters
             "clusters": clusters or {}}
 
 
+class Echo:
+    """A TCP server on 127.0.0.1 that echoes what it reads and, after the client's EOF,
+    appends ``|name`` and closes: a reply that only arrives if half-close travelled through."""
+
+    def __init__(self, name: str = "echo") -> None:
+        self.name = name
+        self.connections = 0
+        self.received = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> "Echo":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while data := await reader.read(65536):
+                self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+            writer.write(b"|" + self.name.encode())
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
 class Env:
     """What a proxy test starts; everything is closed, newest first, when the test ends."""
 

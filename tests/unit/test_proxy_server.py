@@ -18,7 +18,7 @@ import pytest
 from proxy_core import control
 from proxy_core.accesslog import AccessLog
 from proxy_core.snapshot import Snapshot
-from tests.unit.conftest import Reply, Seen, cluster, snapshot, vhost
+from tests.unit.conftest import Echo, Reply, Seen, cluster, snapshot, vhost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -434,6 +434,19 @@ async def test_inbound_refuses_non_local_targets(env) -> None:
     assert out.startswith(b"HTTP/1.1 403 ")
     out = await raw_exchange(inbound, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 405 ")
+
+
+async def test_tunnel_bytes_and_eof_sent_with_the_connect_line_arrive(env) -> None:
+    """A peer may send the CONNECT line, its first bytes and its EOF in one packet, before the
+    proxy has dialled the target: nothing of it may be lost."""
+    echo = env.track(await Echo("e").start())
+    node_b = await env.proxy(snapshot(node="nB", clusters={CL: cluster(echo.port, node="nB")}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", node_b.ports["inbound"])
+    writer.write(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\nhello" % echo.port)
+    writer.write_eof()
+    out = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert out == b"HTTP/1.1 200 Connection established\r\n\r\nhello|e"
 
 
 async def test_connect_on_proxy_listener_to_a_service(env) -> None:

@@ -12,50 +12,12 @@ import pytest
 
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
-from tests.unit.conftest import cluster, snapshot
+from tests.unit.conftest import Echo, cluster, snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
 DB = "db.default.svc.cluster.local"
 V1, V2 = f"outbound|5432|v1|{DB}", f"outbound|5432|v2|{DB}"
-
-
-class Echo:
-    """A TCP server on 127.0.0.1 that echoes what it reads and, after the client's EOF,
-    appends ``|name`` and closes: a reply that only arrives if half-close travelled through."""
-
-    def __init__(self, name: str = "echo") -> None:
-        self.name = name
-        self.connections = 0
-        self.received = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def start(self) -> "Echo":
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while data := await reader.read(65536):
-                self.received += len(data)
-                writer.write(data)
-                await writer.drain()
-            writer.write(b"|" + self.name.encode())
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
 
 
 def db_snapshot(vip: str, routes: list[dict[str, Any]], clusters: dict[str, Any], node: str = "nA") -> dict[str, Any]:
