@@ -161,9 +161,8 @@ class _Parser:
 
     # llhttp callbacks: they run once per header of every message, so they do the least
     # they can: framing headers are the rare case and are handled out of line, and the
-    # size and count limits are checked once per head (``_check_head``) and once per feed
-    # while a head is incomplete.  Each subclass resets its per-message state in its own
-    # ``on_message_begin`` (inlined: it runs for every message).
+    # size and count limits are checked once per head (``_end_head``) and once per feed
+    # while a head is incomplete.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -175,7 +174,20 @@ class _Parser:
         if name in _FRAMING:
             self._framing(name, value)
 
-    def _check_head(self) -> None:
+    def _begin_message(self) -> None:
+        """Per-message state both directions share; subclasses reset their own fields too."""
+        self._headers = []
+        self._trailers = None
+        self._in_head = True
+        self._head_size = 0
+        self._partial = 0
+        self._content_length = None
+        self._chunked = False
+        self._expect = False
+
+    def _end_head(self) -> None:
+        """The head is complete: enforce the size and count limits once."""
+        self._in_head = False
         if self._head_size > self.max_header_bytes:
             raise ProtocolError(self._large_status, "header block too large")
         if len(self._headers) > self.max_headers:
@@ -273,15 +285,8 @@ class RequestParser(_Parser):
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
+        self._begin_message()
         self._url = b""
-        self._headers = []
-        self._trailers = None
-        self._in_head = True
-        self._head_size = 0
-        self._partial = 0
-        self._content_length = None
-        self._chunked = False
-        self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -290,9 +295,7 @@ class RequestParser(_Parser):
             raise ProtocolError(self._large_status, "request line too large")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._head_size > self.max_header_bytes or len(self._headers) > self.max_headers:
-            self._check_head()
+        self._end_head()
         p = self._parser
         self.sink.on_head(RequestHead(p.get_method(), self._url, p.get_http_version(), self._headers,
                                       p.should_keep_alive(), p.should_upgrade(), self._content_length,
@@ -326,23 +329,14 @@ class ResponseParser(_Parser):
         self._head_request = head_request
 
     def on_message_begin(self) -> None:
+        self._begin_message()
         self._reason = b""
-        self._headers = []
-        self._trailers = None
-        self._in_head = True
-        self._head_size = 0
-        self._partial = 0
-        self._content_length = None
-        self._chunked = False
-        self._expect = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._head_size > self.max_header_bytes or len(self._headers) > self.max_headers:
-            self._check_head()
+        self._end_head()
         p = self._parser
         status = p.get_status_code()
         keep_alive = p.should_keep_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -168,6 +169,13 @@ class Echo:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released), for connect failures."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Env:

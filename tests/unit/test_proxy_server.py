@@ -18,7 +18,7 @@ import pytest
 from proxy_core import control
 from proxy_core.accesslog import AccessLog
 from proxy_core.snapshot import Snapshot
-from tests.unit.conftest import Echo, Reply, Seen, cluster, snapshot, vhost
+from tests.unit.conftest import Echo, Reply, Seen, closed_port, cluster, snapshot, vhost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -279,20 +279,11 @@ async def test_missing_cluster_is_503_nc(env) -> None:
     assert p.stats()["response_flags"] == {"NC": 1}
 
 
-def _closed_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 async def test_connect_failure_retried_then_503_uf(env) -> None:
     log_sink = io.StringIO()
     route = [{"name": "r", "route": [{"cluster": CL}],
               "retries": {"attempts": 2, "retry_on": ["connect-failure"]}}]
-    p = await env.proxy(reviews(route, _closed_port(), _closed_port()), AccessLog(log_sink))
+    p = await env.proxy(reviews(route, closed_port(), closed_port()), AccessLog(log_sink))
     status, _, body = await aget(p.ports["http_proxy"], "/", headers={"Host": "reviews:9080"})
     assert status == 503 and body.startswith(b"upstream connect error or disconnect/reset before headers")
     p.access_log.flush()
@@ -430,7 +421,7 @@ async def test_inbound_refuses_non_local_targets(env) -> None:
     up = await env.upstream()
     node_b = await env.proxy(reviews(None, up.port, node="nB"))
     inbound = node_b.ports["inbound"]
-    out = await raw_exchange(inbound, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % _closed_port())
+    out = await raw_exchange(inbound, b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % closed_port())
     assert out.startswith(b"HTTP/1.1 403 ")
     out = await raw_exchange(inbound, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 405 ")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
-from tests.unit.conftest import Echo, cluster, snapshot
+from tests.unit.conftest import Echo, closed_port, cluster, snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,16 +192,8 @@ async def test_large_transfer_with_a_stalled_reader_stays_bounded(env) -> None:
 # -- failures and timeouts -------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 async def test_connect_failure_closes_the_client(env) -> None:
-    p = await env.proxy(db_snapshot("127.78.0.7", [to((V1, 100))], {V1: cluster(_closed_port())}))
+    p = await env.proxy(db_snapshot("127.78.0.7", [to((V1, 100))], {V1: cluster(closed_port())}))
     port = p.vip_ports()["127.78.0.7:0"]
     assert await closed_by_proxy(port, "127.78.0.7")
     tcp = await settled(p)
