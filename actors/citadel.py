@@ -34,6 +34,7 @@ from actors.store import GcsKV, RevisionedStore
 from mesh.identity import (DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, DEFAULT_TRUST_DOMAIN, MAX_SVID_TTL, CAKeyPair,
                            IdentityError, KeyType, create_root_ca, fingerprint, import_ca, load_cert, sign_csr,
                            spiffe_id, validate_trust_domain)
+from mesh.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _utcnow() -> datetime:
 
 
 @dataclass(slots=True)
-class CitadelOptions:
+class CitadelOptions(Record):
     trust_domain: str = DEFAULT_TRUST_DOMAIN          # used when the root is created; the stored one wins after
     key_type: KeyType = "EC"                          # of a created root
     root_validity_seconds: float = DEFAULT_ROOT_VALIDITY.total_seconds()
@@ -55,13 +56,6 @@ class CitadelOptions:
     max_ttl_seconds: float = MAX_SVID_TTL.total_seconds()
     collection: str = CA_COLLECTION                   # one per trust domain, should a cluster ever run two
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "CitadelOptions":
-        d = d or {}
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)

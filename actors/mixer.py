@@ -32,6 +32,7 @@ from ray.exceptions import RayError
 
 from mesh.metrics import (DEFAULT_CLUSTER_ID, LABEL_NAMES, REQUESTS_TOTAL, Filters, MetricStore, MetricUpdate, Window,
                           aggregate, conform, decode_batch)
+from mesh.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(slots=True)
-class MixerOptions:
+class MixerOptions(Record):
     port: int = 0                           # replica i serves port + i; 0 = an ephemeral port each
     file_sd_dir: str = DEFAULT_FILE_SD_DIR  # writes <dir>/mixer-<i>.json; "" = none
     window_s: float = 300.0                 # raw rows kept for top and queries
@@ -51,13 +52,6 @@ class MixerOptions:
     dedupe_history: int = 1024              # batch ids remembered per node
     ray_metrics: bool = True                # mirror istio_requests_total into Ray's metrics
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "MixerOptions":
-        d = d or {}
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
 BatchId = tuple[int, tuple[str, ...]]

@@ -33,12 +33,13 @@ from actors.registry import allocate_vip, registry_state, registry_store
 from actors.store import NAMESPACE
 from mesh.compiler import compile_all
 from mesh.registry import NodeInfo, WorkloadInstance
+from mesh.records import Record
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class PilotOptions:
+class PilotOptions(Record):
     poll_interval: float = 2.0          # safety-net poll of the store
     reconcile_interval: float = 1.0     # node / workload liveness checks
     watch_timeout: float = 30.0         # long-poll timeout, as Serve's long poll
@@ -47,13 +48,6 @@ class PilotOptions:
     proxy_env: dict[str, str] = field(default_factory=dict)
     workload_api: dict[str, Any] = field(default_factory=dict)   # WorkloadApiOptions for every node
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "PilotOptions":
-        d = d or {}
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
 @ray.remote

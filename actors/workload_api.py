@@ -51,6 +51,7 @@ from mesh.workload import WORKLOAD_API_RUNTIME_DIR as DEFAULT_RUNTIME_DIR
 from mesh.workload import workload_api_path
 from mesh.client import acall_any
 from mesh.identity import IdentityError, PrivateKey, load_certs, make_csr, new_workload_key, spiffe_id
+from mesh.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,11 @@ Clock = Callable[[], float]
 
 
 @dataclass(slots=True)
-class WorkloadApiOptions:
+class WorkloadApiOptions(Record):
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     svid_ttl_seconds: float | None = None    # None: Citadel's default TTL (24 h)
     refresh_seconds: float = 30.0            # how often a stream re-reads registrations and the trust bundle
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "WorkloadApiOptions":
-        d = d or {}
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
 # -- the relay: peer credentials in front of gRPC --------------------------------------------

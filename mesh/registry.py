@@ -7,8 +7,8 @@ those).  Proxies on every node learn about nodes (their inbound tunnel address) 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from mesh.records import Record
 
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -18,7 +18,7 @@ def service_fqdn(name: str, namespace: str, domain: str = CLUSTER_DOMAIN) -> str
 
 
 @dataclass(slots=True)
-class WorkloadInstance:
+class WorkloadInstance(Record):
     """One serving endpoint of a service, usually a Ray actor listening on its node's loopback."""
 
     service: str                      # short service name, e.g. "reviews"
@@ -38,16 +38,9 @@ class WorkloadInstance:
     def host(self) -> str:
         return service_fqdn(self.service, self.namespace)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "WorkloadInstance":
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
-
 
 @dataclass(slots=True)
-class NodeInfo:
+class NodeInfo(Record):
     """A Ray node with a proxy: the addresses other proxies use to reach it."""
 
     node_id: str
@@ -55,13 +48,6 @@ class NodeInfo:
     inbound_port: int = 0
     http_proxy_port: int = 0
     alive: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NodeInfo":
-        return cls(**{k: d[k] for k in cls.__slots__ if k in d})  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
