@@ -4,9 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test unit integration bench install clean
+.PHONY: demo test unit integration bench install build clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
@@ -14,20 +14,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Compiles the proxy's request path (setup.py) in place; only modules whose .py or .pxd
+# changed are rebuilt, so after an edit this is what brings the compiled modules up to date.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+demo: build
 	$(PY) -m actors.demo
 
-test: $(STAMP)
+test: build
 	$(PY) -m pytest -q
 
-unit: $(STAMP)
+unit: build
 	$(PY) -m pytest -q tests/unit tests/conformance
 
-integration: $(STAMP)
+integration: build
 	$(PY) -m pytest -q tests/integration
 
-bench: $(STAMP)
+bench: build
 	$(PY) benchmarks/proxy_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache proxy_core/*.c proxy_core/*.so

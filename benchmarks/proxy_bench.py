@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from proxy_core import compiled_modules  # noqa: E402  (recorded with the results)
+
 RESULTS = ROOT / "benchmarks" / "results" / "proxy_bench.json"
 BODY_SIZE = 1024
 CLIENT_CORE = 0           # h2load and the origin
@@ -611,7 +614,8 @@ def machine_info(tools: Tools) -> dict[str, Any]:
             "python": platform.python_version(), "uvloop": pkg("uvloop"), "httptools": pkg("httptools"),
             "nginx": version([tools.nginx, "-v"]) if tools.nginx else None,
             "h2load": version([tools.h2load, "--version"]) if tools.h2load else None,
-            "git_commit": commit, "loadavg_start": os.getloadavg()[0]}
+            "git_commit": commit, "proxy_core_compiled": compiled_modules(),
+            "loadavg_start": os.getloadavg()[0]}
 
 
 def hot_spots(profile_path: Path, top: int = 20) -> dict[str, Any]:

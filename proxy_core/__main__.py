@@ -20,6 +20,7 @@ from typing import Callable, TextIO
 
 import uvloop
 
+from proxy_core import compiled_modules
 from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS, AccessLog
 from proxy_core.control import ControlServer
 from proxy_core.server import ProxyServer
@@ -82,7 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
         control = ControlServer(proxy, args.control, stop.set)
         await control.start()
     sys.stdout.write(json.dumps({"event": "ready", "version": snapshot.version, "ports": proxy.ports,
-                                 "vips": proxy.vip_ports()}) + "\n")
+                                 "vips": proxy.vip_ports(), "compiled": compiled_modules()}) + "\n")
     sys.stdout.flush()
     await stop.wait()
     if control is not None:

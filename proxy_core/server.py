@@ -328,7 +328,7 @@ class ProxyServer:
 # -- downstream connections ------------------------------------------------------------------
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection:
     """Drives one downstream connection: parses requests, runs one ``Exchange`` at a time
     (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
 
@@ -546,50 +546,9 @@ class HttpConnection(asyncio.Protocol):
 class Exchange:
     """One request/response through the proxy, as a callback-driven state machine.
 
-    Attributes start as the class-level defaults below and only those that change are set
-    on the instance: an exchange is created per request, so its construction is kept to
-    the few fields every request needs.
+    Compiled (see setup.py), it is an extension type whose fields are C struct members
+    (``server.pxd``), so setting all of them here costs next to nothing.
     """
-
-    req: RequestInfo | None = None
-    route: Route | None = None
-    match: Any = None
-    wc: WeightedCluster | None = None
-    cluster: Cluster | None = None
-    balancer: LoadBalancer | None = None
-    done = False
-    request_complete = False
-    bytes_received = 0
-    bytes_sent = 0
-    body_size = 0
-    body_retriable = True
-    trailers: list[tuple[bytes, bytes]] = []       # replaced, never mutated
-    up_head = b""
-    upstream: UpstreamConnection | None = None
-    endpoint: Endpoint | None = None
-    attempt = 0
-    connecting: asyncio.Task[Any] | None = None
-    try_timer: asyncio.TimerHandle | None = None
-    route_timer: asyncio.TimerHandle | None = None
-    retry_timer: asyncio.TimerHandle | None = None
-    response_started = False
-    resp_chunked = False
-    close_after = False
-    up_start = 0.0
-    up_time: int | None = None
-    request_id: str | None = None
-    xff: str | None = None
-    status = 0
-    resp_ops: tuple[HeaderOps, ...] = ()
-    set_cookie: bytes | None = None
-    pipe: Pipe | None = None
-    up_paused = False
-    counted_on_start = False
-    up_keep_alive = True
-    resp_head_bytes = 0
-    rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
-    cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
-    mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
 
     def __init__(self, conn: HttpConnection, head: RequestHead) -> None:
         self.conn = conn
@@ -605,6 +564,45 @@ class Exchange:
         self.tried: list[str] = []
         self.out: list[bytes] = []
         self.tunnel_pending: list[bytes] = []
+        self.req: RequestInfo | None = None
+        self.route: Route | None = None
+        self.match: Any = None
+        self.wc: WeightedCluster | None = None
+        self.cluster: Cluster | None = None
+        self.balancer: LoadBalancer | None = None
+        self.done = False
+        self.request_complete = False
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.body_size = 0
+        self.body_retriable = True
+        self.trailers: list[tuple[bytes, bytes]] = []       # replaced, never mutated
+        self.up_head = b""
+        self.upstream: UpstreamConnection | None = None
+        self.endpoint: Endpoint | None = None
+        self.attempt = 0
+        self.connecting: asyncio.Task[Any] | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.route_timer: asyncio.TimerHandle | None = None
+        self.retry_timer: asyncio.TimerHandle | None = None
+        self.response_started = False
+        self.resp_chunked = False
+        self.close_after = False
+        self.up_start = 0.0
+        self.up_time: int | None = None
+        self.request_id: str | None = None
+        self.xff: str | None = None
+        self.status = 0
+        self.resp_ops: tuple[HeaderOps, ...] = ()
+        self.set_cookie: bytes | None = None
+        self.pipe: Pipe | None = None
+        self.up_paused = False
+        self.counted_on_start = False
+        self.up_keep_alive = True
+        self.resp_head_bytes = 0
+        self.rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
+        self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
+        self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down

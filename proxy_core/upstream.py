@@ -141,7 +141,7 @@ class _Discard:
 _DISCARD = _Discard()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an endpoint; responses go to its current ``sink``."""
 
     __slots__ = ("key", "transport", "parser", "sink", "closed", "idle_since", "reused", "got_data")
