@@ -1,4 +1,4 @@
-"""RequestAuthentication: JWT verification at the inbound proxy, with Istio/Envoy semantics.
+"""RequestAuthentication: JWT verification in the enforcing proxy, with Istio/Envoy semantics.
 
 A request without a token passes through unauthenticated (an AuthorizationPolicy decides
 whether that is acceptable); a request with a token that does not verify is answered 401
@@ -36,8 +36,8 @@ import jwt
 from proxy_core import http1
 from proxy_core.authz import selects
 
-__all__ = ["AuthResult", "JwtAuthenticator", "Tokens", "JwksCache", "JwksError", "KeySet", "http_get", "www_authenticate",
-           "CLOCK_SKEW", "DEFAULT_JWKS_TTL"]
+__all__ = ["AuthResult", "JwtAuthenticator", "Tokens", "JwksCache", "JwksError", "KeySet", "http_get",
+           "www_authenticate", "CLOCK_SKEW", "DEFAULT_JWKS_TTL"]
 
 CLOCK_SKEW = 60.0                    # Envoy jwt_authn clock_skew_seconds default
 DEFAULT_JWKS_TTL = 20 * 60.0         # Istio refreshes JWKS every 20 minutes

@@ -123,7 +123,7 @@ class SecurityRuntime:
 
 class _Request(Protocol):
     method: str
-    headers: dict[str, str]
+    headers: Mapping[str, str]
 
 
 class _Connection(Protocol):

@@ -146,7 +146,7 @@ async def test_invalid_token_gets_401(env, case: str) -> None:
     status, headers, body = await aget(p.ports["http_proxy"], URL + "/get?x=1", headers=bearer(make()))
     assert (status, body.decode()) == (401, error)
     assert headers["www-authenticate"] == \
-        f'Bearer realm="http://httpbin.foo.svc.cluster.local:8000/get", error="invalid_token"'
+        'Bearer realm="http://httpbin.foo.svc.cluster.local:8000/get", error="invalid_token"'
     assert len(up.seen) == 1                                        # only the good request arrived
     assert p.stats()["security"]["jwt_authn"]["denied_by"] == {error: 1}
 
@@ -254,7 +254,8 @@ async def test_jwks_fetch_never_blocks_other_traffic(env) -> None:
     snap = httpbin(endpoint(up.port), docs=[request_authn([{
         "issuer": ISSUER, "jwksUri": f"http://127.0.0.1:{jwks.sockets[0].getsockname()[1]}/keys", "timeout": "1s"}])])
     other_cl = "outbound|80||other.bar.svc.cluster.local"
-    snap["virtual_hosts"].append(vhost("other.bar.svc.cluster.local", 80, [{"name": "o", "route": [{"cluster": other_cl}]}]))
+    snap["virtual_hosts"].append(vhost("other.bar.svc.cluster.local", 80,
+                                       [{"name": "o", "route": [{"cluster": other_cl}]}]))
     snap["clusters"][other_cl] = {"service": "other.bar.svc.cluster.local", "port": 80,
                                   "endpoints": [endpoint(other.port, namespace="bar", app="other")]}
     p = await env.proxy(snap)
