@@ -22,8 +22,11 @@ build: $(STAMP)
 demo: build
 	$(PY) -m actors.demo
 
+# The suite runs on the compiled proxy; the unit tests then run again on its pure-Python
+# modules, which is what a machine without a C compiler gets.
 test: build
 	$(PY) -m pytest -q
+	RAYMESH_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 unit: build
 	$(PY) -m pytest -q tests/unit tests/conformance

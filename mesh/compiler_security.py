@@ -3,7 +3,7 @@
 ``compile_security`` turns ``AuthorizationPolicy`` and ``RequestAuthentication`` resources
 into plain JSON-able dicts that ``proxy_core.authz`` and ``proxy_core.jwt_auth`` evaluate.
 Policies are *not* expanded per workload: each entry keeps its scope (namespace, selector,
-target services) and the inbound proxy picks the entries that select the destination
+target services) and the enforcing proxy picks the entries that select the destination
 workload when it builds its ``Authorizer`` / ``JwtAuthenticator``.  That keeps the snapshot
 the size of the configuration, not configuration x workloads, and lets a workload that
 registers later be covered without a recompile of the policies.
@@ -92,7 +92,7 @@ Choices where raymesh differs from a Kubernetes Istio, and why:
   kept (with its provider) and a request it matches is denied, which is what Envoy's
   ext_authz filter does when the provider cannot be reached (``failure_mode_allow: false``).
 * ``targetRef``/``targetRefs`` of kind ``Service`` attach the policy to that service's
-  workloads (the inbound proxy plays the waypoint); other kinds (Gateway, GatewayClass,
+  workloads (the enforcing proxy plays the waypoint); other kinds (Gateway, GatewayClass,
   ServiceEntry) attach to components raymesh does not have, so those policies are left out.
 """
 from __future__ import annotations

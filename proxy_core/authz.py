@@ -1,8 +1,8 @@
 """AuthorizationPolicy enforcement for one destination workload, with Istio's semantics.
 
-The inbound proxy builds one ``Authorizer`` per destination workload from the snapshot's
-``security.authz`` list (format: ``mesh.compiler_security``) and calls ``check`` once per
-request.  Everything that can be decided ahead of time is: which policies select the
+The enforcing proxy (``proxy_core.security_filter``) builds one ``Authorizer`` per
+destination workload from the snapshot's ``security.authz`` list (format:
+``mesh.compiler_security``) and calls ``check`` once per request.  Everything that can be decided ahead of time is: which policies select the
 workload, every value list turned into sets / prefix tuples / compiled templates, and a
 closure per rule for HTTP and another for TCP traffic.  ``check`` then only reads request
 attributes, so a typical policy costs a few microseconds.

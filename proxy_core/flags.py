@@ -24,6 +24,7 @@ LR: Final = "LR"    # connection local reset
 DPE: Final = "DPE"  # downstream protocol error
 UPE: Final = "UPE"  # upstream protocol error
 NC: Final = "NC"    # no cluster found for the route's destination
+RBAC: Final = "RBAC"  # denied by AuthorizationPolicy (Envoy's rbac filter)
 
 NONE: Final = "-"
 

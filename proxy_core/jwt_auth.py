@@ -1,4 +1,4 @@
-"""RequestAuthentication: JWT verification at the inbound proxy, with Istio/Envoy semantics.
+"""RequestAuthentication: JWT verification in the enforcing proxy, with Istio/Envoy semantics.
 
 A request without a token passes through unauthenticated (an AuthorizationPolicy decides
 whether that is acceptable); a request with a token that does not verify is answered 401
@@ -36,8 +36,8 @@ import jwt
 from proxy_core import http1
 from proxy_core.authz import selects
 
-__all__ = ["AuthResult", "JwtAuthenticator", "JwksCache", "JwksError", "KeySet", "http_get", "www_authenticate",
-           "CLOCK_SKEW", "DEFAULT_JWKS_TTL"]
+__all__ = ["AuthResult", "JwtAuthenticator", "Tokens", "JwksCache", "JwksError", "KeySet", "http_get",
+           "www_authenticate", "CLOCK_SKEW", "DEFAULT_JWKS_TTL"]
 
 CLOCK_SKEW = 60.0                    # Envoy jwt_authn clock_skew_seconds default
 DEFAULT_JWKS_TTL = 20 * 60.0         # Istio refreshes JWKS every 20 minutes
@@ -378,20 +378,32 @@ def _nested(claims: Mapping[str, Any], dotted: str) -> Any:
     return cur
 
 
+Tokens = dict[str, list[tuple[_Rule, str | None]]]   # token -> (rule, header it came from) per location
+
+
 class JwtAuthenticator:
-    """Every RequestAuthentication rule that selects one workload (Istio merges them all)."""
+    """Every RequestAuthentication rule that selects one workload (Istio merges them all).
 
-    __slots__ = ("_rules", "_cache", "_leeway", "_sanitize")
+    ``namespace`` None takes every ruleset given, already selected by the caller (the proxy
+    merges the rulesets of all the workloads behind one destination).  ``locate`` is
+    synchronous so a request without a token costs no coroutine; ``verify`` may wait for a
+    JWKS fetch.
+    """
 
-    def __init__(self, rulesets: Sequence[Mapping[str, Any]], namespace: str, labels: Mapping[str, str],
+    __slots__ = ("_rules", "_cache", "_leeway", "_sanitize", "unauthenticated")
+
+    def __init__(self, rulesets: Sequence[Mapping[str, Any]], namespace: str | None, labels: Mapping[str, str],
                  service: str | None = None, *, jwks_cache: JwksCache | None = None,
                  leeway: float = CLOCK_SKEW) -> None:
-        self._rules = tuple(_Rule.from_dict(r) for rs in rulesets if selects(rs, namespace, labels, service)
+        self._rules = tuple(_Rule.from_dict(r) for rs in rulesets
+                            if namespace is None or selects(rs, namespace, labels, service)
                             for r in rs.get("rules") or ())
         self._cache = jwks_cache if jwks_cache is not None else JwksCache()
         self._leeway = leeway
         outputs = [h for r in self._rules for h in (r.payload_header, *(c[0] for c in r.claim_headers)) if h]
         self._sanitize = tuple(dict.fromkeys(outputs))
+        # A request without a token: passes, minus any output header a client tried to forge.
+        self.unauthenticated = AuthResult(remove_headers=self._sanitize)
 
     @property
     def enabled(self) -> bool:
@@ -399,13 +411,20 @@ class JwtAuthenticator:
 
     async def authenticate(self, headers: Mapping[str, str], query: Mapping[str, str]) -> AuthResult:
         """Verify the request's token(s); ``headers`` with lower-case names, ``query`` decoded."""
+        found = self.locate(headers, query)
+        return await self.verify(found) if found else self.unauthenticated
+
+    def locate(self, headers: Mapping[str, str], query: Mapping[str, str]) -> Tokens:
+        """The tokens the request carries in the rules' locations (empty: unauthenticated)."""
         cookies = _cookies(headers.get("cookie")) if any(r.from_cookies for r in self._rules) else {}
-        found: dict[str, list[tuple[_Rule, str | None]]] = {}
+        found: Tokens = {}
         for rule in self._rules:
             for token, header in rule.tokens(headers, query, cookies):
                 found.setdefault(token, []).append((rule, header))
-        if not found:
-            return AuthResult(remove_headers=self._sanitize)
+        return found
+
+    async def verify(self, found: Tokens) -> AuthResult:
+        """The first token that verifies wins; else the first token's error (Envoy's order)."""
         first_error = None
         for token, sites in found.items():
             result = await self._verify_token(token, sites)

@@ -20,6 +20,7 @@ cdef class HttpConnection:
     cdef public object tunnel
     cdef public bint eof
     cdef public object pending_error
+    cdef public object peer_principal
 
     cpdef pause(self, int reason)
     cpdef resume(self, int reason)
@@ -82,6 +83,7 @@ cdef class Exchange:
     cdef public object rl_bucket
     cdef public object cors_ops
     cdef public object mirror_pending
+    cdef public object authz
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -60,6 +60,7 @@ from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
 from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
+from proxy_core.security_filter import ClusterSecurity, RequestAuthorization, SecurityRuntime, build_security
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
@@ -120,6 +121,7 @@ class _State:
     balancers: dict[str, LoadBalancer]
     local_endpoints: frozenset[tuple[str, int]]
     rate_limits: dict[str, ServiceRateLimiter]   # by service host; empty when no policy applies
+    security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -137,7 +139,7 @@ class _State:
         return ops
 
     @classmethod
-    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock,
+    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, security: SecurityRuntime,
               previous: "_State | None" = None) -> "_State":
         """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
         ``previous`` keep their tokens, so a config push does not refill them."""
@@ -145,7 +147,7 @@ class _State:
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_rate_limiters(snapshot.rate_limits, previous.rate_limits if previous else None, clock)
-        return cls(snapshot, Router(snapshot), balancers, local, limiters)
+        return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security))
 
 
 @dataclass(slots=True)
@@ -176,13 +178,18 @@ class _Listener:
 class ProxyServer:
     """Owns listeners, the current configuration, the upstream pool, stats and the access log."""
 
+    # How an accepted connection's peer identity (SPIFFE id without "spiffe://") is learnt,
+    # e.g. from its mTLS handshake; None: every peer is anonymous.
+    peer_identity: Callable[[asyncio.BaseTransport], str | None] | None = None
+
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
                  pool: UpstreamPool | None = None, rng: random.Random | None = None,
                  telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic,
                  mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
-        self.state = _State.build(snapshot, self.rng, clock)
+        self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
+        self.state = _State.build(snapshot, self.rng, clock, self.security)
         self.access_log = access_log or AccessLog(enabled=False)
         self.pool = pool or UpstreamPool()
         self.dialer: Dialer = self.pool.dialer
@@ -210,7 +217,7 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng, self.clock, self.state)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.security, self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -316,7 +323,8 @@ class ProxyServer:
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
-                "mirror": self.mirrors.stats(), "tcp": self.tcp.stats()}
+                "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
+                "security": self.security.stats.to_dict()}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -332,8 +340,8 @@ class HttpConnection:
     """Drives one downstream connection: parses requests, runs one ``Exchange`` at a time
     (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
 
-    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "active",
-                 "backlog", "paused", "tunnel", "eof", "pending_error")
+    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "peer_principal",
+                 "active", "backlog", "paused", "tunnel", "eof", "pending_error")
 
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
@@ -343,6 +351,7 @@ class HttpConnection:
         self.peer = ""
         self.peer_ip = ""
         self.peer_ip_bytes = b""  # for x-forwarded-for, encoded once per connection
+        self.peer_principal: str | None = None  # the mTLS peer's SPIFFE id (no "spiffe://"); None without mTLS
         self.active: Exchange | None = None
         self.backlog: list[tuple[int, Any]] | None = None
         self.paused = 0
@@ -362,8 +371,11 @@ class HttpConnection:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server._connections.add(self)
-        c = self.server.counters
+        server = self.server
+        if server.peer_identity is not None:
+            self.peer_principal = server.peer_identity(transport)
+        server._connections.add(self)
+        c = server.counters
         c.active_connections += 1
         c.downstream_connections_total += 1
 
@@ -603,6 +615,7 @@ class Exchange:
         self.rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
         self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
+        self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -818,6 +831,10 @@ class Exchange:
             self.set_cookie = value.encode("latin-1") if "=" in value else f"{name}={value}".encode("latin-1")
         if route.timeout:
             self.route_timer = self.loop.call_later(route.timeout, self._on_route_timeout)
+        security = self.state.security.get(wc.cluster)  # the only cost when no policy applies
+        if security is not None:
+            security.admit(self, path, authority, ops, self._prepare_upstream)  # 401, or on to the upstream
+            return
         self._prepare_upstream(path, authority, ops)
 
     def _prepare_upstream(self, path: str, authority: str, ops: tuple[HeaderOps, ...]) -> None:
@@ -924,6 +941,8 @@ class Exchange:
         if ep is None:
             self.local_reply(503, _MSG_UH, flags.UH)
             return
+        if self.authz is not None and not self.authz.permits(self, ep):
+            return  # answered 403
         self.attempt += 1
         self.endpoint = ep
         self.tried.append(ep.key)
@@ -1310,7 +1329,9 @@ class Exchange:
         ep = state.balancers[wc.cluster].pick(req)
         if ep is None:
             self.local_reply(503, _MSG_UH, flags.UH, close=True)
-        return ep
+            return None
+        security = state.security.get(wc.cluster)  # the tunnel carries opaque bytes: TCP rules apply
+        return ep if security is None or security.permits_tunnel(self, ep) else None
 
     def _on_tunnel_connected(self, task: asyncio.Task[Any]) -> None:
         if task is not self.connecting:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from proxy_core import flags
 from proxy_core.lb import LoadBalancer
 from proxy_core.router import Router
+from proxy_core.security_filter import ClusterSecurity
 from proxy_core.snapshot import Endpoint, Snapshot, Vip
 from proxy_core.upstream import Dialer, Pipe
 
@@ -47,6 +48,7 @@ class TcpConfig(Protocol):
 
     snapshot: Snapshot
     balancers: dict[str, LoadBalancer]
+    security: dict[str, ClusterSecurity]
 
 
 class TcpOwner(Protocol):
@@ -150,7 +152,7 @@ class TcpSession(_Half):
     """The downstream half of one TCP proxy session, and the session's bookkeeping."""
 
     __slots__ = ("owner", "listener", "loop", "upstream", "cluster", "endpoint", "balancer", "dialing",
-                 "idle_timeout", "idle_timer", "last_active", "finished")
+                 "idle_timeout", "idle_timer", "last_active", "finished", "peer_principal")
 
     def __init__(self, owner: TcpOwner, listener: VipSource) -> None:
         super().__init__()
@@ -166,6 +168,7 @@ class TcpSession(_Half):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_active = 0.0
         self.finished = False
+        self.peer_principal: str | None = None   # the mTLS peer's SPIFFE id; None without mTLS
 
     # asyncio callbacks
 
@@ -210,6 +213,10 @@ class TcpSession(_Half):
         if ep is None:
             self._reject(flags.UH)
             return
+        security = state.security.get(wc.cluster)
+        if security is not None and not security.permits_connection(self._peer_ip(), self.peer_principal, ep):
+            self._reject(flags.RBAC)    # AuthorizationPolicy: the connection is closed
+            return
         self.cluster, self.endpoint, self.balancer = wc.cluster, ep, balancer
         self.idle_timeout = route.idle_timeout
         self.owner.tcp.destination(wc.cluster).connections_opened += 1
@@ -217,6 +224,11 @@ class TcpSession(_Half):
         task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout))
         self.dialing = task
         task.add_done_callback(self._connected)
+
+    def _peer_ip(self) -> str:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        return peer[0] if peer else ""
 
     def _reject(self, flag: str) -> None:
         self.owner.tcp.fail(flag)
