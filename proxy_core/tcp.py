@@ -34,6 +34,8 @@ from proxy_core import flags
 from proxy_core.lb import LoadBalancer
 from proxy_core.router import Router
 from proxy_core.snapshot import Endpoint, Snapshot, Vip
+from proxy_core.mtls import Mtls
+from proxy_core.mtls_client import upstream_tls
 from proxy_core.upstream import Dialer, Pipe
 
 TCP_PROTOCOLS = frozenset({"tcp"})
@@ -55,6 +57,7 @@ class TcpOwner(Protocol):
 
     state: TcpConfig
     dialer: Dialer
+    mtls: Mtls
     rng: random.Random
     tcp: "TcpProxy"
 
@@ -150,7 +153,7 @@ class TcpSession(_Half):
     """The downstream half of one TCP proxy session, and the session's bookkeeping."""
 
     __slots__ = ("owner", "listener", "loop", "upstream", "cluster", "endpoint", "balancer", "dialing",
-                 "idle_timeout", "idle_timer", "last_active", "finished")
+                 "idle_timeout", "idle_timer", "last_active", "finished", "source")
 
     def __init__(self, owner: TcpOwner, listener: VipSource) -> None:
         super().__init__()
@@ -166,6 +169,7 @@ class TcpSession(_Half):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_active = 0.0
         self.finished = False
+        self.source: str | None = None    # the local client's SPIFFE id (mTLS to other nodes)
 
     # asyncio callbacks
 
@@ -214,7 +218,9 @@ class TcpSession(_Half):
         self.idle_timeout = route.idle_timeout
         self.owner.tcp.destination(wc.cluster).connections_opened += 1
         balancer.on_start(ep)
-        task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout))
+        tls = upstream_tls(self.owner.mtls, ep, cluster, self) if ep.via is not None or cluster.tls is not None else None
+        task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout,
+                                                            tls))
         self.dialing = task
         task.add_done_callback(self._connected)
 
