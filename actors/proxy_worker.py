@@ -7,6 +7,8 @@ The hot path stays free of Ray: the actor starts ``python -m proxy_core`` as a c
   one to the child over a unix control socket; the child swaps it in atomically and the actor
   records the version as acked (``meshctl proxy-status``);
 * it reports the node's listener ports to Pilot so other nodes can tunnel to this one;
+* it keeps the child's mTLS credentials current (``actors.proxy_credentials``): SVIDs of the
+  node's workload identities, renewed at half-life, the trust bundle and the workload pids;
 * it restarts the child with the last snapshot if it dies, and the child dies with the actor
   (PR_SET_PDEATHSIG), so a restarted actor never finds stale listeners in its way.
 
@@ -31,6 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from actors.proxy_credentials import new_proxy_credentials
 from actors.replicaset import find_replicas
 from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
 from proxy_core.control import acall
@@ -84,7 +87,7 @@ class ProxyWorker:
             if not self._tasks:
                 loop = asyncio.get_running_loop()
                 self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor()),
-                               loop.create_task(self._telemetry_loop())]
+                               loop.create_task(self._telemetry_loop()), loop.create_task(self._credentials_loop())]
             if self._workload_api is None:
                 server = WorkloadApiServer(self.node_id, WorkloadApiOptions.from_dict(self.options.get("workload_api")))
                 try:
@@ -234,6 +237,31 @@ class ProxyWorker:
                     continue
             else:
                 self._telemetry_dropped += int(reply["rows"])
+
+    async def _credentials_loop(self) -> None:
+        """Push the node's SVIDs, bundle and workload pids whenever they change, and again to a
+        restarted proxy process.  Citadel being down only delays renewal: the proxy keeps its
+        current certificates (valid for half their lifetime still)."""
+        opts = self.options.get("mtls") or {}
+        creds = new_proxy_credentials(self.node_id, opts.get("svid_ttl_seconds"),
+                                      float(opts.get("refresh_seconds", 5.0)))
+        pushed: tuple[int | None, dict[str, Any]] | None = None
+        while True:
+            wait = 1.0
+            try:
+                message, wait = await creds.message()
+                pid = self._proc.pid if self._proc is not None else None
+                if pushed != (pid, message):
+                    reply = await acall(self._control_path, message)
+                    if reply.get("ok"):
+                        pushed = (pid, message)
+                    else:
+                        log.error("proxy refused credentials: %s", reply.get("error"))
+            except CONTROL_ERRORS:
+                pass   # the proxy is restarting; the monitor brings it back
+            except Exception:
+                log.exception("could not refresh mTLS credentials; retrying")
+            await asyncio.sleep(wait)
 
     # -- queries -------------------------------------------------------------------------------
 

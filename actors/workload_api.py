@@ -50,7 +50,7 @@ from actors.registry import registry_state, registry_store
 from mesh.workload import WORKLOAD_API_RUNTIME_DIR as DEFAULT_RUNTIME_DIR
 from mesh.workload import workload_api_path
 from mesh.client import acall_any
-from mesh.identity import IdentityError, PrivateKey, load_certs, make_csr, new_workload_key, spiffe_id
+from mesh.identity import IdentityError, PrivateKey, key_pem, load_certs, make_csr, new_workload_key, spiffe_id
 from mesh.records import Record
 
 log = logging.getLogger(__name__)
@@ -234,12 +234,16 @@ class Svid:
     chain_der: bytes     # leaf first, then any intermediates; roots travel in the bundle
     key_der: bytes       # PKCS#8
     renew_at: float      # epoch seconds
+    chain_pem: tuple[str, ...] = ()   # the same chain and key as PEM, for the node proxy's TLS contexts
+    key_pem: str = field(default="", repr=False)
+    expires: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Bundle:
     trust_domain: str
     roots_der: bytes     # the trusted roots' DER, concatenated, as the spec's ``bundle`` field
+    roots_pem: tuple[str, ...] = ()
 
 
 def _der(pem: str) -> bytes:
@@ -273,7 +277,8 @@ class Credentials:
         if self._bundle is None or self.clock() >= self._bundle[0]:
             trust_domain = self._bundle[1].trust_domain if self._bundle else (await self.call("info"))["trust_domain"]
             roots = await self.call("trust_bundle")
-            self._bundle = (self.clock() + self.refresh_seconds, Bundle(trust_domain, b"".join(map(_der, roots))))
+            self._bundle = (self.clock() + self.refresh_seconds,
+                            Bundle(trust_domain, b"".join(map(_der, roots)), tuple(roots)))
         return self._bundle[1]
 
     async def svid(self, ident: Identity) -> Svid:
@@ -294,8 +299,10 @@ class Credentials:
                                     self.node_id, self.ttl_seconds)
             # Citadel's chain ends with its self-signed root, which the bundle carries instead.
             chain = [c for pem in reply["cert_chain"] for c in load_certs(pem) if c.issuer != c.subject]
+            expires = float(reply["expires"])
             svid = Svid(reply["spiffe_id"], b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain),
-                        _key_der(key), asked + (float(reply["expires"]) - asked) / 2)
+                        _key_der(key), asked + (expires - asked) / 2,
+                        tuple(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain), key_pem(key), expires)
             self._svids[ident] = svid
             return svid
 

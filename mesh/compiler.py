@@ -51,8 +51,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
+from mesh.compiler_peerauthn import PeerAuthnPolicy, compile_peer_authentications, mtls_mode
 from mesh.compiler_ratelimit import compile_rate_limits
-from mesh.compiler_security import compile_security
+from mesh.compiler_security import ROOT_NAMESPACE, compile_security
 from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
                                   translate_tcp_routes)
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
@@ -73,6 +74,7 @@ class _MeshPlan:
     security: dict[str, Any]
     rate_limits: dict[str, Any]
     tcp_routes: list[dict[str, Any]]
+    peer_authn: list[PeerAuthnPolicy]
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -115,7 +117,8 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
                      clusters=build_cluster_plans(services, rules),
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
-                     tcp_routes=_tcp_routes(services, mesh_vs, rules))
+                     tcp_routes=_tcp_routes(services, mesh_vs, rules),
+                     peer_authn=compile_peer_authentications(resources))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -203,7 +206,11 @@ def _idle_timeout(cluster: str, rules: Sequence[Resource]) -> float | None:
     return parse_duration(raw) if raw else None
 
 
-def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any] | None:
+def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo],
+              peer_authn: Sequence[PeerAuthnPolicy]) -> dict[str, Any] | None:
+    """A Ray workload's endpoint carries its PeerAuthentication mode (``mtls_mode``): its node's
+    inbound proxy enforces it, clients use mTLS unless it is DISABLE.  Endpoints outside Ray have
+    no proxy in front of them, hence no mode (clients speak plaintext to them)."""
     via = None
     if ep.in_ray and ep.node != node_id:
         node = nodes.get(ep.node)
@@ -213,15 +220,20 @@ def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo]) 
     out = {"address": ep.address, "port": ep.port, "node": ep.node, "labels": dict(ep.labels), "via": via}
     if ep.service_account:
         out["namespace"], out["service_account"] = ep.namespace, ep.service_account
+    if ep.in_ray:
+        out["mtls_mode"] = mtls_mode(peer_authn, ep.namespace, dict(ep.labels), ep.port, ROOT_NAMESPACE)
     return out
 
 
-def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo]) -> dict[str, Any]:
-    eps = [e for e in (_endpoint(ep, node_id, nodes) for ep in plan.endpoints) if e is not None]
+def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo],
+             peer_authn: Sequence[PeerAuthnPolicy]) -> dict[str, Any]:
+    eps = [e for e in (_endpoint(ep, node_id, nodes, peer_authn) for ep in plan.endpoints) if e is not None]
     out: dict[str, Any] = {"service": plan.service, "port": plan.port, "subset": plan.subset,
                            "connect_timeout": plan.connect_timeout, "lb": copy.deepcopy(plan.lb), "endpoints": eps}
     if plan.passthrough:
         out["passthrough"] = True
+    if plan.tls is not None:
+        out["tls"] = copy.deepcopy(plan.tls)
     return out
 
 
@@ -239,7 +251,7 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "outbound_policy": outbound_policy,
         "vips": copy.deepcopy(plan.vips),
         "virtual_hosts": copy.deepcopy(plan.virtual_hosts),
-        "clusters": {name: _cluster(c, node_id, nodes) for name, c in plan.clusters.items()},
+        "clusters": {name: _cluster(c, node_id, nodes, plan.peer_authn) for name, c in plan.clusters.items()},
         "security": copy.deepcopy(plan.security),
         "rate_limits": copy.deepcopy(plan.rate_limits),
         "tcp_routes": copy.deepcopy(plan.tcp_routes),

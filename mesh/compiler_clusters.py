@@ -52,6 +52,7 @@ class ClusterPlan:
     lb: dict[str, Any]
     endpoints: tuple[ServiceEndpoint, ...]
     passthrough: bool
+    tls: dict[str, Any] | None = None     # the snapshot's cluster ``tls``; None: auto mTLS
 
 
 def select_destination_rule(host: str, rules: Sequence[Resource]) -> Resource | None:
@@ -140,7 +141,28 @@ def _plan(service: Service, port: int, subset: str, policy: Mapping[str, Any],
                 if e.service_port == port and (selector is None or e.has_labels(selector)))
     return ClusterPlan(cluster_name(service.host, port, subset), service.host, port, subset,
                        _connect_timeout(policy), translate_load_balancer(policy.get("loadBalancer")),
-                       eps, service.passthrough)
+                       eps, service.passthrough, translate_tls(policy.get("tls")))
+
+
+def translate_tls(tls: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Istio ClientTLSSettings -> the snapshot's cluster ``tls``; None when the rule sets no mode
+    (the client then follows the endpoint's ``mtls_mode``: Istio's auto mTLS).
+
+    ``credentialName`` names a Kubernetes Secret, which raymesh does not have: MUTUAL needs the
+    file fields (validation says so).
+    """
+    if not tls or not tls.get("mode"):
+        return None
+    out: dict[str, Any] = {"mode": str(tls["mode"]).upper()}
+    for src, dst in (("sni", "sni"), ("caCertificates", "ca_certificates"),
+                     ("clientCertificate", "client_certificate"), ("privateKey", "private_key")):
+        if tls.get(src):
+            out[dst] = str(tls[src])
+    if tls.get("subjectAltNames"):
+        out["subject_alt_names"] = [str(s) for s in tls["subjectAltNames"]]
+    if tls.get("insecureSkipVerify"):
+        out["insecure_skip_verify"] = True
+    return out
 
 
 def build_cluster_plans(services: Mapping[str, Service], rules: Sequence[Resource]) -> dict[str, ClusterPlan]:

@@ -11,6 +11,9 @@ request gets exactly one reply.  Operations:
   "dropped": n}``: the request rows buffered since the last call (schema in ``proxy_core.telemetry``)
   and how many were dropped because the buffer was full; ``{"ok": false, ...}`` when the proxy runs
   with telemetry off.
+* ``{"op": "credentials", "trust_domain": ..., "roots": [...], "svids": [...], "workloads": [...]}``
+  -> ``{"ok": true, "identities": [...]}``: the node's SVIDs, trust bundle and workload pids
+  (``proxy_core.mtls.Credentials``); new handshakes use them, open connections keep theirs.
 * ``{"op": "shutdown"}`` -> ``{"ok": true}``, then the proxy drains and exits.
 
 The channel is off the request path, so it uses asyncio streams for clarity.
@@ -25,6 +28,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from proxy_core.mtls import Credentials
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
 
@@ -99,6 +103,13 @@ class ControlServer:
                     return {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                             "version": proxy.snapshot.version}
             return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports()}
+        if op == "credentials":
+            try:
+                creds = Credentials.from_dict(message)
+                proxy.mtls.update(creds)
+            except Exception as exc:   # a bad push keeps the current credentials
+                return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            return {"ok": True, "identities": sorted(s.spiffe_id for s in creds.svids)}
         if op == "status":
             return {"ok": True, "version": proxy.snapshot.version, "stats": proxy.stats(), "ports": proxy.ports,
                     "vips": proxy.vip_ports()}

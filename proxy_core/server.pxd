@@ -21,6 +21,7 @@ cdef class HttpConnection:
     cdef public bint eof
     cdef public object pending_error
     cdef public object peer_principal
+    cdef public object source
 
     cpdef pause(self, int reason)
     cpdef resume(self, int reason)

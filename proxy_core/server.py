@@ -32,7 +32,8 @@ Listeners (all on loopback):
   one of them has the same routes.  A VIP whose protocol is ``tcp`` is not parsed at all:
   ``proxy_core.tcp`` splices its connections to the destination of its tcp routes.
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
-  this node, answered 200 and spliced.  This is where mTLS will terminate.
+  this node, answered 200 and spliced.  mTLS terminates here (``proxy_core.mtls_inbound``);
+  the target's PeerAuthentication mode decides whether a plaintext tunnel may pass.
 
 WebSocket and other ``Upgrade`` requests are forwarded with their Upgrade headers; a
 ``101`` answer turns both connections into a raw byte pipe (Istio enables websocket
@@ -56,6 +57,9 @@ from proxy_core.accesslog import AccessLog
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
+from proxy_core.mtls import Mtls
+from proxy_core.mtls_client import MtlsDialer, upstream_tls
+from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
@@ -191,7 +195,8 @@ class ProxyServer:
         self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
         self.state = _State.build(snapshot, self.rng, clock, self.security)
         self.access_log = access_log or AccessLog(enabled=False)
-        self.pool = pool or UpstreamPool()
+        self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
+        self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
         self.dialer: Dialer = self.pool.dialer
         self.mirrors = MirrorSender(self.pool, mirror_limit)
         self.counters = Stats()
@@ -262,6 +267,8 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         factory: Callable[[], asyncio.Protocol] = partial(TcpSession if spec.kind == "tcp" else HttpConnection,
                                                           self, spec)
+        if spec.kind == "inbound":
+            factory = partial(InboundSniffer, self.mtls, factory)
         spec.server = await loop.create_server(factory, spec.host, spec.config_port,
                                                reuse_port=True, backlog=1024, family=socket.AF_INET)
         spec.port = spec.server.sockets[0].getsockname()[1]
@@ -324,7 +331,7 @@ class ProxyServer:
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
-                "security": self.security.stats.to_dict()}
+                "security": self.security.stats.to_dict(), "mtls": self.mtls.stats()}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -340,8 +347,8 @@ class HttpConnection:
     """Drives one downstream connection: parses requests, runs one ``Exchange`` at a time
     (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
 
-    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "peer_principal",
-                 "active", "backlog", "paused", "tunnel", "eof", "pending_error")
+    __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "active",
+                 "backlog", "paused", "tunnel", "eof", "pending_error", "peer_principal", "source")
 
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
@@ -358,6 +365,7 @@ class HttpConnection:
         self.tunnel: asyncio.Transport | None = None
         self.eof = False
         self.pending_error: ProtocolError | None = None
+        self.source: str | None = None           # the local client's SPIFFE id, resolved on first need
 
     # asyncio callbacks
 
@@ -951,11 +959,13 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        conn = self.server.pool.take_idle(ep.pool_key)
+        tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) \
+            if ep.via is not None or self.cluster.tls is not None else None
+        conn = self.server.pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
             return
-        task = self.loop.create_task(self.server.pool.connect(ep, self.cluster.connect_timeout))
+        task = self.loop.create_task(self.server.pool.connect(ep, self.cluster.connect_timeout, tls))
         self.connecting = task
         task.add_done_callback(self._on_connected)
 
@@ -1285,9 +1295,12 @@ class Exchange:
             return
         host = host.strip("[]")
         if listener.kind == "inbound":
-            # mTLS terminates here: the peer's SPIFFE identity is checked before the target.
             if not _is_loopback(host) or (host, port) not in self.state.local_endpoints:
                 self.local_reply(403, b"tunnel target is not a local endpoint", None, close=True)
+                return
+            refusal = self.server.mtls.admit(self.state.snapshot, self.conn.peer_principal, host, port)
+            if refusal is not None:
+                self.local_reply(403, refusal.encode(), None, close=True)
                 return
             ep = Endpoint(host, port)
             self.wc = WeightedCluster(f"inbound|{port}||")
@@ -1299,7 +1312,8 @@ class Exchange:
         self.conn.pause(_PAUSE_TUNNEL)
         self.server.counters.tunnels_total += 1
         timeout = self.cluster.connect_timeout if self.cluster is not None else 10.0
-        task = self.loop.create_task(self.server.dialer.open(ep, Pipe, timeout))
+        tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) if listener.kind != "inbound" else None
+        task = self.loop.create_task(self.server.dialer.open(ep, Pipe, timeout, tls))
         self.connecting = task
         task.add_done_callback(self._on_tunnel_connected)
 
@@ -1481,7 +1495,8 @@ class Exchange:
                      self.bytes_sent, int(duration_ms), self.up_time, self.xff,
                      headers.get("user-agent"), self.request_id, req.authority if req is not None else "",
                      ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,
-                     self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name)
+                     self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name,
+                     self.conn.peer_principal)
         if self.pipe is not None:
             self.conn.active = None
             return

@@ -112,7 +112,16 @@ CLUSTER::
      "endpoints": [{"address": "127.0.0.1", "port": 40123, "node": "<node id>",
                     "labels": {"version": "v1"},
                     "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
-                    "via": {"address": "127.0.0.1", "port": 15006} | null}]}
+                    "mtls_mode": "STRICT" | "PERMISSIVE" | "DISABLE",   # Ray workloads: PeerAuthentication
+                    "via": {"address": "127.0.0.1", "port": 15006} | null}],
+     "tls": CLUSTER_TLS}         # absent: auto mTLS (by each endpoint's mtls_mode)
+
+CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
+
+    {"mode": "ISTIO_MUTUAL" | "DISABLE" | "SIMPLE" | "MUTUAL",
+     "sni": "api.example.com", "subject_alt_names": ["api.example.com"],
+     "ca_certificates": "/path/ca.pem", "client_certificate": "/path/c.pem", "private_key": "/path/k.pem",
+     "insecure_skip_verify": false}
 
 RATE_LIMIT (a RateLimitPolicy's ``local`` part, see mesh/compiler_ratelimit.py)::
 
@@ -426,6 +435,7 @@ class Endpoint:
     via: Address | None = None
     namespace: str = ""
     service_account: str = ""
+    mtls_mode: str = ""          # the destination's PeerAuthentication mode; "" = no proxy in front of it
     # Derived once: the request path uses them for every request (LB bookkeeping, pooling).
     key: str = field(init=False, compare=False, repr=False)                  # "address:port"
     pool_key: tuple[str, Address | None] = field(init=False, compare=False, repr=False)
@@ -459,6 +469,29 @@ class LbPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterTls:
+    """Istio ClientTLSSettings for one cluster (DestinationRule ``trafficPolicy.tls``)."""
+
+    mode: str                                  # ISTIO_MUTUAL | DISABLE | SIMPLE | MUTUAL
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    ca_certificates: str | None = None
+    client_certificate: str | None = None
+    private_key: str | None = None
+    insecure_skip_verify: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ClusterTls | None":
+        if not d:
+            return None
+        mode = str(d["mode"]).upper()
+        if mode not in ("ISTIO_MUTUAL", "DISABLE", "SIMPLE", "MUTUAL"):
+            raise ValueError(f"cluster tls mode {mode!r}: want ISTIO_MUTUAL, DISABLE, SIMPLE or MUTUAL")
+        return cls(mode, d.get("sni"), tuple(d.get("subject_alt_names") or ()), d.get("ca_certificates"),
+                   d.get("client_certificate"), d.get("private_key"), bool(d.get("insecure_skip_verify")))
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service: str
@@ -468,6 +501,7 @@ class Cluster:
     endpoints: tuple[Endpoint, ...]
     connect_timeout: float = 10.0
     passthrough: bool = False
+    tls: ClusterTls | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -477,10 +511,12 @@ class Cluster:
             eps.append(Endpoint(address=e["address"], port=int(e["port"]), node=e.get("node", ""),
                                 labels=tuple(sorted((e.get("labels") or {}).items())),
                                 via=Address(via["address"], int(via["port"])) if via else None,
-                                namespace=e.get("namespace", ""), service_account=e.get("service_account", "")))
+                                namespace=e.get("namespace", ""), service_account=e.get("service_account", ""),
+                                mtls_mode=e.get("mtls_mode", "")))
         return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
                    lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
-                   connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")))
+                   connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")),
+                   tls=ClusterTls.from_dict(d.get("tls")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,8 @@ from proxy_core.lb import LoadBalancer
 from proxy_core.router import Router
 from proxy_core.security_filter import ClusterSecurity
 from proxy_core.snapshot import Endpoint, Snapshot, Vip
+from proxy_core.mtls import Mtls
+from proxy_core.mtls_client import upstream_tls
 from proxy_core.upstream import Dialer, Pipe
 
 TCP_PROTOCOLS = frozenset({"tcp"})
@@ -57,6 +59,7 @@ class TcpOwner(Protocol):
 
     state: TcpConfig
     dialer: Dialer
+    mtls: Mtls
     rng: random.Random
     tcp: "TcpProxy"
 
@@ -152,7 +155,7 @@ class TcpSession(_Half):
     """The downstream half of one TCP proxy session, and the session's bookkeeping."""
 
     __slots__ = ("owner", "listener", "loop", "upstream", "cluster", "endpoint", "balancer", "dialing",
-                 "idle_timeout", "idle_timer", "last_active", "finished", "peer_principal")
+                 "idle_timeout", "idle_timer", "last_active", "finished", "peer_principal", "source")
 
     def __init__(self, owner: TcpOwner, listener: VipSource) -> None:
         super().__init__()
@@ -169,6 +172,7 @@ class TcpSession(_Half):
         self.last_active = 0.0
         self.finished = False
         self.peer_principal: str | None = None   # the mTLS peer's SPIFFE id; None without mTLS
+        self.source: str | None = None    # the local client's SPIFFE id (mTLS to other nodes)
 
     # asyncio callbacks
 
@@ -221,7 +225,9 @@ class TcpSession(_Half):
         self.idle_timeout = route.idle_timeout
         self.owner.tcp.destination(wc.cluster).connections_opened += 1
         balancer.on_start(ep)
-        task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout))
+        tls = upstream_tls(self.owner.mtls, ep, cluster, self) if ep.via is not None or cluster.tls is not None else None
+        task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout,
+                                                            tls))
         self.dialing = task
         task.add_done_callback(self._connected)
 

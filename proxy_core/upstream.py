@@ -4,7 +4,8 @@
 lives on another node: the dialer connects to that node's inbound listener and asks for
 ``CONNECT address:port``; once the peer answers 200 the connection is a plain byte pipe
 to the endpoint and is used (and pooled) exactly like a direct one.  Mutual TLS to the
-peer will be added here, between the TCP connect and the CONNECT request.
+peer (``proxy_core.mtls_client.MtlsDialer``) wraps the TCP connection before the CONNECT
+request; a secured connection is pooled under its endpoint plus its security's key.
 
 ``UpstreamPool`` keeps idle HTTP/1.1 keep-alive connections per endpoint as a LIFO stack:
 the most recently used socket is the one most likely to be alive and warm, and the
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Protocol, TypeVar
+from typing import Any, Callable, Hashable, Protocol, TypeVar
 
 from proxy_core.http1 import HeaderList, MessageSink, ProtocolError, ResponseParser
 from proxy_core.snapshot import Address, Endpoint
 
 P = TypeVar("P", bound=asyncio.Protocol)
-PoolKey = tuple[str, Address | None]
+PoolKey = Hashable   # an endpoint's pool_key, or (pool_key, security key) for a secured connection
 
 
 class ConnectError(Exception):
@@ -50,7 +51,6 @@ class _TunnelHandshake(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # mTLS to the peer node starts here (start_tls before the CONNECT line).
         target = self.target.encode()
         transport.write(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")  # type: ignore[attr-defined]
 
@@ -84,10 +84,11 @@ class _TunnelHandshake(asyncio.Protocol):
 class Dialer:
     """Opens a connected protocol to an endpoint, directly or through its node's inbound tunnel.
 
-    It is the seam for transport security: a TLS-capable dialer overrides ``open``.
+    It is the seam for transport security: a TLS-capable dialer overrides ``open`` and
+    honours ``tls``, which this one ignores.
     """
 
-    async def open(self, endpoint: Endpoint, factory: Callable[[], P], timeout: float) -> P:
+    async def open(self, endpoint: Endpoint, factory: Callable[[], P], timeout: float, tls: Any = None) -> P:
         loop = asyncio.get_running_loop()
         proto = factory()
         via = endpoint.via
@@ -240,9 +241,10 @@ class UpstreamPool:
                 return conn
         return None
 
-    async def connect(self, endpoint: Endpoint, timeout: float) -> UpstreamConnection:
-        key = pool_key(endpoint)
-        conn = await self.dialer.open(endpoint, lambda: UpstreamConnection(key), timeout)
+    async def connect(self, endpoint: Endpoint, timeout: float, tls: Any = None) -> UpstreamConnection:
+        """A new connection; ``tls`` (``mtls_client.UpstreamTls``) secures it and keys its pool."""
+        key = pool_key(endpoint) if tls is None else (endpoint.pool_key, tls.key)
+        conn = await self.dialer.open(endpoint, lambda: UpstreamConnection(key), timeout, tls)
         self.connects += 1
         return conn
 

@@ -54,6 +54,20 @@ class EchoWorkload:
     def requests_seen(self) -> int:
         return sum(self.seen.values())
 
+    async def fetch(self, proxy_port: int, url: str) -> tuple[int, str]:
+        """A request from this workload's process through its node's proxy (``HTTP_PROXY`` style):
+        the proxy recognises the workload by the connection's owning process."""
+        def get() -> tuple[int, str]:
+            import http.client
+            conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=15)
+            try:
+                conn.request("GET", url)
+                resp = conn.getresponse()
+                return resp.status, resp.read().decode(errors="replace")
+            finally:
+                conn.close()
+        return await asyncio.to_thread(get)
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.seen[request.path] += 1
         body = await request.read()

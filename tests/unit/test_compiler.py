@@ -679,7 +679,7 @@ def test_cross_node_endpoints_use_via() -> None:
     (ep_a,) = on_a["clusters"][f"outbound|9080|v2|{FQDN('reviews')}"]["endpoints"]
     assert ep_a == {"address": "127.0.0.1", "port": 42001, "node": NODE_B,
                     "labels": {"app": "reviews", "version": "v2"}, "via": {"address": "127.0.0.2", "port": 15106},
-                    "namespace": "default", "service_account": "default"}
+                    "namespace": "default", "service_account": "default", "mtls_mode": "PERMISSIVE"}
     (ep_b,) = on_b["clusters"][f"outbound|9080|v2|{FQDN('reviews')}"]["endpoints"]
     assert ep_b["via"] is None
     (v1_from_b,) = on_b["clusters"][f"outbound|9080|v1|{FQDN('reviews')}"]["endpoints"]

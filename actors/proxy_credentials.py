@@ -1,0 +1,71 @@
+"""The proxy worker's half of node-to-node mTLS: SVIDs for the node's workload identities.
+
+For every distinct (namespace, service account) registered on the node, the worker
+generates a key here, has Citadel sign its CSR (Citadel checks the registration on this
+node), and renews it at half of its lifetime (``actors.workload_api.Credentials``, shared
+logic with the Workload API).  It pushes the result to its proxy process with the control
+channel's ``credentials`` operation, together with the trust bundle (re-read every
+``refresh_seconds``, so a root rotation reaches the proxy within that time) and the pids of
+the node's workload actors, from which the proxy tells which workload opened a connection.
+The proxy itself never talks to Ray or Citadel; keys leave this node's memory for no one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from actors.registry import registry_state
+from actors.workload_api import Credentials, Identity, _alive_actors, _registry
+from mesh.identity import IdentityError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProxyCredentials:
+    """Builds the ``credentials`` message for one node; reads are injected for tests."""
+
+    node_id: str
+    credentials: Credentials
+    registry: Callable[[], dict[str, Any]] = _registry
+    actors: Callable[[], dict[str, Any]] = _alive_actors
+
+    async def message(self) -> tuple[dict[str, Any], float]:
+        """The message to push and the seconds until it should be rebuilt (next renewal or refresh)."""
+        registry, actors = await asyncio.gather(asyncio.to_thread(self.registry), asyncio.to_thread(self.actors))
+        local = [w for w in registry_state(registry).workloads if w.node_id == self.node_id]
+        bundle = await self.credentials.bundle()
+        svids, by_identity = [], {}
+        for ident in sorted({Identity(w.namespace, w.service_account) for w in local}):
+            try:
+                svid = await self.credentials.svid(ident)
+            except IdentityError as exc:   # deregistered between our read and Citadel's
+                log.info("no SVID for %s/%s: %s", ident.namespace, ident.service_account, exc)
+                continue
+            svids.append(svid)
+            by_identity[ident] = svid.spiffe_id
+        pid_of = {a["ActorID"]: int(a["Pid"]) for a in actors.values()
+                  if a.get("Pid") and (a.get("Address") or {}).get("NodeID") == self.node_id}
+        # An actor that registered several identities is, as a client, its first one (the
+        # Workload API's default SVID).
+        pids: dict[int, str] = {}
+        for w in local:
+            sid = by_identity.get(Identity(w.namespace, w.service_account))
+            if w.actor_id in pid_of and sid is not None:
+                pid = pid_of[w.actor_id]
+                pids[pid] = min(pids.get(pid, sid), sid)
+        workloads = sorted(pids.items())
+        message = {"op": "credentials", "trust_domain": bundle.trust_domain, "roots": list(bundle.roots_pem),
+                   "svids": [{"spiffe_id": s.spiffe_id, "cert_chain": list(s.chain_pem), "key": s.key_pem,
+                              "expires": s.expires} for s in svids],
+                   "workloads": [list(w) for w in workloads]}
+        now = self.credentials.clock()
+        wait = min([self.credentials.refresh_seconds] + [s.renew_at - now for s in svids])
+        return message, max(0.05, wait)
+
+
+def new_proxy_credentials(node_id: str, ttl_seconds: float | None, refresh_seconds: float) -> ProxyCredentials:
+    return ProxyCredentials(node_id, Credentials(node_id, ttl_seconds, refresh_seconds, clock=time.time))

@@ -1,0 +1,301 @@
+"""Mutual TLS between node proxies: the node's SVIDs, TLS contexts, peer checks and counters.
+
+The proxy never talks to Citadel: its supervisor (``actors.proxy_worker``) generates a key per
+local workload identity, has Citadel sign it, renews it at half-life, and pushes the
+material over the control channel (``{"op": "credentials", ...}``, see ``Credentials``).
+Each push builds fresh ``ssl.SSLContext`` objects and swaps them in at once: handshakes
+from then on use the new certificates, established connections (and pooled tunnels) keep
+theirs, so a rotation drops nothing.  The trust bundle holds every root the trust domain
+accepts, the old and the new one during a root rotation.
+
+Who is who on a node-to-node hop:
+
+* the client side presents the SVID of the *source* workload (found per downstream
+  connection, ``proxy_core.source_identity``) and checks that the server presents the
+  destination endpoint's identity (its namespace and service account from the snapshot);
+* the server side (the inbound listener, ``proxy_core.mtls_inbound``) presents the SVID of
+  the destination workload named by the client's SNI (``sni_for``), requires a client
+  certificate that chains to the bundle, and takes the peer's SPIFFE id from it.
+
+SVIDs are found by SNI because one node proxy serves many identities; the SNI is a digest of
+the SPIFFE id, so it is a valid DNS name whatever the namespace and service account hold.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from cryptography import x509
+
+from proxy_core.snapshot import Endpoint, Snapshot
+from proxy_core.source_identity import SourceResolver
+
+TLS_HANDSHAKE_BYTE = 0x16      # first byte of a TLS record carrying a ClientHello
+SNI_SUFFIX = ".svid.mesh"
+HANDSHAKE_TIMEOUT = 10.0
+
+# Refusal reasons, as counted in ``stats()["mtls"]["refused"]``.
+PLAINTEXT = "plaintext"                         # STRICT destination, no TLS
+NO_CLIENT_CERT = "no_client_certificate"
+EXPIRED = "expired_certificate"
+UNTRUSTED = "untrusted_certificate"             # does not chain to the trust bundle
+BAD_IDENTITY = "bad_identity"                   # not one SPIFFE id of the trust domain
+NO_SERVER_CERT = "no_server_certificate"        # this node holds no SVID to present
+HANDSHAKE_FAILED = "handshake_failed"
+
+
+class PeerRejected(Exception):
+    """A peer certificate was refused; ``reason`` is one of the counted reasons."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def sni_for(spiffe_id: str) -> str:
+    """The SNI a client sends to reach the inbound proxy as the workload ``spiffe_id``."""
+    return hashlib.sha256(spiffe_id.encode()).hexdigest()[:32] + SNI_SUFFIX
+
+
+def spiffe_id_of(ns: str, sa: str, trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{ns}/sa/{sa}"
+
+
+@dataclass(frozen=True, slots=True)
+class Svid:
+    spiffe_id: str
+    cert_chain: tuple[str, ...]     # PEM, leaf first
+    key: str                        # PEM (PKCS#8); stays in this process's memory
+    expires: float = 0.0            # epoch seconds, for status
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the supervisor pushes: the bundle, this node's SVIDs and its workload processes.
+
+    Wire form (msgpack over the control channel)::
+
+        {"op": "credentials", "trust_domain": "cluster.local", "roots": [PEM, ...],
+         "svids": [{"spiffe_id": "spiffe://...", "cert_chain": [PEM, ...], "key": PEM, "expires": ts}],
+         "workloads": [[pid, "spiffe://..."], ...]}
+    """
+
+    trust_domain: str
+    roots: tuple[str, ...]
+    svids: tuple[Svid, ...]
+    pids: Mapping[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Credentials":
+        roots = tuple(d.get("roots") or ())
+        if not roots:
+            raise ValueError("credentials need at least one trust root")
+        svids = tuple(Svid(s["spiffe_id"], tuple(s["cert_chain"]), s["key"], float(s.get("expires") or 0.0))
+                      for s in d.get("svids") or ())
+        pids = {int(pid): str(sid) for pid, sid in d.get("workloads") or ()}
+        return cls(str(d["trust_domain"]), roots, svids, pids)
+
+
+def _load_chain(ctx: ssl.SSLContext, svid: Svid, directory: str) -> None:
+    """``load_cert_chain`` reads files only: write them into a private directory, load, remove."""
+    cert_path, key_path = os.path.join(directory, "chain.pem"), os.path.join(directory, "key.pem")
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(svid.key)
+        with open(cert_path, "w") as f:
+            f.write("".join(svid.cert_chain))
+        ctx.load_cert_chain(cert_path, key_path)
+    finally:
+        for path in (cert_path, key_path):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _context(purpose: int, bundle: str, svid: Svid | None, directory: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False            # peers are named by URI SAN, checked after the handshake
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle)
+    if svid is not None:
+        _load_chain(ctx, svid, directory)
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class _Material:
+    """The contexts of one credentials push; replaced as a whole."""
+
+    trust_domain: str
+    client: Mapping[str, ssl.SSLContext]          # by source SPIFFE id
+    server: ssl.SSLContext | None                 # entry context: SNI picks the identity
+    server_by_sni: Mapping[str, ssl.SSLContext]
+    expires: Mapping[str, float]
+
+    @classmethod
+    def build(cls, creds: Credentials) -> "_Material":
+        bundle = "".join(creds.roots)
+        client: dict[str, ssl.SSLContext] = {}
+        by_sni: dict[str, ssl.SSLContext] = {}
+        with tempfile.TemporaryDirectory(prefix="raymesh-svid-") as directory:
+            for svid in creds.svids:
+                client[svid.spiffe_id] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle, svid, directory)
+                by_sni[sni_for(svid.spiffe_id)] = _context(ssl.PROTOCOL_TLS_SERVER, bundle, svid, directory)
+        server = None
+        if by_sni:
+            default = by_sni[min(by_sni)]
+
+            def pick(sslobj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+                chosen = by_sni.get(name or "")
+                if chosen is not None and chosen is not default:
+                    sslobj.context = chosen
+
+            default.sni_callback = pick
+            server = default
+        return cls(creds.trust_domain, client, server, by_sni, {s.spiffe_id: s.expires for s in creds.svids})
+
+
+def _verify_code_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in (9, 10):            # X509_V_ERR_CERT_NOT_YET_VALID / CERT_HAS_EXPIRED
+            return EXPIRED
+        return UNTRUSTED
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return NO_CLIENT_CERT
+        if exc.reason in ("CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_UNKNOWN_CA"):
+            return UNTRUSTED
+        if exc.reason in ("SSLV3_ALERT_CERTIFICATE_EXPIRED",):
+            return EXPIRED
+    return HANDSHAKE_FAILED
+
+
+def handshake_refusal(exc: BaseException) -> str:
+    """The counted reason for a failed TLS handshake."""
+    return _verify_code_reason(exc)
+
+
+def peer_spiffe_id(der: bytes | None, trust_domain: str) -> str:
+    """The SPIFFE id of a verified peer certificate; raises ``PeerRejected`` unless it carries
+    exactly one URI SAN, ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``, and is not a CA."""
+    if not der:
+        raise PeerRejected(NO_CLIENT_CERT, "no peer certificate")
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise PeerRejected(BAD_IDENTITY, "peer certificate is a CA")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        raise PeerRejected(BAD_IDENTITY, f"peer certificate carries {len(uris)} URI SANs, want exactly one")
+    uri = uris[0]
+    prefix = f"spiffe://{trust_domain}/"
+    parts = uri[len(prefix):].split("/") if uri.startswith(prefix) else []
+    if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa" or not parts[1] or not parts[3]:
+        raise PeerRejected(BAD_IDENTITY, f"peer identity {uri!r} is not a SPIFFE id of trust domain {trust_domain}")
+    return uri
+
+
+class Mtls:
+    """The proxy's mTLS state and counters; ``ProxyServer.mtls``."""
+
+    def __init__(self) -> None:
+        self.material: _Material | None = None
+        self.sources = SourceResolver()
+        self.refused: Counter[str] = Counter()        # inbound refusals by reason
+        self.client_refused: Counter[str] = Counter()  # tunnels this proxy gave up on, by reason
+        self.peers: Counter[str] = Counter()          # accepted inbound tunnels by peer principal
+        self.handshakes = 0
+        self.updates = 0
+        self._modes: tuple[Snapshot | None, dict[tuple[str, int], str]] = (None, {})
+
+    # credentials
+
+    def update(self, creds: Credentials) -> None:
+        """Install a credentials push; contexts are built first, so a bad push changes nothing."""
+        material = _Material.build(creds)
+        self.material = material
+        self.sources = SourceResolver(creds.pids)
+        self.updates += 1
+
+    @property
+    def trust_domain(self) -> str | None:
+        return self.material.trust_domain if self.material is not None else None
+
+    def server_context(self) -> ssl.SSLContext | None:
+        return self.material.server if self.material is not None else None
+
+    def client_context(self, source: str) -> ssl.SSLContext | None:
+        return self.material.client.get(source) if self.material is not None else None
+
+    # client side
+
+    def source_of(self, conn: Any) -> str:
+        """The SPIFFE id of the workload that opened downstream ``conn`` ("" when unknown), cached
+        on the connection (``conn.source``)."""
+        source = conn.source
+        if source is None:
+            transport = conn.transport
+            source = self.sources.resolve(transport.get_extra_info("peername"),
+                                          transport.get_extra_info("sockname")) or ""
+            conn.source = source
+        return source
+
+    def tunnel_source(self, ep: Endpoint, conn: Any) -> str | None:
+        """The identity to present on a tunnel to ``ep`` (auto mTLS), or None for plaintext.
+
+        mTLS is used towards a peer node's endpoint unless its PeerAuthentication mode is
+        DISABLE, when this node holds an SVID for the source workload.  An unknown source
+        travels in plaintext, which a STRICT destination refuses.
+        """
+        if ep.mtls_mode == "DISABLE" or self.material is None:
+            return None
+        source = self.source_of(conn)
+        return source if source in self.material.client else None
+
+    def expected_peer(self, ep: Endpoint) -> str | None:
+        """The identity the server side must present for ``ep``: its workload's SPIFFE id."""
+        if not (ep.namespace and ep.service_account) or self.material is None:
+            return None
+        return spiffe_id_of(ep.namespace, ep.service_account, self.material.trust_domain)
+
+    # server side
+
+    def local_mode(self, snapshot: Snapshot, host: str, port: int) -> str:
+        """The PeerAuthentication mode of the local endpoint ``host:port`` (PERMISSIVE if unknown)."""
+        cached, modes = self._modes
+        if cached is not snapshot:
+            modes = {(ep.address, ep.port): ep.mtls_mode for c in snapshot.clusters.values() for ep in c.endpoints
+                     if ep.via is None and ep.node == snapshot.node_id and ep.mtls_mode}
+            self._modes = (snapshot, modes)
+        return modes.get((host, port)) or "PERMISSIVE"
+
+    def admit(self, snapshot: Snapshot, principal: str | None, host: str, port: int) -> str | None:
+        """Check a tunnel to a local endpoint against its mode; a refusal message, or None."""
+        if principal is None:
+            if self.local_mode(snapshot, host, port) == "STRICT":
+                self.refused[PLAINTEXT] += 1
+                return "mTLS required: PeerAuthentication STRICT"
+            return None
+        self.peers[principal] += 1
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        m = self.material
+        return {"enabled": m is not None, "trust_domain": m.trust_domain if m else None,
+                "identities": sorted(m.client) if m else [], "expires": dict(m.expires) if m else {},
+                "updates": self.updates, "handshakes": self.handshakes,
+                "refused": dict(self.refused), "refused_total": sum(self.refused.values()),
+                "client_refused": dict(self.client_refused), "peers": dict(self.peers),
+                "source_lookups": self.sources.lookups, "source_unknown": self.sources.unknown}

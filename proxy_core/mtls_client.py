@@ -1,0 +1,167 @@
+"""Client-side transport security for upstream connections: auto mTLS on node tunnels, and
+DestinationRule ``tls`` (ISTIO_MUTUAL, DISABLE, SIMPLE, MUTUAL).
+
+Which security a new upstream connection gets (``upstream_tls``), as Istio decides it:
+
+* the cluster's DestinationRule sets ``tls.mode``:
+  ``DISABLE`` -> plaintext; ``ISTIO_MUTUAL`` -> mTLS with the source workload's SVID (on a
+  tunnel to another node; a same-node endpoint is reached over loopback, where the inbound
+  side is this very proxy); ``SIMPLE`` / ``MUTUAL`` -> TLS originated to the endpoint itself
+  (a ServiceEntry host), with ``sni``, ``caCertificates`` (system roots without it),
+  ``clientCertificate`` + ``privateKey`` (MUTUAL) and ``subjectAltNames`` checked on the
+  server certificate (its DNS names and URIs);
+* otherwise auto mTLS: a tunnel to another node's endpoint uses mTLS unless the endpoint's
+  PeerAuthentication mode is DISABLE (``Mtls.tunnel_source``).
+
+The answer's ``key`` joins the pool key, so a connection is only reused by requests that
+would have opened the same one: one source identity's tunnel never carries another's traffic.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from cryptography import x509
+
+from proxy_core.mtls import HANDSHAKE_TIMEOUT, Mtls, PeerRejected, peer_spiffe_id, sni_for
+from proxy_core.snapshot import Cluster, ClusterTls, Endpoint
+from proxy_core.upstream import ConnectError, Dialer, _TunnelHandshake
+
+P = TypeVar("P", bound=asyncio.Protocol)
+
+SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
+SAN_MISMATCH = "subject_alt_name_mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How to secure one upstream connection; ``key`` separates pools."""
+
+    key: str
+    context: ssl.SSLContext = field(compare=False)
+    server_hostname: str | None
+    expected: tuple[str, ...] = ()      # acceptable server SANs; empty: any certificate the context trusts
+    mesh: bool = True                   # mesh mTLS (SPIFFE id check) or originated TLS (SAN check)
+
+
+def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any) -> UpstreamTls | None:
+    """The security of a new connection to ``ep`` for downstream ``conn``; None: plaintext."""
+    tls = cluster.tls if cluster is not None else None
+    if tls is not None and tls.mode in ("SIMPLE", "MUTUAL"):
+        return mtls_originate(tls, ep)
+    if ep.via is None or (tls is not None and tls.mode == "DISABLE"):
+        return None
+    if tls is None:
+        source = mtls.tunnel_source(ep, conn)
+    else:  # ISTIO_MUTUAL: mTLS whatever the endpoint's mode says
+        source = mtls.source_of(conn) if mtls.material is not None else None
+    ctx = mtls.client_context(source) if source else None
+    if ctx is None:
+        return None
+    expected = mtls.expected_peer(ep)
+    return UpstreamTls(source, ctx, sni_for(expected) if expected else None,  # type: ignore[arg-type]
+                       (expected,) if expected else ())
+
+
+_ORIGINATE: dict[ClusterTls, ssl.SSLContext] = {}
+
+
+def mtls_originate(tls: ClusterTls, ep: Endpoint) -> UpstreamTls:
+    """SIMPLE / MUTUAL TLS to the endpoint itself; contexts are built once per setting."""
+    ctx = _ORIGINATE.get(tls)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=tls.ca_certificates)
+        ctx.check_hostname = False           # SNI and SANs are checked below, as Envoy's SAN matcher does
+        if tls.insecure_skip_verify:
+            ctx.verify_mode = ssl.CERT_NONE
+        if tls.mode == "MUTUAL":
+            if not (tls.client_certificate and tls.private_key):
+                raise ConnectError("tls mode MUTUAL needs clientCertificate and privateKey")
+            ctx.load_cert_chain(tls.client_certificate, tls.private_key)
+        _ORIGINATE[tls] = ctx
+    sni = tls.sni or (None if _is_ip(ep.address) else ep.address)
+    expected = tls.subject_alt_names or ((sni,) if sni and not tls.insecure_skip_verify else ())
+    return UpstreamTls(f"{tls.mode}:{id(ctx)}", ctx, sni, expected, mesh=False)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _server_names(der: bytes) -> set[str]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    names = set(san.get_values_for_type(x509.DNSName)) | set(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return names | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+
+
+def _san_matches(expected: str, names: set[str]) -> bool:
+    if expected in names:
+        return True
+    # A wildcard DNS SAN covers one leftmost label.
+    head, _, rest = expected.partition(".")
+    return bool(rest) and f"*.{rest}" in names
+
+
+class MtlsDialer(Dialer):
+    """A ``Dialer`` that secures a connection when asked (``tls``), checking who answered."""
+
+    def __init__(self, mtls: Mtls) -> None:
+        self.mtls = mtls
+
+    async def open(self, endpoint: Endpoint, factory: Callable[[], P], timeout: float,
+                   tls: UpstreamTls | None = None) -> P:
+        if tls is None:
+            return await super().open(endpoint, factory, timeout)
+        loop = asyncio.get_running_loop()
+        proto = factory()
+        via = endpoint.via
+        first: asyncio.Protocol = proto if via is None else _TunnelHandshake(endpoint.key, proto)
+        host, port = (endpoint.address, endpoint.port) if via is None else (via.address, via.port)
+        try:
+            async with asyncio.timeout(timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: first, host, port, ssl=tls.context, server_hostname=tls.server_hostname or "",
+                    ssl_handshake_timeout=min(timeout, HANDSHAKE_TIMEOUT))
+                try:
+                    self._check_server(transport, tls)
+                    if isinstance(first, _TunnelHandshake):
+                        await first.done
+                except BaseException:
+                    transport.close()
+                    raise
+                return proto
+        except ssl.SSLError as exc:
+            self.mtls.client_refused["handshake_failed"] += 1
+            raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            raise ConnectError(f"{type(exc).__name__}: {exc}") from None
+
+    def _check_server(self, transport: asyncio.BaseTransport, tls: UpstreamTls) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
+        if tls.mesh:
+            try:
+                peer = peer_spiffe_id(der, self.mtls.trust_domain or "")
+            except PeerRejected as exc:
+                self.mtls.client_refused[exc.reason] += 1
+                raise ConnectError(f"peer proxy refused: {exc}") from None
+            if tls.expected and peer not in tls.expected:
+                self.mtls.client_refused[SERVER_IDENTITY_MISMATCH] += 1
+                raise ConnectError(f"peer presented {peer}, expected {tls.expected[0]}")
+            return
+        if tls.expected and der is not None:
+            names = _server_names(der)
+            if not any(_san_matches(e, names) for e in tls.expected):
+                self.mtls.client_refused[SAN_MISMATCH] += 1
+                raise ConnectError(f"server certificate names {sorted(names)}, none of {list(tls.expected)}")

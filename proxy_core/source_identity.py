@@ -1,0 +1,126 @@
+"""Which local workload opened a downstream connection: socket -> inode -> pid -> SPIFFE id.
+
+The node proxy is shared by every workload of its node and clients reach it over loopback,
+so the source identity cannot come from the connection itself.  As Istio ambient's ztunnel
+asks the kernel which pod a connection came from, the proxy asks ``/proc``:
+
+1. ``/proc/net/tcp`` holds the client's socket (local = the connection's peer address,
+   remote = the listener address it reached) and its inode;
+2. the process holding ``socket:[inode]`` among its file descriptors is the client;
+3. that pid, or its nearest ancestor, is a workload process the proxy worker named in its
+   credentials push (pid -> SPIFFE id of the identity the actor registered).
+
+Only the known pids are searched first; a client started by a workload (a subprocess)
+is found by a scan of ``/proc`` and its ancestry.  The proxy runs as the same user as the
+Ray workers, so their descriptors are readable; others' are not, and stay unknown.
+The answer is cached per connection by the caller; the lookup costs well under a millisecond
+for a few dozen processes and happens once per downstream connection that leaves the node.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Callable, Iterable, Mapping
+
+_MAX_ANCESTRY = 64
+
+
+def _hex_addr(address: str, port: int) -> str:
+    """``/proc/net/tcp``'s form of an IPv4 endpoint: little-endian hex address, hex port."""
+    packed = socket.inet_aton(address)
+    return f"{struct.unpack('<I', packed)[0]:08X}:{port:04X}"
+
+
+def socket_inode(local: tuple[str, int], remote: tuple[str, int], table: str = "/proc/net/tcp") -> int | None:
+    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any."""
+    want_local, want_remote = _hex_addr(*local), _hex_addr(*remote)
+    try:
+        with open(table) as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
+                    inode = int(fields[9])
+                    return inode or None
+    except OSError:
+        return None
+    return None
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """True when one of ``pid``'s file descriptors is ``socket:[inode]``."""
+    target = f"socket:[{inode}]"
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{fd_dir}/{name}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def _all_pids() -> Iterable[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+class SourceResolver:
+    """Maps a downstream connection to the SPIFFE id of the workload process that opened it."""
+
+    def __init__(self, pids: Mapping[int, str] | None = None, *,
+                 inode_of: Callable[[tuple[str, int], tuple[str, int]], int | None] = socket_inode) -> None:
+        self.pids: Mapping[int, str] = dict(pids or {})
+        self._inode_of = inode_of
+        self.lookups = 0
+        self.unknown = 0
+
+    def resolve(self, peer: tuple[str, int] | None, local: tuple[str, int] | None) -> str | None:
+        """``peer``/``local`` are the downstream socket's peername and sockname (IPv4)."""
+        self.lookups += 1
+        found = self._resolve(peer, local) if self.pids and peer and local else None
+        if found is None:
+            self.unknown += 1
+        return found
+
+    def _resolve(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+        try:
+            inode = self._inode_of((peer[0], peer[1]), (local[0], local[1]))
+        except OSError:
+            return None
+        if inode is None:
+            return None
+        for pid, identity in self.pids.items():
+            if holds_socket(pid, inode):
+                return identity
+        for pid in _all_pids():
+            if pid not in self.pids and holds_socket(pid, inode):
+                return self._ancestor_identity(pid)
+        return None
+
+    def _ancestor_identity(self, pid: int) -> str | None:
+        current: int | None = pid
+        for _ in range(_MAX_ANCESTRY):
+            if current is None or current <= 1:
+                return None
+            if current in self.pids:
+                return self.pids[current]
+            current = parent_pid(current)
+        return None

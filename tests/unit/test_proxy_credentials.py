@@ -1,0 +1,61 @@
+"""The proxy worker's credentials push, with Citadel's logic in-process (no Ray): one SVID per
+identity registered on the node, renewal at half-life, pids of the node's workload actors."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from actors.proxy_credentials import ProxyCredentials
+from actors.workload_api import Credentials
+from mesh.identity import create_root_ca, load_cert, sign_csr
+from proxy_core.mtls import Credentials as ProxyMaterial
+from proxy_core.server import ProxyServer
+from proxy_core.snapshot import Snapshot
+
+
+class FakeCitadel:
+    def __init__(self) -> None:
+        self.ca = create_root_ca()
+        self.signed: list[str] = []
+        self.now = 1_000_000.0
+
+    async def __call__(self, method: str, *args: Any) -> Any:
+        if method == "info":
+            return {"trust_domain": "cluster.local"}
+        if method == "trust_bundle":
+            return [self.ca.cert_pem]
+        csr, ns, sa, _node, _ttl = args
+        sid = f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+        self.signed.append(sid)
+        leaf = sign_csr(self.ca, csr, sid, timedelta(hours=1), datetime.fromtimestamp(self.now, timezone.utc))
+        return {"cert_chain": [leaf, self.ca.cert_pem], "spiffe_id": sid,
+                "expires": load_cert(leaf).not_valid_after_utc.timestamp()}
+
+
+def wl(uid: str, ns: str, sa: str, node: str, actor: str) -> dict[str, Any]:
+    return {"service": "s", "namespace": ns, "address": "127.0.0.1", "port": 1, "service_port": 80,
+            "node_id": node, "service_account": sa, "actor_id": actor, "uid": uid}
+
+
+async def test_message_has_one_svid_per_local_identity_and_renews_at_half_life() -> None:
+    citadel = FakeCitadel()
+    registry = {"workloads": {"a": wl("a", "default", "sleep", "n1", "A1"), "b": wl("b", "foo", "httpbin", "n1", "A2"),
+                              "c": wl("c", "default", "sleep", "n1", "A3"), "d": wl("d", "bar", "x", "n2", "A4")}}
+    actors = {"A1": {"ActorID": "A1", "Pid": 101, "Address": {"NodeID": "n1"}},
+              "A2": {"ActorID": "A2", "Pid": 102, "Address": {"NodeID": "n1"}},
+              "A4": {"ActorID": "A4", "Pid": 104, "Address": {"NodeID": "n2"}}}
+    creds = ProxyCredentials("n1", Credentials("n1", None, 30.0, call=citadel, clock=lambda: citadel.now),
+                             registry=lambda: registry, actors=lambda: actors)
+    message, wait = await creds.message()
+    ids = [s["spiffe_id"] for s in message["svids"]]
+    assert ids == ["spiffe://cluster.local/ns/default/sa/sleep", "spiffe://cluster.local/ns/foo/sa/httpbin"]
+    assert message["workloads"] == [[101, ids[0]], [102, ids[1]]]    # A3 has no live actor, A4 another node
+    assert message["roots"] == [citadel.ca.cert_pem] and wait == 30.0
+    again, _ = await creds.message()
+    assert again == message and len(citadel.signed) == 2              # nothing due: no new signing
+    citadel.now += 31 * 60                                            # past half of the hour
+    renewed, _ = await creds.message()
+    assert len(citadel.signed) == 4 and renewed["svids"] != message["svids"]
+    proxy = ProxyServer(Snapshot.from_dict({"version": "v"}))
+    proxy.mtls.update(ProxyMaterial.from_dict(renewed))                # the proxy accepts it as pushed
+    assert proxy.mtls.stats()["identities"] == ids
