@@ -345,12 +345,16 @@ def test_istio_dashboards_show_mesh_traffic(mesh, prometheus: PrometheusServer) 
     mesh.deploy(SERVICE, "v1", node_index=1)
     mesh.wait_endpoints(SERVICE, 1)
     start = time.time() - 2
-    sent = send_traffic(mesh)
-    wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
-             lambda v: v == sent, timeout=15)
-    # Ray exports application metrics every few seconds: the mirror is the last to arrive.
-    wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
-             lambda v: v == sent, timeout=20)
+    # Ray exports application metrics every few seconds: the mirror is the last to arrive, and a
+    # burst shorter than its export interval shows up as one sample, which rate() cannot use.
+    # So traffic goes in two rounds, the second once the mirror has shown the first.
+    sent = 0
+    for _ in range(2):
+        sent += send_traffic(mesh)
+        wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+                 lambda v: v == sent, timeout=15)
+        wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+                 lambda v: v == sent, timeout=30)
     end = time.time()
 
     resolved = views(prometheus)
