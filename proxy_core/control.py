@@ -44,10 +44,12 @@ def encode(message: dict[str, Any]) -> bytes:
 class ControlServer:
     """Serves the control protocol for one ``ProxyServer``; swaps are applied one at a time."""
 
-    def __init__(self, proxy: ProxyServer, path: str, on_shutdown: Callable[[], None]) -> None:
+    def __init__(self, proxy: ProxyServer, path: str, on_shutdown: Callable[[], None],
+                 after_swap: Callable[[], None] | None = None) -> None:
         self.proxy = proxy
         self.path = path
         self.on_shutdown = on_shutdown
+        self.after_swap = after_swap
         self._server: asyncio.AbstractServer | None = None
         self._swap_lock = asyncio.Lock()
 
@@ -102,6 +104,8 @@ class ControlServer:
                 except Exception as exc:
                     return {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                             "version": proxy.snapshot.version}
+                if self.after_swap is not None:
+                    self.after_swap()
             return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports()}
         if op == "credentials":
             try:
