@@ -1,5 +1,28 @@
 # C types for the parsers of http1.py when it is compiled (see setup.py); the .py stays the source.
 
+cdef class _Head:
+    pass
+
+cdef class RequestHead(_Head):
+    cdef public bytes method
+    cdef public bytes target
+    cdef public str version
+    cdef public list headers
+    cdef public bint keep_alive
+    cdef public bint upgrade
+    cdef public object content_length
+    cdef public bint chunked
+    cdef public bint expect_continue
+
+cdef class ResponseHead(_Head):
+    cdef public int status
+    cdef public bytes reason
+    cdef public str version
+    cdef public list headers
+    cdef public bint keep_alive
+    cdef public object content_length
+    cdef public bint chunked
+
 cdef class EventCollector:
     cdef public list events
 

@@ -31,28 +31,62 @@ DEFAULT_MAX_HEADERS = 100
 # -- events ------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class RequestHead:
-    method: bytes
-    target: bytes
-    version: str
-    headers: HeaderList
-    keep_alive: bool
-    upgrade: bool
-    content_length: int | None
-    chunked: bool
-    expect_continue: bool
+class _Head:
+    """Equality and repr by field, for the head classes below.
+
+    They are plain classes rather than dataclasses so that, compiled, they become extension
+    types whose fields the proxy reads as C struct members (``http1.pxd``).
+    """
+
+    __slots__ = ()
+    _FIELDS: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclasses they replace
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._FIELDS, self._values()))
+        return f"{type(self).__name__}({fields})"
 
 
-@dataclass(slots=True)
-class ResponseHead:
-    status: int
-    reason: bytes
-    version: str
-    headers: HeaderList
-    keep_alive: bool
-    content_length: int | None
-    chunked: bool
+class RequestHead(_Head):
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "upgrade", "content_length", "chunked",
+                 "expect_continue")
+    _FIELDS = __slots__
+
+    def __init__(self, method: bytes, target: bytes, version: str, headers: HeaderList, keep_alive: bool,
+                 upgrade: bool, content_length: int | None, chunked: bool, expect_continue: bool) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+
+
+class ResponseHead(_Head):
+    __slots__ = ("status", "reason", "version", "headers", "keep_alive", "content_length", "chunked")
+    _FIELDS = __slots__
+
+    def __init__(self, status: int, reason: bytes, version: str, headers: HeaderList, keep_alive: bool,
+                 content_length: int | None, chunked: bool) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
 
     @property
     def informational(self) -> bool:

@@ -1,7 +1,7 @@
 # C types for the connection driver and the exchange of server.py when it is compiled
 # (see setup.py); server.py stays the source and runs unchanged without this file.
 cimport cython
-from proxy_core.http1 cimport RequestParser
+from proxy_core.http1 cimport RequestHead, RequestParser, ResponseHead
 from proxy_core.upstream cimport UpstreamConnection
 
 
@@ -25,7 +25,7 @@ cdef class HttpConnection:
 
     cpdef pause(self, int reason)
     cpdef resume(self, int reason)
-    cpdef on_head(self, head)
+    cpdef on_head(self, RequestHead head)
     cpdef on_data(self, bytes data)
     cpdef on_end(self, list trailers)
     cpdef request_done(self, Exchange ex, bint keep_alive)
@@ -36,7 +36,7 @@ cdef class Exchange:
     cdef public HttpConnection conn
     cdef public object server
     cdef public object state
-    cdef public object head
+    cdef public RequestHead head
     cdef public object loop
     cdef public double t0
     cdef public double t_wall
@@ -95,10 +95,10 @@ cdef class Exchange:
     cpdef _release_upstream(self, bint reusable)
     cpdef on_body(self, bytes data)
     cpdef on_body_end(self, list trailers)
-    cpdef on_head(self, rh)
+    cpdef on_head(self, ResponseHead rh)
     cpdef on_data(self, bytes data)
     cpdef on_end(self, list trailers)
     cpdef flush(self)
-    cpdef _response_head(self, rh)
+    cpdef _response_head(self, ResponseHead rh)
     cpdef _complete(self, bint upstream_reusable)
     cpdef _finish_downstream(self)
