@@ -59,7 +59,8 @@ from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
-from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
+from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limiters
+from proxy_core.ratelimit import Clock
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
@@ -119,7 +120,7 @@ class _State:
     router: Router
     balancers: dict[str, LoadBalancer]
     local_endpoints: frozenset[tuple[str, int]]
-    rate_limits: dict[str, ServiceRateLimiter]   # by service host; empty when no policy applies
+    rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -137,14 +138,14 @@ class _State:
         return ops
 
     @classmethod
-    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock,
+    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, quota: QuotaBook,
               previous: "_State | None" = None) -> "_State":
         """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
         ``previous`` keep their tokens, so a config push does not refill them."""
         balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
-        limiters = build_rate_limiters(snapshot.rate_limits, previous.rate_limits if previous else None, clock)
+        limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
         return cls(snapshot, Router(snapshot), balancers, local, limiters)
 
 
@@ -182,7 +183,8 @@ class ProxyServer:
                  mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
-        self.state = _State.build(snapshot, self.rng, clock)
+        self.quota = QuotaBook(clock)           # global rate limit leases, fetched by the supervisor
+        self.state = _State.build(snapshot, self.rng, clock, self.quota)
         self.access_log = access_log or AccessLog(enabled=False)
         self.pool = pool or UpstreamPool()
         self.dialer: Dialer = self.pool.dialer
@@ -210,7 +212,7 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng, self.clock, self.state)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -587,7 +589,7 @@ class Exchange:
     counted_on_start = False
     up_keep_alive = True
     resp_head_bytes = 0
-    rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
+    rl_bucket: Bucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
     cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
     mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
 
@@ -722,8 +724,9 @@ class Exchange:
         self.cors_ops = decision.response
         return False
 
-    def _within_rate_limit(self, limiter: ServiceRateLimiter, route: Route, req: RequestInfo) -> bool:
-        """Envoy's local rate limit filter: take a token or answer ``deny_status`` (flag RL).
+    def _within_rate_limit(self, limiter: HostRateLimiter, route: Route, req: RequestInfo) -> bool:
+        """Envoy's local, then global, rate limit filters: take a token (for a global limit, from
+        the proxy's Mixer lease) or answer as ``HostRateLimiter.denial`` says (flag RL or RLSE).
 
         It runs after routing (a route may have a bucket of its own) and before fault
         injection, direct responses and the upstream, as the filter precedes the router.
@@ -736,7 +739,8 @@ class Exchange:
             self.rl_bucket = bucket
         if bucket.try_consume():
             return True
-        self.local_reply(spec.deny_status, DENIED_BODY, flags.RL, extra=[(b"x-envoy-ratelimited", b"true")])
+        status, body, flag, extra = limiter.denial(bucket)   # local or global (proxy_core.quota)
+        self.local_reply(status, body, flag, extra=extra)
         return False
 
     def _after_delay(self, abort_status: int | None) -> None:
