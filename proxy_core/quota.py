@@ -9,12 +9,17 @@ asks for the next one, and the proxy worker fetches it from Mixer and hands it b
 the control channel (``QuotaBook.needs`` / ``QuotaBook.apply``).  This module never talks to
 Mixer itself and never blocks.
 
-A bucket with no tokens in hand while its next lease is on the way allows ``MAX_CREDIT``
-request on credit and reports it with its next ask, so the owner charges it to the window.
-That is the whole tolerance: per counter and window, the requests allowed mesh-wide are at
-most ``limit + MAX_CREDIT x proxies`` (the credit overshoots only when another proxy took
-the window's last tokens meanwhile; once the owner answers that the window is spent, no
-more credit is given in it).  When no lease can be had (the ask failed: every Mixer replica
+A bucket that holds no lease for the current window (a counter this proxy meets for the
+first time, or a window it did not fetch ahead) allows up to ``credit_limit(limit)``
+requests on credit (``max(1, 5% of the limit)``) until its first lease arrives, and reports
+them with its ask, so the owner charges them to the window.  That is the whole tolerance:
+per counter and window, the requests allowed mesh-wide are at most
+``limit + credit_limit(limit) x proxies``, and exceed ``limit`` only when another proxy took
+the window's last tokens before the credit was reported.  An active counter fetches the next
+window's lease before the current one ends, so under steady load no credit is taken at all.
+A bucket whose lease ran dry while its next ask is on the way may also take credit, but no
+more than the window had left at the owner's last answer, so near a window's end -- where
+overshoot could happen -- it hardly takes any; it refuses the rest (on the safe side).  When no lease can be had (the ask failed: every Mixer replica
 unreachable) the bucket applies the policy's failure mode: FAIL_OPEN allows the request
 uncounted, FAIL_CLOSED denies it (Envoy's ``failure_mode_deny``).
 """
@@ -33,11 +38,11 @@ from proxy_core.router import RequestInfo
 from proxy_core.snapshot import DescriptorEntry, GlobalDescriptor, GlobalRateLimit, LocalRateLimit, Snapshot
 
 __all__ = ["Lease", "GlobalBucket", "QuotaBook", "GlobalRateLimiter", "HostRateLimiter", "build_host_limiters",
-           "MAX_CREDIT"]
+           "credit_limit"]
 
 Clock = Callable[[], float]
 
-MAX_CREDIT = 1            # requests a bucket may allow while its next lease is on the way
+CREDIT_SHARE = 0.05       # of the limit, allowed on credit while a bucket holds no lease
 LEASE_HORIZON = 0.5       # a lease asks for this many seconds of the bucket's recent demand
 REFILL_LEAD = 0.25        # ask again when fewer tokens are left than this many seconds of demand
 NEXT_WINDOW_LEAD = 0.5    # ask for the next window's lease this long before the current one ends
@@ -49,6 +54,11 @@ OVER_LIMIT = "over_limit"
 UNAVAILABLE = "unavailable"
 
 
+def credit_limit(limit: int) -> int:
+    """Requests a proxy may allow on credit, per counter and window, before its first lease."""
+    return max(1, int(limit * CREDIT_SHARE))
+
+
 @dataclass(slots=True)
 class Lease:
     """Tokens of one window, usable from ``starts`` to ``expires`` (this proxy's monotonic clock)."""
@@ -57,6 +67,7 @@ class Lease:
     tokens: int
     starts: float
     expires: float
+    remaining: int            # what the window had left after this grant, at the owner
     exhausted: bool           # the owner had nothing left after this grant: do not ask again in this window
 
 
@@ -76,7 +87,7 @@ class GlobalBucket:
         self.queued: Lease | None = None     # the next window's lease, fetched before this one ends
         self.pending = False                 # an ask is on its way
         self.unreachable = False             # the last ask failed: no lease can be had
-        self.credit = 0                      # requests allowed on credit since the last answer
+        self.credit = 0                      # requests allowed on credit since the last lease began
         self.debt = 0                        # of those, not yet reported to the owner
         self.attempts = 0                    # requests since the last demand estimate
         self.rate = 0.0                      # requests per second, smoothed
@@ -117,7 +128,8 @@ class GlobalBucket:
         if self.unreachable or self.book.orphaned(now):
             self.denial = UNAVAILABLE
             return self.fail_open
-        if self.credit < MAX_CREDIT:
+        allowance = credit_limit(self.limit) if lease is None else min(credit_limit(self.limit), lease.remaining)
+        if self.credit < allowance:
             self.credit += 1
             self.debt += 1
             return True
@@ -137,7 +149,9 @@ class GlobalBucket:
         self.low_water = math.ceil(self.rate * REFILL_LEAD)
 
     def want(self) -> int:
-        return min(self.limit, max(1, math.ceil(self.rate * LEASE_HORIZON)))
+        """Tokens to ask for: the recent demand over ``LEASE_HORIZON``, or twice the requests
+        since the last estimate when that is more (a new counter, a burst)."""
+        return min(self.limit, max(1, math.ceil(self.rate * LEASE_HORIZON), 2 * self.attempts))
 
     def asks_now(self, now: float) -> list[dict[str, Any]]:
         """The leases to ask Mixer for now (none while an ask is pending or the bucket is idle)."""
@@ -159,8 +173,9 @@ class GlobalBucket:
         return out
 
     def granted(self, reply: dict[str, Any], now: float) -> None:
+        remaining = int(reply["remaining"])
         lease = Lease(int(reply["window"]), int(reply["tokens"]), now + float(reply["starts_in"]),
-                      now + float(reply["expires_in"]), int(reply["remaining"]) == 0)
+                      now + float(reply["expires_in"]), remaining, remaining <= 0)
         self.grants += lease.tokens
         if reply.get("next"):
             self.queued = lease
@@ -169,11 +184,11 @@ class GlobalBucket:
             if old is not None and old.window == lease.window:
                 lease.tokens += old.tokens
             self.current = lease
+            self.credit = 0
         self.unreachable = False
 
     def answered(self) -> None:
         self.pending = False
-        self.credit = 0
 
 
 class QuotaBook:

@@ -15,7 +15,7 @@ from mesh.loader import load_documents
 from mesh.quota import QuotaLedger, owner_index
 from mesh.validation import to_resources
 from proxy_core.control import ControlServer, acall
-from proxy_core.quota import MAX_CREDIT, QuotaBook
+from proxy_core.quota import QuotaBook, credit_limit
 from proxy_core.router import RequestInfo
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import GlobalRateLimit, Snapshot
@@ -116,17 +116,18 @@ async def test_bucket_spends_its_lease_asks_when_low_and_takes_credit_while_wait
     clock, wall = FakeClock(), FakeClock(6000.0)
     book, ledger = QuotaBook(clock), QuotaLedger(clock=wall)
     b = book.bucket("d/x/", 5, 60.0, fail_open=True)
+    assert (credit_limit(5), credit_limit(100), credit_limit(1000)) == (1, 5, 50)
     assert b.try_consume()                          # no lease yet: on credit ...
-    assert not b.try_consume() and b.denial == "over_limit"   # ... at most MAX_CREDIT of them
+    assert not b.try_consume() and b.denial == "over_limit"   # ... at most credit_limit(5) of them
     asks = await book.needs(0)
-    assert [(a["key"], a["debt"], a["next"]) for a in asks] == [("d/x/", MAX_CREDIT, False)]
+    assert [(a["key"], a["debt"], a["next"]) for a in asks] == [("d/x/", credit_limit(5), False)]
     assert await book.needs(0) == []                # pending: nothing asked twice
     grant(book, ledger, "p1", asks)
-    assert ledger.granted("d/x/", 60.0) == MAX_CREDIT + b.current.tokens   # the credit was charged
+    assert ledger.granted("d/x/", 60.0) == credit_limit(5) + b.current.tokens   # the credit was charged
     spent = 0
     while b.try_consume():
         spent += 1
-    assert MAX_CREDIT + spent <= 5
+    assert credit_limit(5) + spent <= 5
     while True:                                     # keep asking until the owner says the window is spent
         asks = await book.needs(0)
         if not asks:
@@ -134,8 +135,24 @@ async def test_bucket_spends_its_lease_asks_when_low_and_takes_credit_while_wait
         grant(book, ledger, "p1", asks)
         while b.try_consume():
             spent += 1
-    assert MAX_CREDIT + spent == 5 and b.current is not None and b.current.exhausted
+    assert credit_limit(5) + spent == 5 and b.current is not None and b.current.exhausted
     assert not b.try_consume() and b.denial == "over_limit"
+
+
+async def test_credit_beyond_the_limit_ends_credit_for_the_window() -> None:
+    """Two proxies each let a first request through on credit against a limit of 1: the second
+    debt overdraws the window, and neither proxy gets credit again in it."""
+    clock, wall = FakeClock(), FakeClock(6000.0)
+    ledger = QuotaLedger(clock=wall)
+    books = [QuotaBook(clock), QuotaBook(clock)]
+    buckets = [book.bucket("d/page/", 1, 60.0, fail_open=False) for book in books]
+    assert all(b.try_consume() for b in buckets)
+    for i, book in enumerate(books):
+        grant(book, ledger, f"p{i}", await book.needs(0))
+    assert ledger.granted("d/page/", 60.0) == 2
+    for _ in range(3):
+        assert not any(b.try_consume() for b in buckets)
+        assert [await book.needs(0) for book in books] == [[], []]
 
 
 async def test_next_window_lease_is_fetched_ahead_and_taken_over_at_the_boundary() -> None:
@@ -206,8 +223,9 @@ async def test_two_proxies_together_stay_within_limit_plus_credit() -> None:
         clock.advance(0.01)
         wall.advance(0.01)
     assert len(allowed) == 5
-    assert all(n <= limit + 2 * MAX_CREDIT for n in allowed.values()), allowed
-    assert all(n >= limit * 0.8 for n in allowed.values()), allowed   # and the quota does get used
+    assert all(n <= limit + 2 * credit_limit(limit) for n in allowed.values()), allowed
+    # Leases for the next window are fetched ahead, so steady load takes no credit: exactly the limit.
+    assert all(n == limit for w, n in allowed.items() if w > min(allowed)), allowed
 
 
 # -- descriptors ---------------------------------------------------------------------------------
