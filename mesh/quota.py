@@ -81,7 +81,11 @@ class QuotaLedger:
         state.clients.add(client)
         state.granted += max(0, int(ask.get("debt", 0)))
         remaining = max(0, limit - state.granted)
-        share = math.ceil(remaining / len(state.clients))   # leave room for the other proxies asking
+        # Leave room for the other proxies: those that asked in this window, or in the one before
+        # (the first asker of a window would otherwise get all of it).
+        before = self._windows.get((key, window - 1))
+        clients = max(len(state.clients), len(before.clients) if before is not None else 0)
+        share = math.ceil(remaining / clients)
         tokens = max(0, min(int(ask.get("want", 1)), remaining, share))
         state.granted += tokens
         self._persist(key, window, state.granted)

@@ -17,9 +17,8 @@ per counter and window, the requests allowed mesh-wide are at most
 ``limit + credit_limit(limit) x proxies``, and exceed ``limit`` only when another proxy took
 the window's last tokens before the credit was reported.  An active counter fetches the next
 window's lease before the current one ends, so under steady load no credit is taken at all.
-A bucket whose lease ran dry while its next ask is on the way may also take credit, but no
-more than the window had left at the owner's last answer, so near a window's end -- where
-overshoot could happen -- it hardly takes any; it refuses the rest (on the safe side).  When no lease can be had (the ask failed: every Mixer replica
+A bucket whose lease ran dry while its next ask is on the way takes no credit: it refuses
+(on the safe side; the low-water mark and demand-sized leases keep that rare).  When no lease can be had (the ask failed: every Mixer replica
 unreachable) the bucket applies the policy's failure mode: FAIL_OPEN allows the request
 uncounted, FAIL_CLOSED denies it (Envoy's ``failure_mode_deny``).
 """
@@ -67,7 +66,6 @@ class Lease:
     tokens: int
     starts: float
     expires: float
-    remaining: int            # what the window had left after this grant, at the owner
     exhausted: bool           # the owner had nothing left after this grant: do not ask again in this window
 
 
@@ -128,8 +126,7 @@ class GlobalBucket:
         if self.unreachable or self.book.orphaned(now):
             self.denial = UNAVAILABLE
             return self.fail_open
-        allowance = credit_limit(self.limit) if lease is None else min(credit_limit(self.limit), lease.remaining)
-        if self.credit < allowance:
+        if lease is None and self.credit < credit_limit(self.limit):
             self.credit += 1
             self.debt += 1
             return True
@@ -146,12 +143,12 @@ class GlobalBucket:
         inst = self.attempts / elapsed
         self.rate = inst if self.rate == 0.0 else 0.5 * self.rate + 0.5 * inst
         self.attempts = 0
-        self.low_water = math.ceil(self.rate * REFILL_LEAD)
 
     def want(self) -> int:
-        """Tokens to ask for: the recent demand over ``LEASE_HORIZON``, or twice the requests
-        since the last estimate when that is more (a new counter, a burst)."""
-        return min(self.limit, max(1, math.ceil(self.rate * LEASE_HORIZON), 2 * self.attempts))
+        """Tokens to ask for: the recent demand over ``LEASE_HORIZON``, twice the requests since
+        the last estimate when that is more (a burst), and at least the credit allowance."""
+        return min(self.limit, max(credit_limit(self.limit), math.ceil(self.rate * LEASE_HORIZON),
+                                   2 * self.attempts))
 
     def asks_now(self, now: float) -> list[dict[str, Any]]:
         """The leases to ask Mixer for now (none while an ask is pending or the bucket is idle)."""
@@ -175,8 +172,10 @@ class GlobalBucket:
     def granted(self, reply: dict[str, Any], now: float) -> None:
         remaining = int(reply["remaining"])
         lease = Lease(int(reply["window"]), int(reply["tokens"]), now + float(reply["starts_in"]),
-                      now + float(reply["expires_in"]), remaining, remaining <= 0)
+                      now + float(reply["expires_in"]), remaining <= 0)
         self.grants += lease.tokens
+        # Ask again once half a lease is spent, or when less than REFILL_LEAD of demand is left.
+        self.low_water = max(lease.tokens // 2, math.ceil(self.rate * REFILL_LEAD))
         if reply.get("next"):
             self.queued = lease
         else:

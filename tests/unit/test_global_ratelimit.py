@@ -73,6 +73,15 @@ def test_leases_never_exceed_the_limit_and_say_when_the_window_is_spent() -> Non
     assert (g["tokens"], g["window"], g["remaining"]) == (5, 101, 5)
 
 
+def test_first_asker_of_a_window_leaves_room_for_last_windows_other_proxies() -> None:
+    wall = FakeClock(6000.0)
+    ledger = QuotaLedger(clock=wall)
+    assert ledger.lease("p1", [ask(want=100)])[0]["tokens"] == 10     # alone so far: all it wants
+    ledger.lease("p2", [ask(want=100)])
+    (nxt,) = ledger.lease("p1", [ask(want=100, next_window=True)])   # two proxies asked in window 100
+    assert (nxt["window"], nxt["tokens"]) == (101, 5)
+
+
 def test_debt_is_charged_and_next_window_leases_start_later() -> None:
     wall = FakeClock(6030.0)
     ledger = QuotaLedger(clock=wall)
