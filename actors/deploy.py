@@ -64,5 +64,5 @@ def uninstall(purge: bool = False) -> None:
             ray.kill(handle, no_restart=True)
     if purge:
         kv = GcsKV()
-        for collection in ("config", "registry", "ca"):
+        for collection in ("config", "registry", "ca", "quota"):
             kv._kv._internal_kv_del(f"{collection}/", del_by_prefix=True, namespace=NAMESPACE)

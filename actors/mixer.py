@@ -14,6 +14,12 @@ its shard of nodes, Prometheus summing over all replicas' targets sees the whole
 
 A replica's state is its own and starts empty after a restart: Prometheus reads that as a
 counter reset, and the window refills within its span.
+
+Mixer also keeps the counters of global rate limits and grants proxies leases of tokens
+ahead of need (``lease``, served on a thread of its own so that a long aggregation never
+delays a lease; the arithmetic is ``mesh.quota``).  Each counter has one owner replica, by
+hash of its key; the counts are written through to the GCS so that an owner's restart or a
+failover continues the window.
 """
 from __future__ import annotations
 
@@ -30,8 +36,10 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayError
 
+from actors.store import GcsKV
 from mesh.metrics import (DEFAULT_CLUSTER_ID, LABEL_NAMES, REQUESTS_TOTAL, Filters, MetricStore, MetricUpdate, Window,
                           aggregate, conform, decode_batch)
+from mesh.quota import QuotaLedger
 from mesh.records import Record
 
 log = logging.getLogger(__name__)
@@ -177,10 +185,11 @@ def _as_table(payload: Any) -> pa.Table:
     return decode_batch(payload)
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"quota": 1})
 class Mixer:
-    """One replica. Calls are serialized (a threaded actor of concurrency 1); the metrics
-    endpoint's thread reads the store under ``_lock``."""
+    """One replica. Telemetry calls are serialized (a threaded actor of concurrency 1); the
+    metrics endpoint's thread reads the store under ``_lock``; leases run in the ``quota``
+    concurrency group, on their own thread, against the ledger's own lock."""
 
     def __init__(self, replica: int, options: dict[str, Any] | None = None) -> None:
         self.replica = replica
@@ -192,6 +201,7 @@ class Mixer:
         self._batches = BatchLog(self.options.dedupe_history)
         self._counts = {"batches": 0, "rows": 0, "duplicates": 0, "rejected": 0}
         self._mirror = RayMirror() if self.options.ray_metrics else None
+        self._quota = QuotaLedger(GcsKV())
         self._server = MetricsServer(self._render, self.options.port + replica if self.options.port else 0)
         self.port = self._server.start()
         self._file_sd: str | None = None
@@ -235,6 +245,11 @@ class Mixer:
             self._mirror.record(updates)
         return {"ok": True, "duplicate": False, "rows": rows}
 
+    @ray.method(concurrency_group="quota")
+    def lease(self, client: str, asks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Global rate limit leases for the counters this replica owns (see ``mesh.quota``)."""
+        return self._quota.lease(client, asks)
+
     def metrics_text(self) -> str:
         return self._render().decode()
 
@@ -257,7 +272,8 @@ class Mixer:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"replica": self.name, "endpoint": self.endpoint(), "file_sd": self._file_sd,
-                    **self._counts, "window_rows": self._window.num_rows, "series": self._store.series_count()}
+                    **self._counts, "window_rows": self._window.num_rows, "series": self._store.series_count(),
+                    "quota": dict(self._quota.counts)}
 
     def _render(self) -> bytes:
         with self._lock:

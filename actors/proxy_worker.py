@@ -10,7 +10,9 @@ The hot path stays free of Ray: the actor starts ``python -m proxy_core`` as a c
 * it keeps the child's mTLS credentials current (``actors.proxy_credentials``): SVIDs of the
   node's workload identities, renewed at half-life, the trust bundle and the workload pids;
 * it restarts the child with the last snapshot if it dies, and the child dies with the actor
-  (PR_SET_PDEATHSIG), so a restarted actor never finds stale listeners in its way.
+  (PR_SET_PDEATHSIG), so a restarted actor never finds stale listeners in its way;
+* it fetches the global rate limit leases the child asks for from the Mixer replica that owns
+  each counter (``_quota_loop``), so the child's hot path never waits on Mixer.
 
 With every Pilot replica down the child keeps serving its last snapshot.
 """
@@ -36,6 +38,7 @@ from ray.exceptions import RayActorError
 from actors.proxy_credentials import new_proxy_credentials
 from actors.replicaset import find_replicas
 from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
+from mesh.quota import owner_index
 from proxy_core.control import acall
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,8 @@ class ProxyWorker:
             if not self._tasks:
                 loop = asyncio.get_running_loop()
                 self._tasks = [loop.create_task(self._watch_loop()), loop.create_task(self._monitor()),
-                               loop.create_task(self._telemetry_loop()), loop.create_task(self._credentials_loop())]
+                               loop.create_task(self._telemetry_loop()), loop.create_task(self._credentials_loop()),
+                               loop.create_task(self._quota_loop())]
             if self._workload_api is None:
                 server = WorkloadApiServer(self.node_id, WorkloadApiOptions.from_dict(self.options.get("workload_api")))
                 try:
@@ -262,6 +266,60 @@ class ProxyWorker:
             except Exception:
                 log.exception("could not refresh mTLS credentials; retrying")
             await asyncio.sleep(wait)
+    async def _quota_loop(self) -> None:
+        """Long-poll the proxy for the leases it wants, get each from the counter's owner (failing
+        over to the next replica), hand them back.  A key no replica answered for is reported
+        failed, and the proxy applies the policy's failure mode until a lease arrives."""
+        wait = float(self.options.get("quota_poll", 0.1))
+        timeout = float(self.options.get("quota_timeout", 0.5))
+        mixers: list[Any] = []
+        found_at = 0.0
+        while True:
+            try:
+                reply = await acall(self._control_path, {"op": "quota_needs", "wait": wait})
+            except CONTROL_ERRORS:
+                await asyncio.sleep(0.2)
+                continue
+            asks = reply.get("asks") or []
+            if not asks:
+                continue
+            if not mixers or time.monotonic() - found_at > 5.0:
+                mixers, found_at = find_replicas("mixer"), time.monotonic()
+            leases, failed = await self._leases(mixers, asks, timeout)
+            if failed:
+                mixers = []   # look the replicas up again next time
+            try:
+                await acall(self._control_path, {"op": "quota_leases", "leases": leases, "failed": failed})
+            except CONTROL_ERRORS:
+                continue
+
+    async def _leases(self, mixers: list[Any], asks: list[dict[str, Any]],
+                      timeout: float) -> tuple[list[dict[str, Any]], list[str]]:
+        """One ``lease`` call per owner replica, concurrently; (leases granted, keys that failed)."""
+        if not mixers:
+            return [], [a["key"] for a in asks]
+        by_owner: dict[int, list[dict[str, Any]]] = {}
+        for ask in asks:
+            by_owner.setdefault(owner_index(ask["key"], len(mixers)), []).append(ask)
+
+        async def ask_owner(start: int, batch: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+            for i in range(len(mixers)):
+                mixer = mixers[(start + i) % len(mixers)]
+                try:
+                    return await asyncio.wait_for(mixer.lease.remote(self.name, batch), timeout)
+                except (RayActorError, asyncio.TimeoutError):
+                    continue
+            return None
+
+        results = await asyncio.gather(*(ask_owner(i, b) for i, b in by_owner.items()))
+        leases: list[dict[str, Any]] = []
+        failed: list[str] = []
+        for batch, result in zip(by_owner.values(), results):
+            if result is None:
+                failed.extend(a["key"] for a in batch)
+            else:
+                leases.extend(result)
+        return leases, failed
 
     # -- queries -------------------------------------------------------------------------------
 

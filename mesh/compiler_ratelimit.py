@@ -12,7 +12,10 @@ first-class resource and compiles to one entry per service host (shape in
         "routes": [{"match": {"uri": {"exact": "/productpage"}},
                     "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": 60.0}}],
         "response_headers": true,
-        "deny_status": 429}}
+        "deny_status": 429,
+        "global": {"domain": "default/productpage-ratelimit", "failure_mode": "FAIL_CLOSED",
+                   "descriptors": [{"entries": [{"source": "path", "match": {"exact": "/productpage"}}],
+                                    "requests_per_unit": 1, "unit": 60.0}]}}}
 
 Which services a policy names:
 
@@ -27,6 +30,12 @@ creation time, so this stands in for Istio's "oldest wins"); the other is ignore
 host.  Defaults are made explicit (``tokens_per_fill`` 1, ``deny_status`` 429,
 ``response_headers`` false) so the proxy applies none of its own.
 
+A policy's ``global`` part keeps its descriptors in order, entries as ``{"source", "match",
+"header"}`` (header names lower-cased), units in seconds, ``failure_mode`` explicit (default
+FAIL_OPEN, Envoy's ``failure_mode_deny: false``).  Its counters belong to the policy
+(``domain`` is ``namespace/name``), so all hosts a policy names share them unless a
+descriptor has a ``destination`` entry.  A policy with only ``global`` has no local buckets.
+
 Route entries keep their order; each selects requests either by ``name`` (the name of the
 route the request matched: a VirtualService ``http[].name``, or ``default``) or by an Istio
 ``HTTPMatchRequest`` subset (``uri``, ``method``, ``headers``, ``queryParams``,
@@ -38,6 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from mesh.compiler_services import resolve_host
 from mesh.durations import parse_duration
+from mesh.quota import UNITS
 from mesh.registry import service_fqdn
 from mesh.resources import Resource
 
@@ -54,7 +64,7 @@ def compile_rate_limits(resources: Sequence[Resource]) -> dict[str, dict[str, An
     entries = {(r.namespace, r.name): r for r in resources if r.kind == "ServiceEntry"}
     out: dict[str, dict[str, Any]] = {}
     for policy in policies:
-        compiled = _compile_local(policy)
+        compiled = _compile_policy(policy)
         for host in _policy_hosts(policy, entries):
             out.setdefault(host, compiled)
     return {host: out[host] for host in sorted(out)}
@@ -75,15 +85,37 @@ def _policy_hosts(policy: Resource, service_entries: Mapping[tuple[str, str], Re
     return list(dict.fromkeys(hosts))
 
 
-def _compile_local(policy: Resource) -> dict[str, Any]:
+def _compile_policy(policy: Resource) -> dict[str, Any]:
     local: Mapping[str, Any] = policy.spec.get("local") or {}
-    return {
+    out: dict[str, Any] = {
         "policy": f"{policy.namespace}/{policy.name}",
         "token_bucket": _bucket(local["tokenBucket"]) if local.get("tokenBucket") else None,
         "routes": [_route(r) for r in local.get("routes") or ()],
         "response_headers": bool(local.get("responseHeaders", False)),
         "deny_status": int(local.get("denyStatus") or DEFAULT_DENY_STATUS),
     }
+    if policy.spec.get("global"):
+        out["global"] = _global(policy.spec["global"], out["policy"])
+    return out
+
+
+# RateLimitPolicy entry field -> the snapshot's descriptor source.
+_SOURCES = {"path": "path", "header": "header", "remoteAddress": "remote_address", "destination": "destination"}
+
+
+def _global(glob: Mapping[str, Any], domain: str) -> dict[str, Any]:
+    return {"domain": domain, "failure_mode": str(glob.get("failureMode") or "FAIL_OPEN"),
+            "descriptors": [{"entries": [_entry(e) for e in d["entries"]],
+                             "requests_per_unit": int(d["limit"]["requestsPerUnit"]),
+                             "unit": UNITS[d["limit"]["unit"]]} for d in glob["descriptors"]]}
+
+
+def _entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    field, source = next((f, s) for f, s in _SOURCES.items() if f in entry)
+    out: dict[str, Any] = {"source": source, "match": _string_match(entry[field])}
+    if source == "header":
+        out["header"] = str(entry[field]["name"]).lower()
+    return out
 
 
 def _bucket(tb: Mapping[str, Any]) -> dict[str, Any]:

@@ -1610,10 +1610,15 @@ def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issu
             out.append((path, f"Invalid value: {host!r}: {error}"))
         if host in hosts[:i]:
             out.append((path, f"Duplicate value: {host!r}"))
+    if "local" not in spec and "global" not in spec:
+        out.append(("spec", "Required value: at least one of local or global must be set"))
     if "global" in spec:
-        out.append(("spec.global", "Forbidden: global rate limits (quota leases granted by Mixer) "
-                                   "are not supported yet; use local"))
-    local: dict[str, Any] = spec["local"]
+        _validate_global_rate_limit(spec["global"], out)
+    if "local" in spec:
+        _validate_local_rate_limit(spec["local"], out)
+
+
+def _validate_local_rate_limit(local: dict[str, Any], out: _Issues) -> None:
     routes: list[dict[str, Any]] = local.get("routes") or []
     if "tokenBucket" not in local and not routes:
         out.append(("spec.local", "Required value: at least one of tokenBucket or routes must be set"))
@@ -1628,6 +1633,38 @@ def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issu
             names.append(route["name"])
         if "match" in route:
             _validate_rate_limit_match(route["match"], f"{path}.match", out)
+
+
+# A global descriptor entry's sources (Envoy rate limit actions); exactly one per entry.
+_DESCRIPTOR_SOURCES = ("path", "header", "remoteAddress", "destination")
+
+
+def _validate_global_rate_limit(glob: dict[str, Any], out: _Issues) -> None:
+    """What the schema cannot say about ``global``: one source per entry, string matches that
+    can match, IP addresses where an address is matched, and no descriptor that an earlier one
+    with the same entries makes unreachable."""
+    seen: list[list[dict[str, Any]]] = []
+    for i, descriptor in enumerate(glob["descriptors"]):
+        path = f"spec.global.descriptors[{i}]"
+        entries: list[dict[str, Any]] = descriptor["entries"]
+        for j, entry in enumerate(entries):
+            epath = f"{path}.entries[{j}]"
+            sources = [k for k in _DESCRIPTOR_SOURCES if k in entry]
+            if len(sources) != 1:
+                out.append((epath, "exactly one of " + ", ".join(_DESCRIPTOR_SOURCES) + " must be set"
+                            + (f"; found {', '.join(sources)}" if sources else "")))
+                continue
+            source = sources[0]
+            match: dict[str, Any] = entry[source]
+            _validate_string_match(match, f"{epath}.{source}", out)
+            if source == "header":
+                _check_header_name(match["name"], f"{epath}.header.name", out)
+            if source == "remoteAddress" and "exact" in match and not _is_ip(match["exact"]):
+                out.append((f"{epath}.remoteAddress.exact", f"Invalid value: {match['exact']!r}: not an IP address"))
+        if entries in seen:
+            out.append((f"{path}.entries", f"Duplicate value: descriptors[{seen.index(entries)}] has the same "
+                                           "entries, so this one never applies"))
+        seen.append(entries)
 
 
 def _validate_rate_limit_match(match: dict[str, Any], path: str, out: _Issues) -> None:

@@ -14,6 +14,11 @@ request gets exactly one reply.  Operations:
 * ``{"op": "credentials", "trust_domain": ..., "roots": [...], "svids": [...], "workloads": [...]}``
   -> ``{"ok": true, "identities": [...]}``: the node's SVIDs, trust bundle and workload pids
   (``proxy_core.mtls.Credentials``); new handshakes use them, open connections keep theirs.
+* ``{"op": "quota_needs", "wait": 0.1}`` -> ``{"ok": true, "asks": [ASK, ...]}``: a long poll for the
+  global rate limit leases the proxy wants (``proxy_core.quota``), answered as soon as a bucket runs
+  low or after ``wait`` seconds; the supervisor gets them from Mixer and answers with
+* ``{"op": "quota_leases", "leases": [LEASE, ...], "failed": [key, ...]}`` -> ``{"ok": true}``:
+  the leases granted, and the keys no Mixer replica answered for (their failure mode applies).
 * ``{"op": "shutdown"}`` -> ``{"ok": true}``, then the proxy drains and exits.
 
 The channel is off the request path, so it uses asyncio streams for clarity.
@@ -122,6 +127,11 @@ class ControlServer:
                 return {"ok": False, "error": "telemetry is disabled"}
             batch, rows, dropped = proxy.telemetry.drain()
             return {"ok": True, "batch": batch, "rows": rows, "dropped": dropped}
+        if op == "quota_needs":
+            return {"ok": True, "asks": await proxy.quota.needs(float(message.get("wait", 0.1)))}
+        if op == "quota_leases":
+            proxy.quota.apply(list(message.get("leases") or ()), list(message.get("failed") or ()))
+            return {"ok": True}
         if op == "shutdown":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}

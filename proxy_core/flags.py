@@ -20,6 +20,7 @@ DC: Final = "DC"    # downstream connection termination
 FI: Final = "FI"    # request aborted by fault injection
 DI: Final = "DI"    # request delayed by fault injection
 RL: Final = "RL"    # rate limited (local or global)
+RLSE: Final = "RLSE"  # no global rate limit answer could be had (Mixer unreachable), failure mode deny
 LR: Final = "LR"    # connection local reset
 DPE: Final = "DPE"  # downstream protocol error
 UPE: Final = "UPE"  # upstream protocol error

@@ -63,7 +63,8 @@ from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
-from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
+from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limiters
+from proxy_core.ratelimit import Clock
 from proxy_core.security_filter import ClusterSecurity, RequestAuthorization, SecurityRuntime, build_security
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
@@ -124,7 +125,7 @@ class _State:
     router: Router
     balancers: dict[str, LoadBalancer]
     local_endpoints: frozenset[tuple[str, int]]
-    rate_limits: dict[str, ServiceRateLimiter]   # by service host; empty when no policy applies
+    rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
     security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
@@ -143,14 +144,14 @@ class _State:
         return ops
 
     @classmethod
-    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, security: SecurityRuntime,
+    def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, quota: QuotaBook, security: SecurityRuntime,
               previous: "_State | None" = None) -> "_State":
         """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
         ``previous`` keep their tokens, so a config push does not refill them."""
         balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
-        limiters = build_rate_limiters(snapshot.rate_limits, previous.rate_limits if previous else None, clock)
+        limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
         return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security))
 
 
@@ -192,8 +193,9 @@ class ProxyServer:
                  mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
+        self.quota = QuotaBook(clock)           # global rate limit leases, fetched by the supervisor
         self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
-        self.state = _State.build(snapshot, self.rng, clock, self.security)
+        self.state = _State.build(snapshot, self.rng, clock, self.quota, self.security)
         self.access_log = access_log or AccessLog(enabled=False)
         self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
@@ -222,7 +224,7 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng, self.clock, self.security, self.state)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.security, self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -620,7 +622,7 @@ class Exchange:
         self.counted_on_start = False
         self.up_keep_alive = True
         self.resp_head_bytes = 0
-        self.rl_bucket: TokenBucket | None = None     # set when the rate limit asks for x-ratelimit-* headers
+        self.rl_bucket: Bucket | None = None          # set when the rate limit asks for x-ratelimit-* headers
         self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
@@ -741,8 +743,9 @@ class Exchange:
         self.cors_ops = decision.response
         return False
 
-    def _within_rate_limit(self, limiter: ServiceRateLimiter, route: Route, req: RequestInfo) -> bool:
-        """Envoy's local rate limit filter: take a token or answer ``deny_status`` (flag RL).
+    def _within_rate_limit(self, limiter: HostRateLimiter, route: Route, req: RequestInfo) -> bool:
+        """Envoy's local, then global, rate limit filters: take a token (for a global limit, from
+        the proxy's Mixer lease) or answer as ``HostRateLimiter.denial`` says (flag RL or RLSE).
 
         It runs after routing (a route may have a bucket of its own) and before fault
         injection, direct responses and the upstream, as the filter precedes the router.
@@ -755,7 +758,8 @@ class Exchange:
             self.rl_bucket = bucket
         if bucket.try_consume():
             return True
-        self.local_reply(spec.deny_status, DENIED_BODY, flags.RL, extra=[(b"x-envoy-ratelimited", b"true")])
+        status, body, flag, extra = limiter.denial(bucket)   # local or global (proxy_core.quota)
+        self.local_reply(status, body, flag, extra=extra)
         return False
 
     def _after_delay(self, abort_status: int | None) -> None:

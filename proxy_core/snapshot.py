@@ -130,9 +130,25 @@ RATE_LIMIT (a RateLimitPolicy's ``local`` part, see mesh/compiler_ratelimit.py):
      "routes": [{"name": "reviews-v2", "token_bucket": BUCKET},      # by route name, or
                 {"match": MATCH, "token_bucket": BUCKET}],           # by request match
      "response_headers": false,         # x-ratelimit-limit / -remaining / -reset
-     "deny_status": 429}
+     "deny_status": 429,
+     "global": GLOBAL}                  # absent = no global limit (see proxy_core/quota.py)
 
 BUCKET: ``{"max_tokens": 100, "tokens_per_fill": 100, "fill_interval": 1.0}`` (seconds).
+
+GLOBAL (a RateLimitPolicy's ``global`` part: mesh-wide counters kept by Mixer, spent from leases)::
+
+    {"domain": "default/productpage-ratelimit",     # counters are per domain, not per host
+     "failure_mode": "FAIL_OPEN" | "FAIL_CLOSED",    # no lease to be had: allow, or answer 500 (RLSE)
+     "descriptors": [                                # the first whose entries all apply counts the request
+       {"entries": [{"source": "path", "match": STRING_MATCH},          # path without the query
+                    {"source": "header", "header": "x-user", "match": {}},
+                    {"source": "remote_address", "match": {}},        # the downstream peer's IP
+                    {"source": "destination", "match": {}}],          # the service host
+        "requests_per_unit": 100, "unit": 60.0}]}    # a fixed window of ``unit`` seconds
+
+An entry whose ``match`` is empty takes the request's value as part of the counter's key (one
+counter per distinct value, as an Envoy rate limit service descriptor without ``value``); a
+non-empty match must hold, and all requests it admits share one counter.
 
 ``via`` is set when the endpoint lives on another node: the client-side proxy opens a
 tunnel to that node's inbound listener (``CONNECT address:port``) instead of dialling the
@@ -633,6 +649,58 @@ class LocalRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class DescriptorEntry:
+    """One part of a global rate limit descriptor: where its value comes from and what it must match."""
+
+    source: str                   # "path" | "header" | "remote_address" | "destination"
+    match: StringMatch
+    header: str = ""              # the header's name (lower case) when source is "header"
+
+    @property
+    def per_value(self) -> bool:
+        """True when every distinct value gets a counter of its own (an empty match)."""
+        m = self.match
+        return m.exact is None and m.prefix is None and m.regex is None
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalDescriptor:
+    entries: tuple[DescriptorEntry, ...]
+    requests_per_unit: int
+    unit: float                   # seconds: 1, 60, 3600 or 86400
+
+
+GLOBAL_SOURCES = frozenset({"path", "header", "remote_address", "destination"})
+FAILURE_MODES = frozenset({"FAIL_OPEN", "FAIL_CLOSED"})
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRateLimit:
+    """One policy's global limits for a service host; counters are shared by ``domain``."""
+
+    domain: str
+    failure_mode: str
+    descriptors: tuple[GlobalDescriptor, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GlobalRateLimit":
+        mode = str(d.get("failure_mode", "FAIL_OPEN"))
+        if mode not in FAILURE_MODES:
+            raise ValueError(f"global rate limit failure_mode {mode!r} is not one of {sorted(FAILURE_MODES)}")
+        descriptors = []
+        for desc in d.get("descriptors") or ():
+            entries = []
+            for e in desc.get("entries") or ():
+                if e["source"] not in GLOBAL_SOURCES:
+                    raise ValueError(f"global rate limit entry source {e['source']!r} is not one of "
+                                     f"{sorted(GLOBAL_SOURCES)}")
+                entries.append(DescriptorEntry(e["source"], StringMatch.from_dict(e.get("match")),
+                                               str(e.get("header", "")).lower()))
+            descriptors.append(GlobalDescriptor(tuple(entries), int(desc["requests_per_unit"]), float(desc["unit"])))
+        return cls(str(d["domain"]), mode, tuple(descriptors))
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """An immutable, pre-parsed proxy configuration.  ``raw`` keeps the dict it came from."""
 
@@ -648,6 +716,7 @@ class Snapshot:
     # proxy_core.authz and proxy_core.jwt_auth build per-workload checkers from them.
     security: Mapping[str, Any] = field(default_factory=dict)
     rate_limits: Mapping[str, LocalRateLimit] = field(default_factory=dict)   # by service host
+    global_rate_limits: Mapping[str, GlobalRateLimit] = field(default_factory=dict)   # by service host
     tcp_routes: Mapping[tuple[str, int], TcpHost] = field(default_factory=dict)  # by (host, port)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -671,6 +740,8 @@ class Snapshot:
             clusters={name: Cluster.from_dict(name, c) for name, c in (d.get("clusters") or {}).items()},
             security={k: list((d.get("security") or {}).get(k) or ()) for k in ("authz", "jwt")},
             rate_limits={host: LocalRateLimit.from_dict(rl) for host, rl in (d.get("rate_limits") or {}).items()},
+            global_rate_limits={host: GlobalRateLimit.from_dict(rl["global"])
+                                for host, rl in (d.get("rate_limits") or {}).items() if rl.get("global")},
             tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
             raw=d,
         )

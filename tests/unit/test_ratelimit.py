@@ -373,7 +373,7 @@ async def test_services_without_a_policy_are_not_limited(proxied) -> None:
     snap["rate_limits"] = {"ratings": snap["rate_limits"]["reviews"]}
     await p.swap(Snapshot.from_dict(snap))
     assert [(await get(p.ports["http_proxy"], "/r"))[0] for _ in range(3)] == [200, 200, 200]
-    assert p.state.rate_limits["ratings"].bucket.remaining() == 1  # type: ignore[union-attr]
+    assert p.state.rate_limits["ratings"].local.bucket.remaining() == 1  # type: ignore[union-attr]
 
 
 async def test_default_clock_refills_in_real_time() -> None:

@@ -86,15 +86,67 @@ def test_hosts() -> None:
         ("spec.hosts[4]", "Duplicate value: 'reviews'")]
 
 
-def test_global_is_reserved() -> None:
-    spec = policy()
-    spec["global"] = {"domain": "productpage-ratelimit"}
-    assert problems(spec) == [("spec.global", "Forbidden: global rate limits (quota leases granted by Mixer) "
-                                              "are not supported yet; use local")]
+GLOBAL_SAMPLE = SAMPLE.with_name("productpage-global-ratelimit.yaml")
+LIMIT = {"requestsPerUnit": 100, "unit": "minute"}
 
 
-def test_local_needs_a_bucket_somewhere() -> None:
-    assert problems({"hosts": ["reviews"]}) == [("spec.local", "Required value")]
+def global_policy(*entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"targetRefs": [{"kind": "Service", "name": "productpage"}],
+            "global": {"descriptors": [{"entries": e, "limit": dict(LIMIT)} for e in entries], **extra}}
+
+
+def test_global_sample_is_valid() -> None:
+    assert validate_documents(load_documents([str(GLOBAL_SAMPLE)])) == []
+
+
+def test_valid_global_policies() -> None:
+    assert problems(global_policy([{"path": {"exact": "/productpage"}}], [{"path": {}}],
+                                  failureMode="FAIL_CLOSED")) == []
+    assert problems(global_policy([{"header": {"name": "x-user"}}, {"destination": {}}],
+                                  [{"remoteAddress": {"exact": "127.0.0.1"}}, {"path": {"regex": "/api/.*"}}])) == []
+    both = global_policy([{"path": {"prefix": "/"}}])
+    both["local"] = {"tokenBucket": BUCKET}
+    assert problems(both) == []
+
+
+def test_global_schema_errors() -> None:
+    assert problems({"hosts": ["productpage"], "global": {}}) == [("spec.global.descriptors", "Required value")]
+    spec = global_policy([], failureMode="DENY")
+    spec["global"]["descriptors"].append({"entries": [{"path": {}}], "limit": {"requestsPerUnit": 0, "unit": "week"}})
+    spec["global"]["descriptors"].append({"entries": [{"host": {}}]})
+    assert problems(spec) == [
+        ("spec.global.descriptors[0].entries", "Invalid value: must have at least 1 items"),
+        ("spec.global.descriptors[1].limit.requestsPerUnit", "Invalid value: 0: must be greater than or equal to 1"),
+        ("spec.global.descriptors[1].limit.unit", 'Unsupported value: "week": supported values: "second", '
+                                                  '"minute", "hour", "day"'),
+        ("spec.global.descriptors[2].entries[0].host", "unknown field"),
+        ("spec.global.descriptors[2].limit", "Required value"),
+        ("spec.global.failureMode", 'Unsupported value: "DENY": supported values: "FAIL_OPEN", "FAIL_CLOSED"')]
+
+
+def test_global_entries() -> None:
+    spec = global_policy([{"path": {}, "header": {"name": "x-user"}}, {}],
+                         [{"header": {"name": "bad header", "prefix": ""}}],
+                         [{"remoteAddress": {"exact": "not-an-ip"}}, {"path": {"regex": "a(?=b)"}}],
+                         [{"path": {}}], [{"path": {}}])
+    assert problems(spec) == [
+        ("spec.global.descriptors[0].entries[0]", "exactly one of path, header, remoteAddress, destination must be "
+                                                  "set; found path, header"),
+        ("spec.global.descriptors[0].entries[1]", "exactly one of path, header, remoteAddress, destination must be "
+                                                  "set"),
+        ("spec.global.descriptors[1].entries[0].header.prefix", "prefix string match should not be empty"),
+        ("spec.global.descriptors[1].entries[0].header.name", "invalid header name 'bad header'"),
+        ("spec.global.descriptors[2].entries[0].remoteAddress.exact", "Invalid value: 'not-an-ip': not an IP address"),
+        ("spec.global.descriptors[2].entries[1].path.regex", "invalid regex: RE2 does not support lookaround "
+                                                             "assertions"),
+        ("spec.global.descriptors[4].entries", "Duplicate value: descriptors[3] has the same entries, so this one "
+                                               "never applies")]
+    missing_name = global_policy([{"header": {"exact": "jason"}}])
+    assert problems(missing_name) == [("spec.global.descriptors[0].entries[0].header.name", "Required value")]
+
+
+def test_local_or_global_and_local_needs_a_bucket_somewhere() -> None:
+    assert problems({"hosts": ["reviews"]}) == [("spec", "Required value: at least one of local or global must be set")]
     assert problems({"hosts": ["reviews"], "local": {"responseHeaders": True}}) == [
         ("spec.local", "Required value: at least one of tokenBucket or routes must be set")]
     assert problems({"hosts": ["reviews"], "local": {"tokenBucket": BUCKET, "burst": 3}}) == [
