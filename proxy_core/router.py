@@ -12,7 +12,7 @@ wins.  ``uri`` is compared with the path without its query string.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Mapping
 from urllib.parse import unquote
 
@@ -41,29 +41,41 @@ def strip_port(authority: str) -> str:
     return split_host_port(authority)[0]
 
 
-@dataclass(slots=True)
 class RequestInfo:
     """What the router, balancers and policies need to know about one request.
 
     ``path`` is the raw request target path including the query string.  The derived
     views (``path_only``, ``query``, ``host``) are computed on first use and cached,
-    because most routes never look at them.
+    because most routes never look at them.  A plain class (not a dataclass), so that
+    compiled it is an extension type read at C level (``router.pxd``).
+
+    ``generated_cookie`` is the value of a consistent-hash cookie generated for this request
+    because the client sent none (see ``lb.RingHashBalancer.hash_cookie_to_set``); hashing
+    uses it in place of the absent cookie so the request lands where the client will be
+    pinned from now on.
     """
 
-    method: str
-    path: str
-    authority: str
-    headers: Mapping[str, str]
-    scheme: str = "http"
-    port: int = 0
-    source_ip: str = ""
-    # Value of a consistent-hash cookie generated for this request because the client sent
-    # none (see ``lb.RingHashBalancer.hash_cookie_to_set``); hashing uses it in place of the
-    # absent cookie so the request lands where the client will be pinned from now on.
-    generated_cookie: str | None = None
-    _path_only: str | None = field(default=None, init=False, repr=False, compare=False)
-    _query: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
-    _host: str | None = field(default=None, init=False, repr=False, compare=False)
+    __slots__ = ("method", "path", "authority", "headers", "scheme", "port", "source_ip", "generated_cookie",
+                 "_path_only", "_query", "_host")
+
+    def __init__(self, method: str, path: str, authority: str, headers: Mapping[str, str], scheme: str = "http",
+                 port: int = 0, source_ip: str = "", generated_cookie: str | None = None) -> None:
+        self.method = method
+        self.path = path
+        self.authority = authority
+        self.headers = headers
+        self.scheme = scheme
+        self.port = port
+        self.source_ip = source_ip
+        self.generated_cookie = generated_cookie
+        self._path_only: str | None = None
+        self._query: dict[str, str] | None = None
+        self._host: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"RequestInfo(method={self.method!r}, path={self.path!r}, authority={self.authority!r}, "
+                f"headers={self.headers!r}, scheme={self.scheme!r}, port={self.port!r}, "
+                f"source_ip={self.source_ip!r}, generated_cookie={self.generated_cookie!r})")
 
     @property
     def path_only(self) -> str:

@@ -2,6 +2,7 @@
 # (see setup.py); server.py stays the source and runs unchanged without this file.
 cimport cython
 from proxy_core.http1 cimport RequestHead, RequestParser, ResponseHead
+from proxy_core.router cimport RequestInfo
 from proxy_core.upstream cimport UpstreamConnection
 
 
@@ -45,7 +46,7 @@ cdef class Exchange:
     cdef public list tried
     cdef public list out
     cdef public list tunnel_pending
-    cdef public object req
+    cdef public RequestInfo req
     cdef public object route
     cdef public object match
     cdef public object wc
