@@ -220,23 +220,25 @@ class ProxyWorker:
                 reply = await acall(self._control_path, {"op": "telemetry"})
             except CONTROL_ERRORS:
                 continue
-            if not reply.get("rows"):
+            # HTTP request rows and TCP connection deltas: two self-describing Arrow streams.
+            batches = [reply[key] for key, rows in (("batch", "rows"), ("tcp_batch", "tcp_rows")) if reply.get(rows)]
+            if not batches:
                 continue
             self._telemetry_seq += 1
-            ref = ray.put(reply["batch"])
+            refs = [ray.put(b) for b in batches]
             mixers = find_replicas("mixer")
             if not mixers:
-                self._telemetry_dropped += int(reply["rows"])
+                self._telemetry_dropped += int(reply.get("rows") or 0)
                 continue
             start = zlib.crc32(self.node_id.encode()) % len(mixers)  # stable shard per node
             for mixer in mixers[start:] + mixers[:start]:
                 try:
-                    await mixer.ingest.remote(self.node_id, self._telemetry_seq, [ref])
+                    await mixer.ingest.remote(self.node_id, self._telemetry_seq, refs)
                     break
                 except RayActorError:
                     continue
             else:
-                self._telemetry_dropped += int(reply["rows"])
+                self._telemetry_dropped += int(reply.get("rows") or 0)
 
     async def _credentials_loop(self) -> None:
         """Push the node's SVIDs, bundle and workload pids whenever they change, and again to a

@@ -70,6 +70,7 @@ from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
 from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
+from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
@@ -204,6 +205,7 @@ class ProxyServer:
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
         # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
         self.telemetry = TelemetryRecorder(telemetry_rows) if telemetry_rows > 0 else None
+        self.tcp_telemetry = TcpTelemetry() if telemetry_rows > 0 else None   # tcp VIPs and CONNECT tunnels
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
@@ -1365,6 +1367,8 @@ class Exchange:
         self.conn.transport.write(_CONNECT_OK)
         assert pipe.transport is not None
         self._splice(pipe, pipe.transport)
+        if self.server.tcp_telemetry is not None and self.conn.listener.kind != "inbound":
+            open_tunnel(self.server.tcp_telemetry, self)
 
     def _splice(self, pipe: Pipe, up: asyncio.Transport) -> None:
         self.pipe = pipe
@@ -1382,6 +1386,8 @@ class Exchange:
     def _tunnel_closed(self) -> None:
         if self.pipe is not None:
             self.bytes_sent = self.pipe.bytes_in
+        if self.server.tcp_telemetry is not None:
+            close_tunnel(self.server.tcp_telemetry, self)
         self._complete(False)
 
     # completion
