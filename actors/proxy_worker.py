@@ -113,7 +113,7 @@ class ProxyWorker:
         env = dict(os.environ, **(self.options.get("proxy_env") or {}))
         # stdout is inherited: access-log lines go straight to this worker's log file.
         self._proc = subprocess.Popen([sys.executable, "-m", "proxy_core", "--snapshot", path,
-                                       "--control", self._control_path],
+                                       "--control", self._control_path, *self._tracing_args()],
                                       env=env, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while True:
@@ -128,6 +128,14 @@ class ProxyWorker:
                 await asyncio.sleep(0.05)
         self._ports = dict(status.get("ports") or {})
         self._version = status.get("version")
+
+    def _tracing_args(self) -> list[str]:
+        """``options["tracing"]``: ``{"file": spans JSON lines path, "sampling": percent}``."""
+        tracing = self.options.get("tracing") or {}
+        args = ["--trace-file", str(tracing["file"])] if tracing.get("file") else []
+        if tracing.get("sampling") is not None:
+            args += ["--trace-sampling", str(float(tracing["sampling"]))]
+        return args
 
     async def _monitor(self) -> None:
         while True:

@@ -72,6 +72,7 @@ from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPol
 from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
+from proxy_core.tracing import Tracer, trace_finished, trace_upstream
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("proxy_core.server")
@@ -190,7 +191,7 @@ class ProxyServer:
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
                  pool: UpstreamPool | None = None, rng: random.Random | None = None,
                  telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic,
-                 mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
+                 mirror_limit: int = MIRROR_MAX_IN_FLIGHT, tracer: Tracer | None = None) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
         self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
@@ -206,6 +207,7 @@ class ProxyServer:
         # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
         self.telemetry = TelemetryRecorder(telemetry_rows) if telemetry_rows > 0 else None
         self.tcp_telemetry = TcpTelemetry() if telemetry_rows > 0 else None   # tcp VIPs and CONNECT tunnels
+        self.tracer = tracer                    # None: trace headers pass through untouched, no spans
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
@@ -626,6 +628,7 @@ class Exchange:
         self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
+        self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -884,6 +887,8 @@ class Exchange:
             out.append((b"x-request-id", self.request_id.encode()))  # type: ignore[union-attr]
         for o in ops:
             out = _apply_ops(out, o)
+        if self.server.tracer is not None:
+            out = trace_upstream(self.server.tracer, self, out)
         route = self.route
         mirrored = not upgrade and route is not None and bool(route.mirrors)
         if mirrored:
@@ -1488,6 +1493,8 @@ class Exchange:
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
                              self.bytes_sent + self.resp_head_bytes)
+        if server.tracer is not None:
+            trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log
         if alog.enabled:
             req = self.req
