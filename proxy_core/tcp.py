@@ -20,7 +20,9 @@ timer per session re-armed to the last activity, so a busy session costs a times
 
 Counters follow Istio's TCP metrics, counted when a connection closes (``istio_tcp_connections_opened_total``,
 ``..._closed_total``, ``istio_tcp_received_bytes_total`` = client to upstream,
-``istio_tcp_sent_bytes_total`` = upstream to client), per destination cluster.
+``istio_tcp_sent_bytes_total`` = upstream to client), per destination cluster, for ``stats()``.
+For Mixer a session also reports to ``proxy_core.tcp_telemetry`` (with Istio's labels, and
+periodically while it is open).
 """
 from __future__ import annotations
 
