@@ -9,8 +9,12 @@ appends the rows to its rolling window.
 A replica serves its own series at ``http://127.0.0.1:<port>/metrics`` and writes a Prometheus
 file-based service discovery file for it; since every replica aggregates only the batches of
 its shard of nodes, Prometheus summing over all replicas' targets sees the whole mesh.
-``istio_requests_total`` is mirrored into Ray's metrics as well, where Ray names it
-``ray_istio_requests_total``.
+The counters (``istio_requests_total`` and the four ``istio_tcp_*``) are mirrored into Ray's
+metrics as well, where Ray names them ``ray_istio_requests_total``, ``ray_istio_tcp_...``.
+
+A batch's refs may hold both kinds of Arrow stream a proxy sends: request rows
+(``raymesh.telemetry.v1``) and TCP connection deltas (``raymesh.telemetry.tcp.v1``); each
+stream names its kind in its schema metadata.
 
 A replica's state is its own and starts empty after a restart: Prometheus reads that as a
 counter reset, and the window refills within its span.
@@ -37,10 +41,11 @@ import ray
 from ray.exceptions import RayError
 
 from actors.store import GcsKV
-from mesh.metrics import (DEFAULT_CLUSTER_ID, LABEL_NAMES, REQUESTS_TOTAL, Filters, MetricStore, MetricUpdate, Window,
-                          aggregate, conform, decode_batch)
+from mesh.metrics import (COUNTERS, DEFAULT_CLUSTER_ID, TELEMETRY_SCHEMA, Filters, MetricStore, MetricUpdate, Window,
+                          aggregate, conform)
 from mesh.quota import QuotaLedger
 from mesh.records import Record
+from mesh.tcp_metrics import aggregate_tcp, conform_tcp, is_tcp_batch
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ class MixerOptions(Record):
     window_max_rows: int = 2_000_000        # bound on those rows (oldest batches dropped first)
     cluster_id: str = DEFAULT_CLUSTER_ID    # source_cluster / destination_cluster label value
     dedupe_history: int = 1024              # batch ids remembered per node
-    ray_metrics: bool = True                # mirror istio_requests_total into Ray's metrics
+    ray_metrics: bool = True                # mirror the counters into Ray's metrics
 
 
 
@@ -160,29 +165,37 @@ def write_file_sd(directory: str, name: str, target: str, labels: dict[str, str]
 
 
 class RayMirror:
-    """``istio_requests_total`` as a Ray counter, which Ray exports as ``ray_istio_requests_total``.
+    """The counters (``istio_requests_total``, ``istio_tcp_*``) as Ray counters, which Ray
+    exports with its ``ray_`` prefix.
 
-    Only the counter is mirrored: Ray's Histogram takes one observation per call, so mirroring
+    Only counters are mirrored: Ray's Histogram takes one observation per call, so mirroring
     the histograms would cost a Python call per request and per histogram.
     """
 
     def __init__(self) -> None:
         from ray.util.metrics import Counter
 
-        self._requests = Counter(REQUESTS_TOTAL.name, description=REQUESTS_TOTAL.help, tag_keys=LABEL_NAMES)
+        self._counters = {m.name: (Counter(m.name, description=m.help, tag_keys=m.labels), m.labels)
+                          for m in COUNTERS}
 
     def record(self, updates: Sequence[MetricUpdate]) -> None:
         for u in updates:
-            if u.metric == REQUESTS_TOTAL.name and u.count > 0:
-                self._requests.inc(u.count, tags=dict(zip(LABEL_NAMES, u.labels)))
+            counter = self._counters.get(u.metric)
+            if counter is not None and u.count > 0:
+                counter[0].inc(u.count, tags=dict(zip(counter[1], u.labels)))
 
 
 def _as_table(payload: Any) -> pa.Table:
+    """One proxy stream (or an in-process table) conformed to its kind's schema."""
     if isinstance(payload, (pa.Table, pa.RecordBatch)):
-        return conform(payload)
+        return conform_tcp(payload) if is_tcp_batch(payload.schema) else conform(payload)
     if isinstance(payload, (bytearray, memoryview)):
         payload = bytes(payload)
-    return decode_batch(payload)
+    if len(payload) == 0:
+        return TELEMETRY_SCHEMA.empty_table()
+    with pa.ipc.open_stream(pa.py_buffer(payload) if isinstance(payload, bytes) else payload) as reader:
+        table = reader.read_all()
+    return conform_tcp(table) if is_tcp_batch(table.schema) else conform(table)
 
 
 @ray.remote(concurrency_groups={"quota": 1})
@@ -199,7 +212,7 @@ class Mixer:
         self._store = MetricStore()
         self._window = Window(self.options.window_s, self.options.window_max_rows)
         self._batches = BatchLog(self.options.dedupe_history)
-        self._counts = {"batches": 0, "rows": 0, "duplicates": 0, "rejected": 0}
+        self._counts = {"batches": 0, "rows": 0, "tcp_rows": 0, "duplicates": 0, "rejected": 0}
         self._mirror = RayMirror() if self.options.ray_metrics else None
         self._quota = QuotaLedger(GcsKV())
         self._server = MetricsServer(self._render, self.options.port + replica if self.options.port else 0)
@@ -227,7 +240,10 @@ class Mixer:
                 return {"ok": True, "duplicate": True, "rows": 0}
         try:
             tables = [_as_table(payload) for payload in ray.get(list(refs), timeout=60)]
+            tcp = [t for t in tables if is_tcp_batch(t.schema)]
+            tables = [t for t in tables if not is_tcp_batch(t.schema)]
             updates = [u for t in tables for u in aggregate(t, self.options.cluster_id)]
+            updates += [u for t in tcp for u in aggregate_tcp(t, self.options.cluster_id)]
         except (RayError, pa.ArrowException, ValueError, TypeError) as exc:
             log.warning("rejected telemetry batch %s/%s: %s", node_id, seq, exc)
             with self._lock:
@@ -241,6 +257,7 @@ class Mixer:
             self._batches.add(node_id, batch)
             self._counts["batches"] += 1
             self._counts["rows"] += rows
+            self._counts["tcp_rows"] += sum(t.num_rows for t in tcp)
         if self._mirror is not None:
             self._mirror.record(updates)
         return {"ok": True, "duplicate": False, "rows": rows}

@@ -117,7 +117,7 @@ class ProxyWorker:
         env = dict(os.environ, **(self.options.get("proxy_env") or {}))
         # stdout is inherited: access-log lines go straight to this worker's log file.
         self._proc = subprocess.Popen([sys.executable, "-m", "proxy_core", "--snapshot", path,
-                                       "--control", self._control_path],
+                                       "--control", self._control_path, *self._tracing_args()],
                                       env=env, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while True:
@@ -132,6 +132,14 @@ class ProxyWorker:
                 await asyncio.sleep(0.05)
         self._ports = dict(status.get("ports") or {})
         self._version = status.get("version")
+
+    def _tracing_args(self) -> list[str]:
+        """``options["tracing"]``: ``{"file": spans JSON lines path, "sampling": percent}``."""
+        tracing = self.options.get("tracing") or {}
+        args = ["--trace-file", str(tracing["file"])] if tracing.get("file") else []
+        if tracing.get("sampling") is not None:
+            args += ["--trace-sampling", str(float(tracing["sampling"]))]
+        return args
 
     async def _monitor(self) -> None:
         while True:
@@ -224,23 +232,25 @@ class ProxyWorker:
                 reply = await acall(self._control_path, {"op": "telemetry"})
             except CONTROL_ERRORS:
                 continue
-            if not reply.get("rows"):
+            # HTTP request rows and TCP connection deltas: two self-describing Arrow streams.
+            batches = [reply[key] for key, rows in (("batch", "rows"), ("tcp_batch", "tcp_rows")) if reply.get(rows)]
+            if not batches:
                 continue
             self._telemetry_seq += 1
-            ref = ray.put(reply["batch"])
+            refs = [ray.put(b) for b in batches]
             mixers = find_replicas("mixer")
             if not mixers:
-                self._telemetry_dropped += int(reply["rows"])
+                self._telemetry_dropped += int(reply.get("rows") or 0)
                 continue
             start = zlib.crc32(self.node_id.encode()) % len(mixers)  # stable shard per node
             for mixer in mixers[start:] + mixers[:start]:
                 try:
-                    await mixer.ingest.remote(self.node_id, self._telemetry_seq, [ref])
+                    await mixer.ingest.remote(self.node_id, self._telemetry_seq, refs)
                     break
                 except RayActorError:
                     continue
             else:
-                self._telemetry_dropped += int(reply["rows"])
+                self._telemetry_dropped += int(reply.get("rows") or 0)
 
     async def _credentials_loop(self) -> None:
         """Push the node's SVIDs, bundle and workload pids whenever they change, and again to a

@@ -8,6 +8,7 @@ This module is the pure part of Mixer (no Ray, no sockets):
   label set: ``istio_requests_total`` and the ``istio_request_duration_milliseconds``,
   ``istio_request_bytes`` and ``istio_response_bytes`` histograms, each exported twice, for
   ``reporter="source"`` and ``reporter="destination"``, as Istio's two sidecars would;
+* ``mesh.tcp_metrics`` does the same for the TCP connection batches (``istio_tcp_*``);
 * ``MetricStore`` keeps the cumulative series and renders them in the Prometheus text format
   through ``prometheus_client``, so Istio's Grafana dashboards read them unchanged;
 * ``Window`` keeps the raw rows of the last minutes for ``meshctl top`` and ad-hoc queries,
@@ -64,13 +65,18 @@ DEFAULT_CLUSTER_ID = "raymesh"
 SOURCE_SECURITY_POLICY = "unknown"
 
 
+# Istio's TCP metrics carry the same labels less the request-only ones.
+TCP_LABEL_NAMES: tuple[str, ...] = tuple(n for n in LABEL_NAMES if n not in ("response_code", "grpc_response_status"))
+
+
 @dataclass(frozen=True, slots=True)
 class MetricDef:
     name: str
     kind: str                              # "counter" | "histogram"
     help: str
-    column: str | None = None              # the row column a histogram observes
+    column: str | None = None              # the row column a histogram (or a TCP counter) sums
     buckets: tuple[float, ...] = ()
+    labels: tuple[str, ...] = LABEL_NAMES  # label names, in the order a MetricUpdate's values follow
 
 
 REQUESTS_TOTAL = MetricDef("istio_requests_total", "counter",
@@ -84,7 +90,20 @@ HISTOGRAMS: tuple[MetricDef, ...] = (
     MetricDef("istio_response_bytes", "histogram", "Response size in bytes: head and body.",
               "response_bytes", BYTES_BUCKETS),
 )
-METRICS: tuple[MetricDef, ...] = (REQUESTS_TOTAL, *HISTOGRAMS)
+TCP_COUNTERS: tuple[MetricDef, ...] = (
+    MetricDef("istio_tcp_connections_opened_total", "counter", "TCP connections opened, counted once per reporter.",
+              "connections_opened", labels=TCP_LABEL_NAMES),
+    MetricDef("istio_tcp_connections_closed_total", "counter", "TCP connections closed, counted once per reporter.",
+              "connections_closed", labels=TCP_LABEL_NAMES),
+    MetricDef("istio_tcp_received_bytes_total", "counter",
+              "Bytes the destination received on TCP connections (client to server).",
+              "received_bytes", labels=TCP_LABEL_NAMES),
+    MetricDef("istio_tcp_sent_bytes_total", "counter",
+              "Bytes the destination sent on TCP connections (server to client).",
+              "sent_bytes", labels=TCP_LABEL_NAMES),
+)
+COUNTERS: tuple[MetricDef, ...] = (REQUESTS_TOTAL, *TCP_COUNTERS)
+METRICS: tuple[MetricDef, ...] = (REQUESTS_TOTAL, *HISTOGRAMS, *TCP_COUNTERS)
 _BY_NAME = {m.name: m for m in METRICS}
 
 
@@ -226,11 +245,12 @@ class MetricStore:
         return other
 
     def get(self, metric: str, labels: Mapping[str, str]) -> Series | None:
-        return self._series[metric].get(tuple(labels[n] for n in LABEL_NAMES))
+        return self._series[metric].get(tuple(labels[n] for n in _BY_NAME[metric].labels))
 
     def series(self, metric: str) -> Iterator[tuple[dict[str, str], Series]]:
+        names = _BY_NAME[metric].labels
         for labels, s in self._series[metric].items():
-            yield dict(zip(LABEL_NAMES, labels)), s
+            yield dict(zip(names, labels)), s
 
     def series_count(self) -> int:
         return sum(len(s) for s in self._series.values())
@@ -239,10 +259,11 @@ class MetricStore:
         return generate_latest(self.registry).decode()
 
     def families(self) -> Iterator[Metric]:
-        counters = CounterMetricFamily(REQUESTS_TOTAL.name, REQUESTS_TOTAL.help, labels=LABEL_NAMES)
-        for labels, s in self._series[REQUESTS_TOTAL.name].items():
-            counters.add_metric(labels, s.count)
-        yield counters
+        for m in COUNTERS:
+            counters = CounterMetricFamily(m.name, m.help, labels=m.labels)
+            for labels, s in self._series[m.name].items():
+                counters.add_metric(labels, s.count)
+            yield counters
         for m in HISTOGRAMS:
             family = HistogramMetricFamily(m.name, m.help, labels=LABEL_NAMES)
             les = [format(b, "g") for b in m.buckets]   # Go's %g, as Envoy writes le: "0.5", "1", "1.8e+06"

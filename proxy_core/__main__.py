@@ -2,7 +2,8 @@
 
 The access log goes to stdout (or ``--access-log FILE``) as JSON lines and, with
 ``--access-log-parquet DIR``, also to Parquet files in DIR, cut every
-``--access-log-rotate-rows`` rows or ``--access-log-rotate-seconds`` seconds.
+``--access-log-rotate-rows`` rows or ``--access-log-rotate-seconds`` seconds.  ``--trace-file FILE`` turns tracing on (W3C and B3
+propagation, spans as JSON lines in FILE; see ``proxy_core.tracing``).
 
 Prints one JSON line ``{"event": "ready", ...}`` on stdout once every listener is bound
 (the supervisor waits for it), then serves until SIGTERM/SIGINT or a control
@@ -27,6 +28,7 @@ from proxy_core.control import ControlServer
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
 from proxy_core.telemetry import DEFAULT_MAX_ROWS
+from proxy_core.tracing import DEFAULT_SAMPLING, Tracer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,10 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--telemetry-buffer", type=int, default=DEFAULT_MAX_ROWS, metavar="N",
                    help="request rows kept for Mixer between two drains; beyond that rows are dropped and counted")
     p.add_argument("--no-telemetry", action="store_true", help="record no per-request telemetry")
+    p.add_argument("--trace-file", metavar="FILE",
+                   help="trace requests: write sampled spans to FILE as JSON lines (Zipkin v2 spans)")
+    p.add_argument("--trace-sampling", type=float, default=DEFAULT_SAMPLING, metavar="PERCENT",
+                   help="percent of requests without a caller's trace decision that start a trace, unless the "
+                        "snapshot sets tracing.sampling (default %(default)s, Istio's)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight requests get on shutdown")
     args = p.parse_args(argv)
     if args.no_access_log and args.access_log_parquet:
         p.error("--access-log-parquet needs the access log: drop --no-access-log")
+    if not 0.0 <= args.trace_sampling <= 100.0:
+        p.error(f"--trace-sampling must be a percentage in [0, 100], got {args.trace_sampling}")
     return args
 
 
@@ -87,8 +96,10 @@ async def serve(args: argparse.Namespace) -> None:
     with open(args.snapshot, encoding="utf-8") as f:
         snapshot = Snapshot.from_json(f.read())
     sink = open(args.access_log, "a", encoding="utf-8") if args.access_log else sys.stdout
+    spans = open(args.trace_file, "a", encoding="utf-8") if args.trace_file else None
     proxy = ProxyServer(snapshot, access_log=make_access_log(args, sink),
-                        telemetry_rows=0 if args.no_telemetry else args.telemetry_buffer)
+                        telemetry_rows=0 if args.no_telemetry else args.telemetry_buffer,
+                        tracer=Tracer(spans, args.trace_sampling) if spans is not None else None)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,6 +120,8 @@ async def serve(args: argparse.Namespace) -> None:
     await proxy.close(grace=args.grace)
     if sink is not sys.stdout:
         sink.close()
+    if spans is not None:
+        spans.close()
 
 
 def main(argv: list[str] | None = None) -> None:

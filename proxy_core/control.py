@@ -8,9 +8,11 @@ request gets exactly one reply.  Operations:
   an invalid snapshot answers ``{"ok": false, "error": "..."}`` and the old one stays.
 * ``{"op": "status"}`` -> ``{"ok": true, "version": v, "stats": {...}, "ports": {...}}``
 * ``{"op": "telemetry"}`` -> ``{"ok": true, "batch": <Arrow IPC stream bytes, or b"">, "rows": n,
-  "dropped": n}``: the request rows buffered since the last call (schema in ``proxy_core.telemetry``)
-  and how many were dropped because the buffer was full; ``{"ok": false, ...}`` when the proxy runs
-  with telemetry off.
+  "dropped": n, "tcp_batch": <bytes, or b"">, "tcp_rows": n}``: the request rows buffered since the
+  last call (schema in ``proxy_core.telemetry``) and how many were dropped because the buffer was
+  full, and the TCP connection deltas since the last call (``proxy_core.tcp_telemetry``: open
+  connections report their bytes so far); ``{"ok": false, ...}`` when the proxy runs with
+  telemetry off.
 * ``{"op": "credentials", "trust_domain": ..., "roots": [...], "svids": [...], "workloads": [...]}``
   -> ``{"ok": true, "identities": [...]}``: the node's SVIDs, trust bundle and workload pids
   (``proxy_core.mtls.Credentials``); new handshakes use them, open connections keep theirs.
@@ -126,7 +128,9 @@ class ControlServer:
             if proxy.telemetry is None:
                 return {"ok": False, "error": "telemetry is disabled"}
             batch, rows, dropped = proxy.telemetry.drain()
-            return {"ok": True, "batch": batch, "rows": rows, "dropped": dropped}
+            tcp_batch, tcp_rows = proxy.tcp_telemetry.drain() if proxy.tcp_telemetry is not None else (b"", 0)
+            return {"ok": True, "batch": batch, "rows": rows, "dropped": dropped, "tcp_batch": tcp_batch,
+                    "tcp_rows": tcp_rows}
         if op == "quota_needs":
             return {"ok": True, "asks": await proxy.quota.needs(float(message.get("wait", 0.1)))}
         if op == "quota_leases":

@@ -86,6 +86,7 @@ cdef class Exchange:
     cdef public object cors_ops
     cdef public object mirror_pending
     cdef public object authz
+    cdef public object span
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -71,7 +71,9 @@ from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
 from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
+from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
+from proxy_core.tracing import Tracer, trace_finished, trace_upstream
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("proxy_core.server")
@@ -190,7 +192,7 @@ class ProxyServer:
     def __init__(self, snapshot: Snapshot, *, access_log: AccessLog | None = None,
                  pool: UpstreamPool | None = None, rng: random.Random | None = None,
                  telemetry_rows: int = DEFAULT_MAX_ROWS, clock: Clock = time.monotonic,
-                 mirror_limit: int = MIRROR_MAX_IN_FLIGHT) -> None:
+                 mirror_limit: int = MIRROR_MAX_IN_FLIGHT, tracer: Tracer | None = None) -> None:
         self.rng = rng or random.Random()
         self.clock = clock                      # drives rate-limit token buckets
         self.quota = QuotaBook(clock)           # global rate limit leases, fetched by the supervisor
@@ -206,6 +208,8 @@ class ProxyServer:
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
         # Mixer's input, drained over the control channel; telemetry_rows=0 turns it off.
         self.telemetry = TelemetryRecorder(telemetry_rows) if telemetry_rows > 0 else None
+        self.tcp_telemetry = TcpTelemetry() if telemetry_rows > 0 else None   # tcp VIPs and CONNECT tunnels
+        self.tracer = tracer                    # None: trace headers pass through untouched, no spans
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
@@ -626,6 +630,7 @@ class Exchange:
         self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
+        self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -886,6 +891,8 @@ class Exchange:
             out.append((b"x-request-id", self.request_id.encode()))  # type: ignore[union-attr]
         for o in ops:
             out = _apply_ops(out, o)
+        if self.server.tracer is not None:
+            out = trace_upstream(self.server.tracer, self, out)
         route = self.route
         mirrored = not upgrade and route is not None and bool(route.mirrors)
         if mirrored:
@@ -1369,6 +1376,8 @@ class Exchange:
         self.conn.transport.write(_CONNECT_OK)
         assert pipe.transport is not None
         self._splice(pipe, pipe.transport)
+        if self.server.tcp_telemetry is not None and self.conn.listener.kind != "inbound":
+            open_tunnel(self.server.tcp_telemetry, self)
 
     def _splice(self, pipe: Pipe, up: asyncio.Transport) -> None:
         self.pipe = pipe
@@ -1386,6 +1395,8 @@ class Exchange:
     def _tunnel_closed(self) -> None:
         if self.pipe is not None:
             self.bytes_sent = self.pipe.bytes_in
+        if self.server.tcp_telemetry is not None:
+            close_tunnel(self.server.tcp_telemetry, self)
         self._complete(False)
 
     # completion
@@ -1486,6 +1497,8 @@ class Exchange:
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
                              self.bytes_sent + self.resp_head_bytes)
+        if server.tracer is not None:
+            trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log
         if alog.enabled:
             req = self.req

@@ -718,6 +718,9 @@ class Snapshot:
     rate_limits: Mapping[str, LocalRateLimit] = field(default_factory=dict)   # by service host
     global_rate_limits: Mapping[str, GlobalRateLimit] = field(default_factory=dict)   # by service host
     tcp_routes: Mapping[tuple[str, int], TcpHost] = field(default_factory=dict)  # by (host, port)
+    # Percent of requests without a caller's decision that start a trace (proxy_core.tracing);
+    # None: the proxy's own default (--trace-sampling).
+    tracing_sampling: float | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -743,12 +746,23 @@ class Snapshot:
             global_rate_limits={host: GlobalRateLimit.from_dict(rl["global"])
                                 for host, rl in (d.get("rate_limits") or {}).items() if rl.get("global")},
             tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
+            tracing_sampling=_sampling((d.get("tracing") or {}).get("sampling")),
             raw=d,
         )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Snapshot":
         return cls.from_dict(json.loads(text))
+
+
+def _sampling(value: Any) -> float | None:
+    """``tracing.sampling``: a percentage in [0, 100], or absent."""
+    if value is None:
+        return None
+    rate = float(value)
+    if not 0.0 <= rate <= 100.0:
+        raise ValueError(f"tracing.sampling must be a percentage in [0, 100], got {value}")
+    return rate
 
 
 def cluster_name(host: str, port: int, subset: str = "") -> str:

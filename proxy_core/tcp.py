@@ -20,7 +20,9 @@ timer per session re-armed to the last activity, so a busy session costs a times
 
 Counters follow Istio's TCP metrics, counted when a connection closes (``istio_tcp_connections_opened_total``,
 ``..._closed_total``, ``istio_tcp_received_bytes_total`` = client to upstream,
-``istio_tcp_sent_bytes_total`` = upstream to client), per destination cluster.
+``istio_tcp_sent_bytes_total`` = upstream to client), per destination cluster, for ``stats()``.
+For Mixer a session also reports to ``proxy_core.tcp_telemetry`` (with Istio's labels, and
+periodically while it is open).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from proxy_core.security_filter import ClusterSecurity
 from proxy_core.snapshot import Endpoint, Snapshot, Vip
 from proxy_core.mtls import Mtls
 from proxy_core.mtls_client import upstream_tls
+from proxy_core.tcp_telemetry import TcpTelemetry, open_session, refuse_session
 from proxy_core.upstream import Dialer, Pipe
 
 TCP_PROTOCOLS = frozenset({"tcp"})
@@ -62,6 +65,7 @@ class TcpOwner(Protocol):
     mtls: Mtls
     rng: random.Random
     tcp: "TcpProxy"
+    tcp_telemetry: TcpTelemetry | None
 
 
 class VipSource(Protocol):
@@ -201,30 +205,32 @@ class TcpSession(_Half):
         tcp_host = state.snapshot.tcp_routes.get((vip.host, vip.port)) if vip is not None else None
         route = tcp_host.route_for(vip.address) if vip is not None and tcp_host is not None else None
         if route is None:
-            self._reject(flags.NR)
+            self._reject(flags.NR, None, None, None)
             return
         try:
             wc = Router.pick(route, self.owner.rng)
         except ValueError:  # no destination with a positive weight
-            self._reject(flags.NC)
+            self._reject(flags.NC, route, None, None)
             return
         cluster = state.snapshot.clusters.get(wc.cluster)
         if cluster is None:
-            self._reject(flags.NC)
+            self._reject(flags.NC, route, wc, None)
             return
         balancer = state.balancers[wc.cluster]
         ep = balancer.pick(None)
         if ep is None:
-            self._reject(flags.UH)
+            self._reject(flags.UH, route, wc, cluster)
             return
         security = state.security.get(wc.cluster)
         if security is not None and not security.permits_connection(self._peer_ip(), self.peer_principal, ep):
-            self._reject(flags.RBAC)    # AuthorizationPolicy: the connection is closed
+            self._reject(flags.RBAC, route, wc, cluster)    # AuthorizationPolicy: the connection is closed
             return
         self.cluster, self.endpoint, self.balancer = wc.cluster, ep, balancer
         self.idle_timeout = route.idle_timeout
         self.owner.tcp.destination(wc.cluster).connections_opened += 1
         balancer.on_start(ep)
+        if self.owner.tcp_telemetry is not None:
+            open_session(self.owner.tcp_telemetry, self, state.snapshot, route, wc, cluster, ep, vip.host)
         tls = upstream_tls(self.owner.mtls, ep, cluster, self) if ep.via is not None or cluster.tls is not None else None
         task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout,
                                                             tls))
@@ -236,8 +242,12 @@ class TcpSession(_Half):
         peer = self.transport.get_extra_info("peername")
         return peer[0] if peer else ""
 
-    def _reject(self, flag: str) -> None:
+    def _reject(self, flag: str, route: Any, wc: Any, cluster: Any) -> None:
         self.owner.tcp.fail(flag)
+        if self.owner.tcp_telemetry is not None:
+            vip = self.listener.vip
+            refuse_session(self.owner.tcp_telemetry, self.owner.state.snapshot, route, wc, cluster,
+                           vip.host if vip is not None else "", flag)
         assert self.transport is not None
         self.transport.close()
 
@@ -247,6 +257,8 @@ class TcpSession(_Half):
             return
         if task.exception() is not None:
             self.owner.tcp.fail(flags.UF)
+            if self.owner.tcp_telemetry is not None:
+                self.owner.tcp_telemetry.close(self, flags.UF)
             assert self.transport is not None
             self.transport.close()
             return
@@ -299,6 +311,8 @@ class TcpSession(_Half):
         self.finished = True
         tcp = self.owner.tcp
         tcp.sessions.discard(self)
+        if self.owner.tcp_telemetry is not None:
+            self.owner.tcp_telemetry.close(self)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None

@@ -17,7 +17,7 @@ from actors.deploy import install, uninstall, wait_for_proxies
 from actors.local_cluster import LocalCluster
 from mesh.client import MeshClient
 from mesh.loader import Document
-from tests.integration.workloads import EchoWorkload
+from tests.integration.workloads import EchoWorkload, TcpEchoWorkload
 
 
 class Mesh:
@@ -49,6 +49,15 @@ class Mesh:
 
     def deploy(self, service: str, version: str, node_index: int, service_port: int = 8000) -> Any:
         actor = EchoWorkload.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.nodes[node_index], soft=False)
+        ).remote(service, version, service_port)
+        ray.get(actor.start.remote(), timeout=60)
+        self._actors.append(actor)
+        return actor
+
+    def deploy_tcp(self, service: str, version: str, node_index: int, service_port: int) -> Any:
+        """A raw TCP echo server as an endpoint of ``service``'s tcp port ``service_port``."""
+        actor = TcpEchoWorkload.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.nodes[node_index], soft=False)
         ).remote(service, version, service_port)
         ray.get(actor.start.remote(), timeout=60)

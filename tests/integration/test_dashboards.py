@@ -5,12 +5,14 @@ the file SD files they write, and Ray's node metrics endpoints. Traffic goes thr
 a fresh service; then every panel query of Istio's service, workload and mesh dashboards that
 reads only the HTTP metrics Mixer exports is evaluated the way Grafana does: template variables
 resolved from their own queries (``query_result``, ``label_values``), ``$__rate_interval``
-replaced, and the expression run as a range query over the traffic's time span.
+replaced, and the expression run as a range query over the traffic's time span. The service
+also has a raw TCP port, and TCP traffic (a long-lived connection and short ones) flows at the
+same time, so the TCP panels (``istio_tcp_*``) are evaluated too.
 
 A defined core set of panels must show the traffic with the right labels and plausible values;
-every other evaluated panel must show data too, unless a known, stated reason says why not (TCP
-metrics, mTLS-only splits, a workload that sends nothing). A panel that is empty for any other
-reason fails the test. A negative control shows the substitution matters.
+every other evaluated panel must show data too, unless a known, stated reason says why not
+(mTLS-only splits, a workload that sends nothing). A panel that is empty for any other reason
+fails the test. A negative control shows the substitution matters.
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import socket
+
 import pytest
 import ray
 
+from mesh import workload
 from mesh.client import find_replicas
 from tests.integration.prometheus import MIXER_JOB, PrometheusServer, scrape_config
 
@@ -47,13 +52,18 @@ WORKLOAD = f"{SERVICE}-v1"
 # Mixer exports these; the duration panels also OR in Istio's legacy seconds histogram, which
 # is allowed to be absent.
 EXPORTED = frozenset({"istio_requests_total", "istio_request_duration_milliseconds_bucket",
-                      "istio_request_bytes_bucket", "istio_response_bytes_bucket"})
+                      "istio_request_bytes_bucket", "istio_response_bytes_bucket",
+                      "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total",
+                      "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"})
 LEGACY = frozenset({"istio_request_duration_seconds_bucket"})
 # Grafana's interval macros, at the resolution this test scrapes with.
 MACROS = {"__rate_interval": "1m", "__interval": "1s", "__range": "5m"}
 TRAFFIC_S = 6.0
 TRAFFIC_MAX_ROUNDS = 400
 PATHS = ("/ok", "/ok", "/ok", "/status/503", "/status/404")
+TCP_PORT = 9100
+TCP_CHUNK = b"t" * 64          # sent, and echoed, on the long-lived connection every round
+SHORT_TCP_EVERY = 10           # rounds between short TCP connections
 
 
 # -- dashboards as Grafana reads them -------------------------------------------------------------
@@ -195,7 +205,7 @@ def evaluate(prom: PrometheusServer, query: PanelQuery, view: str, values: Mappi
 def why_empty(expr: str) -> str | None:
     """The known reason a panel query shows no data for this traffic, or None."""
     flat = expr.replace(" ", "")
-    if 'reporter="source"' in flat and re.search(r'source_workload=~?"\$workload"', flat):
+    if re.search(r'source_workload=~?"\$workload"', flat):
         return f"outbound: {WORKLOAD} sends no requests (and the proxy reports callers as unknown)"
     if 'connection_security_policy="mutual_tls"' in flat:
         return "mTLS half of a split: Mixer reports connection_security_policy none/unknown"
@@ -266,6 +276,15 @@ CORE: list[tuple[str, str, int, str, Check]] = [
         (28, "EFGH", labelled(byte_size, **BY_SOURCE)),
         (68, "EFGH", labelled(byte_size, **BY_SOURCE)),
     ]],
+    *[(SERVICE_DASHBOARD, rep, pid, "A", positive) for rep in ("destination", "source")
+      for pid in (84, 100)],                                              # TCP Received / Sent Bytes
+    (SERVICE_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_SOURCE)),   # Bytes from incoming TCP
+    (SERVICE_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_SOURCE)),   # Bytes to incoming TCP
+    (SERVICE_DASHBOARD, "destination", 92, "B", labelled(positive, **BY_DEST_WL)),
+    (SERVICE_DASHBOARD, "destination", 93, "B", labelled(positive, **BY_DEST_WL)),
+    (WORKLOAD_DASHBOARD, "destination", 84, "A", positive),              # TCP Server Traffic
+    (WORKLOAD_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_SOURCE)),
+    (WORKLOAD_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_SOURCE)),
     (MESH_DASHBOARD, "mesh", 2, "", positive),                            # Traffic Volume
     (MESH_DASHBOARD, "mesh", 3, "", lambda o: None),                      # Success Rate (whole mesh: any value)
     (MESH_DASHBOARD, "mesh", 4, "", positive),                            # 4xxs
@@ -312,18 +331,39 @@ def prometheus(mesh_cluster, tmp_path: Path) -> Iterator[PrometheusServer]:
         server.stop()
 
 
-def send_traffic(mesh) -> int:
-    """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals."""
-    sent, deadline = 0, time.monotonic() + TRAFFIC_S
-    for _ in range(TRAFFIC_MAX_ROUNDS):
-        if time.monotonic() > deadline:
-            break
-        for path in PATHS:
-            status = mesh.get(f"http://{SERVICE}:8000{path}")[0]
-            assert status == (int(path.rsplit("/", 1)[1]) if path.startswith("/status") else 200)
-            sent += 1
-        time.sleep(0.01)
-    return sent
+def _echo(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = conn.recv(65536)
+        assert chunk, "TCP echo closed early"
+        got += chunk
+    assert got == data
+
+
+def send_traffic(mesh, vip: str) -> tuple[int, int]:
+    """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals, with TCP
+    bytes through the service's tcp port alongside: a connection open the whole time (its bytes
+    are reported while it is open) and a short connection every few rounds.
+
+    Returns (requests, TCP bytes each way)."""
+    sent, tcp_bytes, deadline = 0, 0, time.monotonic() + TRAFFIC_S
+    with socket.create_connection((vip, TCP_PORT), timeout=10) as long_lived:
+        for rnd in range(TRAFFIC_MAX_ROUNDS):
+            if time.monotonic() > deadline:
+                break
+            for path in PATHS:
+                status = mesh.get(f"http://{SERVICE}:8000{path}")[0]
+                assert status == (int(path.rsplit("/", 1)[1]) if path.startswith("/status") else 200)
+                sent += 1
+            _echo(long_lived, TCP_CHUNK)
+            tcp_bytes += len(TCP_CHUNK)
+            if rnd % SHORT_TCP_EVERY == 0:
+                with socket.create_connection((vip, TCP_PORT), timeout=10) as short:
+                    _echo(short, TCP_CHUNK)
+                tcp_bytes += len(TCP_CHUNK)
+            time.sleep(0.01)
+    return sent, tcp_bytes
 
 
 def wait_for(prom: PrometheusServer, expr: str, done: Callable[[float], bool], timeout: float) -> float:
@@ -343,18 +383,28 @@ def test_istio_dashboards_show_mesh_traffic(mesh, prometheus: PrometheusServer) 
     ours = {name: load_dashboard(OUR_DASHBOARDS / name) for name in OURS}
 
     mesh.deploy(SERVICE, "v1", node_index=1)
-    mesh.wait_endpoints(SERVICE, 1)
+    mesh.deploy_tcp(SERVICE, "v1", node_index=1, service_port=TCP_PORT)
+    mesh.wait_endpoints(SERVICE, 2)
+    vip = workload.service_vip(SERVICE)
+    assert vip, f"{SERVICE} has no VIP"
     start = time.time() - 2
     # Ray exports application metrics every few seconds: the mirror is the last to arrive, and a
     # burst shorter than its export interval shows up as one sample, which rate() cannot use.
     # So traffic goes in two rounds, the second once the mirror has shown the first.
-    sent = 0
+    sent = tcp_bytes = 0
     for _ in range(2):
-        sent += send_traffic(mesh)
+        requests, received = send_traffic(mesh, vip)
+        sent, tcp_bytes = sent + requests, tcp_bytes + received
         wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
                  lambda v: v == sent, timeout=15)
+        for metric in ("istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"):
+            wait_for(prometheus, f'sum({metric}{{reporter="destination",destination_service="{FQDN}"}})',
+                     lambda v: v == tcp_bytes, timeout=15)
         wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
                  lambda v: v == sent, timeout=30)
+        wait_for(prometheus,
+                 f'sum(ray_istio_tcp_received_bytes_total{{reporter="destination",destination_service="{FQDN}"}})',
+                 lambda v: v == tcp_bytes, timeout=30)
     end = time.time()
 
     resolved = views(prometheus)

@@ -100,3 +100,39 @@ class EchoWorkload:
             request.transport.abort()  # type: ignore[union-attr]
             raise asyncio.CancelledError
         return web.json_response(body)
+
+
+@ray.remote(num_cpus=0)
+class TcpEchoWorkload:
+    """A raw TCP echo server that joins the mesh on a ``tcp`` service port: every byte read is
+    written back; the client's EOF closes the connection."""
+
+    def __init__(self, service: str, version: str, service_port: int, namespace: str = "default") -> None:
+        self.service, self.version, self.service_port, self.namespace = service, version, service_port, namespace
+        self.port = 0
+        self.connections = 0
+        self.received = 0
+
+    async def start(self) -> dict[str, Any]:
+        if not self.port:
+            server = await asyncio.start_server(self._echo, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            await workload.join_async(self.service, self.port, service_port=self.service_port,
+                                      namespace=self.namespace, protocol="tcp",
+                                      labels={"app": self.service, "version": self.version})
+        return {"service": self.service, "port": self.port, "node": ray.get_runtime_context().get_node_id()}
+
+    def seen(self) -> tuple[int, int]:
+        return self.connections, self.received
+
+    async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while data := await reader.read(65536):
+                self.received += len(data)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()

@@ -199,7 +199,7 @@ async def test_control_op_round_trip(upstream, proxies) -> None:
     await ctl.start()
     try:
         empty = await control.acall(path, {"op": "telemetry"})
-        assert empty == {"ok": True, "batch": b"", "rows": 0, "dropped": 0}
+        assert empty == {"ok": True, "batch": b"", "rows": 0, "dropped": 0, "tcp_batch": b"", "tcp_rows": 0}
         for path_ in ("/api/1", "/api/2", "/nope"):
             await raw_exchange(p.ports["http_proxy"], request(path_, "reviews:9080"))
         status = await control.acall(path, {"op": "status"})

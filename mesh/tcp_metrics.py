@@ -1,0 +1,70 @@
+"""Istio's TCP metrics from the proxies' TCP connection batches (``raymesh.telemetry.tcp.v1``).
+
+Proxies report, per flush interval and label set, how many connections opened and closed and
+how many bytes moved each way (``proxy_core.tcp_telemetry``; an open connection reports its
+bytes as they flow, not only at close).  ``aggregate_tcp`` sums those deltas with one pyarrow
+group-by into the four counters ``istio_tcp_connections_opened_total``,
+``istio_tcp_connections_closed_total``, ``istio_tcp_received_bytes_total`` and
+``istio_tcp_sent_bytes_total``, for ``reporter="source"`` and ``reporter="destination"`` as
+``mesh.metrics.aggregate`` does for requests.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mesh.metrics import (DEFAULT_CLUSTER_ID, REPORTERS, SOURCE_SECURITY_POLICY, TCP_COUNTERS, TCP_LABEL_NAMES,
+                          MetricUpdate)
+from proxy_core.tcp_telemetry import SCHEMA as TCP_SCHEMA
+from proxy_core.tcp_telemetry import SCHEMA_NAME as TCP_SCHEMA_NAME
+
+_DERIVED = ("reporter", "source_cluster", "destination_cluster")
+TCP_ROW_LABELS: tuple[str, ...] = tuple(n for n in TCP_LABEL_NAMES if n not in _DERIVED)
+
+
+def is_tcp_batch(schema: pa.Schema) -> bool:
+    """Whether an Arrow stream's schema names itself a TCP connection batch."""
+    return (schema.metadata or {}).get(b"schema") == TCP_SCHEMA_NAME.encode()
+
+
+def conform_tcp(table: pa.Table | pa.RecordBatch) -> pa.Table:
+    """``table`` in the TCP batch schema; raises ValueError naming a missing column."""
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    if table.schema.equals(TCP_SCHEMA, check_metadata=False):
+        return table
+    missing = [f.name for f in TCP_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"TCP telemetry batch lacks column(s) {', '.join(missing)} of {TCP_SCHEMA_NAME}")
+    columns = []
+    for f in TCP_SCHEMA:
+        col = table[f.name]
+        if col.type != f.type:
+            col = pc.dictionary_encode(col) if pa.types.is_dictionary(f.type) and pa.types.is_string(col.type) \
+                else col.cast(f.type)
+        columns.append(col)
+    return pa.table(columns, schema=TCP_SCHEMA)
+
+
+def aggregate_tcp(batch: pa.Table | pa.RecordBatch, cluster_id: str = DEFAULT_CLUSTER_ID) -> list[MetricUpdate]:
+    """The counter increments of one TCP batch, for both reporters (zero increments omitted)."""
+    table = conform_tcp(batch)
+    if table.num_rows == 0:
+        return []
+    measures = [m.column for m in TCP_COUNTERS]
+    grouped = (table.select([*TCP_ROW_LABELS, *measures]).unify_dictionaries()
+               .group_by(list(TCP_ROW_LABELS), use_threads=False)
+               .aggregate([(c, "sum") for c in measures]).to_pydict())
+    updates: list[MetricUpdate] = []
+    for g in range(len(grouped[f"{measures[0]}_sum"])):
+        row = {n: "unknown" if grouped[n][g] is None else str(grouped[n][g]) for n in TCP_ROW_LABELS}
+        for reporter in REPORTERS:
+            values = dict(row, reporter=reporter, source_cluster=cluster_id, destination_cluster=cluster_id)
+            if reporter == "source":
+                values["connection_security_policy"] = SOURCE_SECURITY_POLICY
+            labels = tuple(values[n] for n in TCP_LABEL_NAMES)
+            for m in TCP_COUNTERS:
+                total = int(grouped[f"{m.column}_sum"][g] or 0)
+                if total:
+                    updates.append(MetricUpdate(m.name, labels, total))
+    return updates
