@@ -19,6 +19,7 @@ With every Pilot replica down the child keeps serving its last snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -76,6 +77,9 @@ class ProxyWorker:
         self._telemetry_seq = 0
         self._workload_api: WorkloadApiServer | None = None
         self._telemetry_dropped = 0
+        # Set when a new snapshot is in force: the node's workloads may have changed, and a new
+        # workload's pid must reach the proxy before its first mTLS request, not a refresh later.
+        self._credentials_due = asyncio.Event()
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class ProxyWorker:
             self._snapshot = snapshot
             self._version = snapshot["version"]
             self._synced_at = time.time()
+            self._credentials_due.set()
             ports = dict(reply.get("ports") or {})
             if ports and ports != self._ports:
                 self._ports = ports
@@ -275,7 +280,9 @@ class ProxyWorker:
                 pass   # the proxy is restarting; the monitor brings it back
             except Exception:
                 log.exception("could not refresh mTLS credentials; retrying")
-            await asyncio.sleep(wait)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._credentials_due.wait(), wait)
+            self._credentials_due.clear()
     async def _quota_loop(self) -> None:
         """Long-poll the proxy for the leases it wants, get each from the counter's owner (failing
         over to the next replica), hand them back.  A key no replica answered for is reported
