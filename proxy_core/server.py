@@ -64,7 +64,8 @@ from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
 from proxy_core.ratelimit import DENIED_BODY, Clock, ServiceRateLimiter, TokenBucket, build_rate_limiters
-from proxy_core.security_filter import ClusterSecurity, RequestAuthorization, SecurityRuntime, build_security
+from proxy_core.security_filter import (DENIED_BODY, ClusterSecurity, RequestAuthorization, SecurityRuntime,
+                                        build_security)
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
@@ -365,7 +366,7 @@ class HttpConnection:
         self.tunnel: asyncio.Transport | None = None
         self.eof = False
         self.pending_error: ProtocolError | None = None
-        self.source: str | None = None           # the local client's SPIFFE id, resolved on first need
+        self.source: Any = None                  # the local client (SourceWorkload), resolved on first need
 
     # asyncio callbacks
 
@@ -1301,6 +1302,10 @@ class Exchange:
             refusal = self.server.mtls.admit(self.state.snapshot, self.conn.peer_principal, host, port)
             if refusal is not None:
                 self.local_reply(403, refusal.encode(), None, close=True)
+                return
+            if not self.server.security.permits_inbound(self.state.snapshot, self.state.security,
+                                                        self.conn.peer_principal, host, port):
+                self.local_reply(403, DENIED_BODY, flags.RBAC, close=True)   # AuthorizationPolicy
                 return
             ep = Endpoint(host, port)
             self.wc = WeightedCluster(f"inbound|{port}||")
