@@ -255,6 +255,13 @@ class Mtls:
             conn.source = source
         return source
 
+    def accepted(self, conn: Any) -> None:
+        """Find the client of a new downstream connection now, while its socket surely exists:
+        a client that closes as soon as its response arrives may be gone by the time the
+        request's telemetry is written.  Nothing to find before a push names workload pids."""
+        if self.sources.pids:
+            self.workload_of(conn)
+
     def source_of(self, conn: Any) -> str:
         """The SPIFFE id of the workload that opened downstream ``conn``; "" when unknown."""
         return self.workload_of(conn).spiffe_id

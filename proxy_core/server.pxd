@@ -85,6 +85,7 @@ cdef class Exchange:
     cdef public object cors_ops
     cdef public object mirror_pending
     cdef public object authz
+    cdef public object up_tls
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -58,7 +58,7 @@ from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.mtls import Mtls
-from proxy_core.mtls_client import MtlsDialer, upstream_tls
+from proxy_core.mtls_client import MtlsDialer, UpstreamTls, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
@@ -383,6 +383,8 @@ class HttpConnection:
         server = self.server
         if server.peer_identity is not None:
             self.peer_principal = server.peer_identity(transport)
+        if self.listener.kind != "inbound":
+            server.mtls.accepted(self)          # the local workload that opened it (policies, telemetry)
         server._connections.add(self)
         c = server.counters
         c.active_connections += 1
@@ -625,6 +627,7 @@ class Exchange:
         self.cors_ops: HeaderOps | None = None        # access-control-* headers for an allowed CORS origin
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
+        self.up_tls: UpstreamTls | None = None        # the last attempt's transport security (telemetry)
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -962,6 +965,7 @@ class Exchange:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
         tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) \
             if ep.via is not None or self.cluster.tls is not None else None
+        self.up_tls = tls
         conn = self.server.pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
@@ -1486,7 +1490,8 @@ class Exchange:
             head_bytes = len(self.up_head) if self.attempt else request_head_size(self.head)
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
-                             self.bytes_sent + self.resp_head_bytes)
+                             self.bytes_sent + self.resp_head_bytes, server.mtls.workload_of(self.conn),
+                             self.up_tls is not None and self.up_tls.mesh)
         alog = server.access_log
         if alog.enabled:
             req = self.req

@@ -35,12 +35,13 @@ _CANONICAL_NAME = "service.istio.io/canonical-name"
 _CANONICAL_REVISION = "service.istio.io/canonical-revision"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class SourceWorkload:
     """A local workload process as a client: who it is, as policies and telemetry name it.
 
     ``spiffe_id`` is "" for a client the proxy cannot identify (``UNIDENTIFIED``); the other
-    fields then keep Istio's values for an unknown peer.
+    fields then keep Istio's values for an unknown peer.  Compared and hashed by identity:
+    one object per pushed pid, and telemetry keys its rows by it on every request.
     """
 
     spiffe_id: str
