@@ -6,7 +6,8 @@ node), and renews it at half of its lifetime (``actors.workload_api.Credentials`
 logic with the Workload API).  It pushes the result to its proxy process with the control
 channel's ``credentials`` operation, together with the trust bundle (re-read every
 ``refresh_seconds``, so a root rotation reaches the proxy within that time) and the pids of
-the node's workload actors, from which the proxy tells which workload opened a connection.
+the node's workload actors with their registration (service, namespace, labels), from which
+the proxy tells which workload opened a connection and names it in telemetry.
 The proxy itself never talks to Ray or Citadel; keys leave this node's memory for no one.
 """
 from __future__ import annotations
@@ -50,18 +51,19 @@ class ProxyCredentials:
         pid_of = {a["ActorID"]: int(a["Pid"]) for a in actors.values()
                   if a.get("Pid") and (a.get("Address") or {}).get("NodeID") == self.node_id}
         # An actor that registered several identities is, as a client, its first one (the
-        # Workload API's default SVID).
-        pids: dict[int, str] = {}
-        for w in local:
+        # Workload API's default SVID), and telemetry names it after the first registration
+        # with that identity (service and labels: source_workload, source_app, ...).
+        pids: dict[int, tuple[str, dict[str, Any]]] = {}
+        for w in sorted(local, key=lambda w: (w.service, w.uid)):
             sid = by_identity.get(Identity(w.namespace, w.service_account))
             if w.actor_id in pid_of and sid is not None:
                 pid = pid_of[w.actor_id]
-                pids[pid] = min(pids.get(pid, sid), sid)
-        workloads = sorted(pids.items())
+                if pid not in pids or sid < pids[pid][0]:
+                    pids[pid] = (sid, {"service": w.service, "namespace": w.namespace, "labels": dict(w.labels)})
         message = {"op": "credentials", "trust_domain": bundle.trust_domain, "roots": list(bundle.roots_pem),
                    "svids": [{"spiffe_id": s.spiffe_id, "cert_chain": list(s.chain_pem), "key": s.key_pem,
                               "expires": s.expires} for s in svids],
-                   "workloads": [list(w) for w in workloads]}
+                   "workloads": [[pid, sid, reg] for pid, (sid, reg) in sorted(pids.items())]}
         now = self.credentials.clock()
         wait = min([self.credentials.refresh_seconds] + [s.renew_at - now for s in svids])
         return message, max(0.05, wait)

@@ -9,8 +9,16 @@ What it measures (1 KiB responses, HTTP/1.1 keep-alive on both sides):
   the JSON access log is on, written to a file.
 * ``two_hop``  client -> raymesh A (VIP) -> tunnel (``CONNECT`` to B's inbound listener)
   -> raymesh B -> origin: the cross-node path, both proxies on the same core.
+* ``two_hop_mtls``  the same with mutual TLS on the tunnel: h2load is a workload A knows by
+  its pid (credentials pushed over the control channel, as the proxy worker does), so A
+  presents its SVID to B, which verifies it.  Tunnels are pooled, so keep-alive traffic pays
+  the handshakes once.
 * ``nginx``    client -> nginx reverse proxy (same routes as maps/split_clients, upstream
   keep-alive, ``least_conn``, JSON access log on with a 64 KiB buffer) -> origin.
+
+And new connections on the inbound listener (the cost a tunnel that cannot be reused pays):
+sequential ``CONNECT`` tunnels to B, plaintext, mTLS with a full handshake, and mTLS
+resuming the previous TLS session -> tunnels/s and B's CPU µs per tunnel.
 
 For each row: (a) saturation throughput, ``h2load -t1 -c32`` for a fixed duration, and the
 proxy's own CPU time from ``/proc/PID/stat`` -> CPU µs per request and req/s per proxy
@@ -44,15 +52,18 @@ import socket
 import statistics
 import subprocess
 import sys
+import ssl
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from proxy_core import compiled_modules  # noqa: E402  (recorded with the results)
+from mesh.identity import create_root_ca, key_pem, make_csr, new_workload_key, sign_csr, spiffe_id  # noqa: E402
+from proxy_core import compiled_modules, control  # noqa: E402  (compiled_modules: recorded with the results)
+from proxy_core.mtls import sni_for  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "proxy_bench.json"
 BODY_SIZE = 1024
@@ -62,7 +73,10 @@ SERVICE = "bench.default.svc.cluster.local"
 APT_PACKAGES = {"nginx": "nginx-light", "h2load": "nghttp2-client", "taskset": "util-linux"}
 LATENCY_RATE = 1000       # req/s for the latency phase: 10 clients x 100 req/s
 LATENCY_SKIP = 0.1        # fraction of the latency log dropped as warm-up
+TUNNELS_PER_ROUND = 300   # sequential new tunnels per kind and round
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CLIENT_ID = spiffe_id("default", "bench-client")    # h2load, as a workload
+SERVER_ID = spiffe_id("default", "bench")           # the origin's workload identity
 
 
 # -- tools -----------------------------------------------------------------------------------
@@ -274,6 +288,7 @@ def _cluster(port: int, subset: str, endpoints: list[dict[str, Any]]) -> dict[st
 
 def _endpoints(ports: list[int], version: str, node: str, via: int | None) -> list[dict[str, Any]]:
     return [{"address": "127.0.0.1", "port": p, "node": node, "labels": {"app": "bench", "version": version},
+             "namespace": "default", "service_account": "bench", "mtls_mode": "PERMISSIVE",
              "via": {"address": "127.0.0.1", "port": via} if via is not None else None} for p in ports]
 
 
@@ -322,17 +337,61 @@ def inbound_snapshot(vip_port: int, v1: list[int], v2: list[int]) -> dict[str, A
     }
 
 
-def start_raymesh(tools: Tools, workdir: Path, name: str, snapshot: dict[str, Any]) -> tuple[Child, dict[str, Any]]:
+def start_raymesh(tools: Tools, workdir: Path, name: str, snapshot: dict[str, Any],
+                  control_path: Path | None = None) -> tuple[Child, dict[str, Any]]:
     snap_path = workdir / f"{name}.json"
     snap_path.write_text(json.dumps(snapshot, indent=1))
     argv = tools.pin([sys.executable, "-m", "proxy_core", "--snapshot", str(snap_path),
-                      "--access-log", str(workdir / f"{name}-access.log"), "--grace", "1"], PROXY_CORE)
+                      "--access-log", str(workdir / f"{name}-access.log"), "--grace", "1",
+                      *(["--control", str(control_path)] if control_path else [])], PROXY_CORE)
     child = Child(name, argv, workdir)
     try:
         return child, child.read_ready()
     except BaseException:
         child.stop()
         raise
+
+
+# -- mTLS material ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MeshCredentials:
+    """A root CA and the SVIDs of the mTLS rows, pushed as the proxy worker pushes them."""
+
+    root_pem: str
+    client: dict[str, Any]      # h2load's SVID, presented by A
+    server: dict[str, Any]      # the origin workload's SVID, presented by B
+
+    @classmethod
+    def issue(cls) -> "MeshCredentials":
+        ca = create_root_ca()
+
+        def svid(sid: str) -> dict[str, Any]:
+            key = new_workload_key()
+            return {"spiffe_id": sid, "cert_chain": [sign_csr(ca, make_csr(key, sid), sid)], "key": key_pem(key),
+                    "expires": 0}
+
+        return cls(ca.cert_pem, svid(CLIENT_ID), svid(SERVER_ID))
+
+    def push(self, control_path: Path, svid: dict[str, Any], pids: dict[int, str]) -> None:
+        reply = control.call(str(control_path), {
+            "op": "credentials", "trust_domain": "cluster.local", "roots": [self.root_pem], "svids": [svid],
+            "workloads": [[pid, sid, {"service": "bench-client", "namespace": "default", "labels": {}}]
+                          for pid, sid in pids.items()]})
+        if not reply.get("ok"):
+            raise RuntimeError(f"credentials refused: {reply}")
+
+    def client_context(self, workdir: Path) -> ssl.SSLContext:
+        """What a workload holding the client SVID would dial B's inbound listener with."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(cadata=self.root_pem)
+        cert, key = workdir / "client-svid.pem", workdir / "client-key.pem"
+        cert.write_text("".join(self.client["cert_chain"]))
+        key.write_text(self.client["key"])
+        ctx.load_cert_chain(cert, key)
+        return ctx
 
 
 # -- load generation -------------------------------------------------------------------------
@@ -368,13 +427,32 @@ _REQUESTS = re.compile(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+)
 _STATUS_2XX = re.compile(r"status codes: (\d+) 2xx")
 
 
-def _h2load(tools: Tools, args: list[str], timeout: float) -> str:
+Identify = Callable[[int], None]     # names h2load's pid to the proxy before it sends anything
+
+
+def _h2load(tools: Tools, args: list[str], timeout: float, identify: Identify | None = None) -> str:
     assert tools.h2load is not None
-    out = subprocess.run(tools.pin([tools.h2load, "--h1", "-t1", *args], CLIENT_CORE), capture_output=True,
-                         text=True, timeout=timeout, check=False)
-    if out.returncode != 0 or not _FINISHED.search(out.stdout):
-        raise RuntimeError(f"h2load failed ({out.returncode}): {out.stdout[-800:]} {out.stderr[-800:]}")
-    return out.stdout
+    argv = [tools.h2load, "--h1", "-t1", *args]
+    if identify is None:
+        out = subprocess.run(tools.pin(argv, CLIENT_CORE), capture_output=True, text=True, timeout=timeout,
+                             check=False)
+        code, stdout, stderr = out.returncode, out.stdout, out.stderr
+    else:
+        # The proxy knows a workload by the pid owning the connection: start a shell that waits,
+        # name its pid, then let it exec h2load (exec keeps the pid).
+        proc = subprocess.Popen(tools.pin(["sh", "-c", 'read _ && exec "$@"', "sh", *argv], CLIENT_CORE),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            identify(proc.pid)
+            stdout, stderr = proc.communicate("go\n", timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        code = proc.returncode
+    if code != 0 or not _FINISHED.search(stdout):
+        raise RuntimeError(f"h2load failed ({code}): {stdout[-800:]} {stderr[-800:]}")
+    return stdout
 
 
 def _cpu(children: tuple[Child, ...]) -> tuple[float, float]:
@@ -383,9 +461,9 @@ def _cpu(children: tuple[Child, ...]) -> tuple[float, float]:
 
 
 def measure_throughput(tools: Tools, url: str, proxies: tuple[Child, ...], duration: float,
-                       connections: int) -> Throughput:
+                       connections: int, identify: Identify | None = None) -> Throughput:
     (user0, sys0), t0 = _cpu(proxies), time.monotonic()
-    text = _h2load(tools, [f"-c{connections}", f"-D{duration:g}", url], timeout=duration + 30)
+    text = _h2load(tools, [f"-c{connections}", f"-D{duration:g}", url], timeout=duration + 30, identify=identify)
     (user1, sys1), wall = _cpu(proxies), time.monotonic() - t0
     user, system = user1 - user0, sys1 - sys0
     cpu = user + system
@@ -408,13 +486,15 @@ def percentile(sorted_values: list[int], p: float) -> float:
     return float(sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)])
 
 
-def measure_latency(tools: Tools, url: str, proxies: tuple[Child, ...], requests: int, workdir: Path) -> Latency:
+def measure_latency(tools: Tools, url: str, proxies: tuple[Child, ...], requests: int, workdir: Path,
+                    identify: Identify | None = None) -> Latency:
     log_path = workdir / "latency.log"
     log_path.unlink(missing_ok=True)  # h2load appends to an existing log file
     clients = 10
     cpu0 = sum(_cpu(proxies))
     text = _h2load(tools, [f"-c{clients}", f"--rps={LATENCY_RATE // clients}", "-r", "1", "--rate-period=1ms",
-                           f"-n{requests}", f"--log-file={log_path}", url], timeout=requests / LATENCY_RATE + 30)
+                           f"-n{requests}", f"--log-file={log_path}", url], timeout=requests / LATENCY_RATE + 30,
+                   identify=identify)
     cpu = sum(_cpu(proxies)) - cpu0
     finished = _FINISHED.search(text)
     assert finished
@@ -439,8 +519,46 @@ class Scenario:
     url: str
     proxies: tuple[Child, ...]
     access_logs: tuple[Path, ...] = ()
+    identify: Identify | None = None       # set when the client must be a known workload (mTLS)
     throughput: list[Throughput] = field(default_factory=list)
     latency: list[Latency] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Tunnels:
+    """One round of sequential new tunnels to the inbound listener."""
+
+    tunnels_per_s: float
+    inbound_cpu_us_per_tunnel: float
+    resumed: int
+    count: int
+
+
+def open_tunnels(inbound: int, target: int, proxy: Child, count: int, ctx: ssl.SSLContext | None,
+                 resume: bool = False) -> Tunnels:
+    """``count`` tunnels one after another: connect, (TLS handshake,) ``CONNECT``, read the 200,
+    close.  With ``resume`` each TLS connection offers the previous one's session."""
+    request = b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (target, target)
+    session: ssl.SSLSession | None = None
+    resumed = 0
+    cpu0, t0 = sum(proxy.cpu_seconds()), time.monotonic()
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", inbound), timeout=10)
+        try:
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_hostname=sni_for(SERVER_ID), session=session)
+            sock.sendall(request)
+            head = sock.recv(4096)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"tunnel refused: {head[:200]!r}")
+            if isinstance(sock, ssl.SSLSocket):
+                resumed += sock.session_reused
+                if resume:
+                    session = sock.session
+        finally:
+            sock.close()
+    wall, cpu = time.monotonic() - t0, sum(proxy.cpu_seconds()) - cpu0
+    return Tunnels(round(count / wall, 1), round(cpu / count * 1e6, 1), resumed, count)
 
 
 @dataclass(slots=True)
@@ -453,6 +571,8 @@ class Bench:
     scenarios: list[Scenario] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     origin_kind: str = ""
+    tunnel_kinds: dict[str, Callable[[], Tunnels]] = field(default_factory=dict)
+    tunnels: dict[str, list[Tunnels]] = field(default_factory=dict)
 
     def _keep(self, child: Child) -> Child:
         self.children.append(child)
@@ -491,6 +611,7 @@ class Bench:
         self.scenarios.append(Scenario("two_hop", "client -> raymesh A (VIP) -> tunnel -> raymesh B -> origin",
                                        f"http://{vip2}:{vip2_port}/", (a, b),
                                        (wd / "raymesh-a-access.log", wd / "raymesh-b-access.log")))
+        self._start_mtls(vip_port, v1, v2)
 
         if tools.nginx is None:
             self.skipped["nginx"] = f"nginx not installed (apt install {APT_PACKAGES['nginx']})"
@@ -501,6 +622,31 @@ class Bench:
                                          PROXY_CORE, port))
             self.scenarios.append(Scenario("nginx", "client -> nginx reverse proxy -> origin",
                                            f"http://127.0.0.1:{port}/", (ngx,), (log,)))
+
+    def _start_mtls(self, vip_port: int, v1: list[int], v2: list[int]) -> None:
+        """The two-hop pair again, with SVIDs: A presents h2load's (it knows h2load's pid), B the
+        origin's; and the new-tunnel measurements on this B's inbound listener."""
+        tools, wd = self.tools, self.workdir
+        creds = MeshCredentials.issue()
+        ctl_a, ctl_b = wd / "mtls-a.sock", wd / "mtls-b.sock"
+        b, ready_b = start_raymesh(tools, wd, "raymesh-mtls-b", inbound_snapshot(vip_port, v1, v2), ctl_b)
+        self._keep(b)
+        creds.push(ctl_b, creds.server, {})
+        inbound = int(ready_b["ports"]["inbound"])
+        vip = "127.77.250.3"
+        port = free_port(vip)
+        a = self._keep(start_raymesh(tools, wd, "raymesh-mtls-a", outbound_snapshot(vip, port, v1, v2, inbound),
+                                     ctl_a)[0])
+        self.scenarios.append(Scenario(
+            "two_hop_mtls", "client (a workload) -> raymesh A (VIP) -> mTLS tunnel -> raymesh B -> origin",
+            f"http://{vip}:{port}/", (a, b), (wd / "raymesh-mtls-a-access.log", wd / "raymesh-mtls-b-access.log"),
+            identify=lambda pid: creds.push(ctl_a, creds.client, {pid: CLIENT_ID})))
+        ctx = creds.client_context(wd)
+        self.tunnel_kinds = {
+            "plaintext": lambda: open_tunnels(inbound, v1[0], b, TUNNELS_PER_ROUND, None),
+            "mtls_full_handshake": lambda: open_tunnels(inbound, v1[0], b, TUNNELS_PER_ROUND, ctx),
+            "mtls_resumed": lambda: open_tunnels(inbound, v1[0], b, TUNNELS_PER_ROUND, ctx, resume=True),
+        }
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -575,7 +721,7 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 
 def print_table(rows: dict[str, Any], skipped: dict[str, str], rt: dict[str, Any]) -> None:
-    head = (f"{'row':<9}{'req/s':>10}{'range':>17}{'proxy CPU':>10}{'µs/req':>8}{'usr+sys':>12}{'req/s/core':>11}"
+    head = (f"{'row':<13}{'req/s':>10}{'range':>17}{'proxy CPU':>10}{'µs/req':>8}{'usr+sys':>12}{'req/s/core':>11}"
             f"{'p50 µs':>8}{'p90 µs':>8}{'p99 µs':>8}{'+p50 µs':>9}{'fail':>6}")
     print(head)
     print("-" * len(head))
@@ -583,11 +729,11 @@ def print_table(rows: dict[str, Any], skipped: dict[str, str], rt: dict[str, Any
         rng = f"{r['rps_range'][0]:,.0f}-{r['rps_range'][1]:,.0f}" if r["rps_range"] else "-"
         util = f"{r['proxy_cpu_util'] * 100:.0f}%" if r["proxy_cpu_util"] is not None else "-"
         split = f"{r['user_us_per_req']:.0f}+{r['sys_us_per_req']:.0f}" if r["user_us_per_req"] is not None else "-"
-        print(f"{name:<9}{_fmt(r['rps']):>10}{rng:>17}{util:>10}{_fmt(r['cpu_us_per_req'], 1):>8}{split:>12}"
+        print(f"{name:<13}{_fmt(r['rps']):>10}{rng:>17}{util:>10}{_fmt(r['cpu_us_per_req'], 1):>8}{split:>12}"
               f"{_fmt(r['rps_per_proxy_core']):>11}{_fmt(r['p50_us']):>8}{_fmt(r['p90_us']):>8}"
               f"{_fmt(r['p99_us']):>8}{_fmt(r.get('added_p50_us')):>9}{r['failed']:>6}")
     for name, why in skipped.items():
-        print(f"{name:<9}skipped: {why}")
+        print(f"{name:<13}skipped: {why}")
     if rt:
         print(f"\nraymesh one-hop / nginx: req/s per proxy core {rt.get('rps_per_core_vs_nginx')} (target >= 0.5), "
               f"raw req/s {rt.get('raw_rps_vs_nginx')}, added p50 {rt.get('added_p50_vs_nginx')} (target <= 1.5)")
@@ -673,13 +819,17 @@ def run(args: argparse.Namespace, tools: Tools, workdir: Path) -> dict[str, Any]
         print(f"origin: {bench.origin_kind}; pinning: {'taskset' if tools.taskset else 'none (taskset missing)'}",
               flush=True)
         for s in bench.scenarios:  # warm-up: upstream pools, caches, page faults
-            measure_throughput(tools, s.url, s.proxies, 1.0, args.connections)
+            measure_throughput(tools, s.url, s.proxies, 1.0, args.connections, s.identify)
         for rnd in range(args.rounds):
             # Rotate the order each round so no row always runs first or last.
             order = bench.scenarios[rnd % len(bench.scenarios):] + bench.scenarios[:rnd % len(bench.scenarios)]
             for s in order:
-                s.throughput.append(measure_throughput(tools, s.url, s.proxies, args.duration, args.connections))
-                s.latency.append(measure_latency(tools, s.url, s.proxies, args.latency_requests, workdir))
+                s.throughput.append(measure_throughput(tools, s.url, s.proxies, args.duration, args.connections,
+                                                       s.identify))
+                s.latency.append(measure_latency(tools, s.url, s.proxies, args.latency_requests, workdir,
+                                                 s.identify))
+            for kind, measure in bench.tunnel_kinds.items():
+                bench.tunnels.setdefault(kind, []).append(measure())
             print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
                 f"{s.name} {s.throughput[-1].rps:,.0f} req/s p50 {s.latency[-1].p50_us:.0f} µs"
                 for s in bench.scenarios), flush=True)
@@ -694,7 +844,12 @@ def run(args: argparse.Namespace, tools: Tools, workdir: Path) -> dict[str, Any]
                     for s in bench.scenarios if s.access_logs}
     info["loadavg_end"] = os.getloadavg()[0]
     rt = ratios(rows)
-    return {"machine": info, "origin": bench.origin_kind,
+    tunnels = {kind: {"tunnels_per_s": _median([t.tunnels_per_s for t in ts]),
+                      "tunnels_per_s_range": _spread([t.tunnels_per_s for t in ts]),
+                      "inbound_cpu_us_per_tunnel": _median([t.inbound_cpu_us_per_tunnel for t in ts]),
+                      "resumed": sum(t.resumed for t in ts), "count": sum(t.count for t in ts)}
+               for kind, ts in bench.tunnels.items()}
+    return {"machine": info, "origin": bench.origin_kind, "new_tunnels": tunnels,
             "setup": {"response_bytes": BODY_SIZE, "client_core": CLIENT_CORE, "origin_core": CLIENT_CORE,
                       "proxy_core": PROXY_CORE, "pinned": tools.taskset is not None, "rounds": args.rounds,
                       "throughput": f"h2load --h1 -t1 -c{args.connections} -D{args.duration:g}",
@@ -729,6 +884,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, tools, Path(tmp))
     print()
     print_table(result["rows"], result["skipped"], result["ratios"])
+    if result["new_tunnels"]:
+        print(f"\nnew tunnels on the inbound listener (sequential, {TUNNELS_PER_ROUND} per round):")
+        for kind, t in result["new_tunnels"].items():
+            print(f"  {kind:<20}{_fmt(t['tunnels_per_s']):>8} tunnels/s  {_fmt(t['inbound_cpu_us_per_tunnel']):>6} "
+                  f"µs inbound CPU per tunnel  ({t['resumed']}/{t['count']} sessions resumed)")
     if result["profile"] and "skipped" in result["profile"]:
         print(f"\nprofile skipped: {result['profile']['skipped']}")
     elif result["profile"]:

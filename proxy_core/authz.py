@@ -24,6 +24,10 @@ connection, and fields or condition keys raymesh does not support (``trustDomain
 (it matches nothing); in a DENY or CUSTOM policy the field is ignored, so the rule matches
 more requests, never fewer.
 
+``check_peer`` answers for an opaque tunnel at the destination node's inbound listener,
+which knows only the peer's identity and the destination address: it denies only what
+``check`` would deny for every request the tunnel could carry (``_compile_peer_rule``).
+
 String values follow Istio: exact ``abc``, prefix ``abc*``, suffix ``*abc``, presence
 ``*`` (any non-empty value); ``paths`` also accept Envoy URI templates (``{*}`` one path
 segment, ``{**}`` any number of segments).  Hosts compare case-insensitively against the
@@ -55,7 +59,8 @@ Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 class RequestAttributes:
     """What Istio's RBAC filter knows about a request (or a TCP connection when ``http`` is False).
 
-    ``source_principal`` is the mTLS peer's SPIFFE id without ``spiffe://`` ("" without mTLS);
+    ``source_principal`` is the sending workload's SPIFFE id without ``spiffe://`` ("" for
+    an unidentified client, see ``proxy_core.security_filter.source_principal``);
     ``remote_ip`` is the original client (``original_client_ip``), "" meaning ``source_ip``;
     ``headers`` have lower-case names; ``path`` is the request target as received (query
     allowed); ``request_principal``/``audiences``/``presenter``/``claims`` come from a
@@ -269,7 +274,10 @@ def _ports(values: Sequence[str]) -> frozenset[int]:
 # -- predicates ------------------------------------------------------------------------------
 
 Pred = Callable[[RequestAttributes], bool]
-ANY, HTTP_ONLY, UNSUPPORTED = 0, 1, 2     # where a predicate can be evaluated
+# Where a predicate can be evaluated.  PEER fields (the source identity, the destination
+# address) are known even on an opaque tunnel at the destination node's inbound listener;
+# ANY fields on every connection the client-side proxy sees; HTTP_ONLY ones on requests.
+ANY, HTTP_ONLY, UNSUPPORTED, PEER = 0, 1, 2, 3
 
 
 def _negate(p: Pred) -> Pred:
@@ -281,13 +289,13 @@ def _source_pred(name: str, values: Sequence[str]) -> tuple[Pred, int]:
     pred: Pred
     if positive == "principals":
         v = _Values.of(values)
-        pred, kind = (lambda a: v.match(a.source_principal)), ANY
+        pred, kind = (lambda a: v.match(a.source_principal)), PEER
     elif positive == "request_principals":
         v = _Values.of(values)
         pred, kind = (lambda a: v.match(a.request_principal)), HTTP_ONLY
     elif positive == "namespaces":
         v = _Values.of(values)
-        pred, kind = (lambda a: v.match(a.namespace)), ANY
+        pred, kind = (lambda a: v.match(a.namespace)), PEER
     elif positive == "ip_blocks":
         n = _Nets.of(values)
         pred, kind = (lambda a: n.match(a.source_ip)), ANY
@@ -296,7 +304,7 @@ def _source_pred(name: str, values: Sequence[str]) -> tuple[Pred, int]:
         pred, kind = (lambda a: n.match(a.client_ip)), ANY
     elif positive == "service_accounts":
         accounts = frozenset(values)
-        pred, kind = (lambda a: a.service_account in accounts), ANY
+        pred, kind = (lambda a: a.service_account in accounts), PEER
     else:
         raise ValueError(f"unknown source field {name!r}")
     return (_negate(pred) if name.startswith("not_") else pred), kind
@@ -342,9 +350,9 @@ def _condition_getter(key: str, args: Sequence[str]) -> tuple[Callable[[RequestA
     simple: dict[str, tuple[Callable[[RequestAttributes], Any], int, bool]] = {
         "source.ip": (lambda a: a.source_ip, ANY, True),
         "remote.ip": (lambda a: a.client_ip, ANY, True),
-        "destination.ip": (lambda a: a.destination_ip, ANY, True),
-        "source.namespace": (lambda a: a.namespace, ANY, False),
-        "source.principal": (lambda a: a.source_principal, ANY, False),
+        "destination.ip": (lambda a: a.destination_ip, PEER, True),
+        "source.namespace": (lambda a: a.namespace, PEER, False),
+        "source.principal": (lambda a: a.source_principal, PEER, False),
         "request.auth.principal": (lambda a: a.request_principal, HTTP_ONLY, False),
         "request.auth.audiences": (lambda a: a.audiences, HTTP_ONLY, False),
         "request.auth.presenter": (lambda a: a.presenter, HTTP_ONLY, False),
@@ -392,7 +400,7 @@ def _usable(preds: Sequence[tuple[Pred, int]], http: bool, broaden: bool) -> lis
     """The predicates evaluable on this traffic; None when the whole rule must be dropped."""
     out = []
     for pred, kind in preds:
-        if kind == ANY or (kind == HTTP_ONLY and http):
+        if kind == ANY or kind == PEER or (kind == HTTP_ONLY and http):
             out.append(pred)
         elif not broaden:
             return None
@@ -443,6 +451,54 @@ def _compile_rule(rule: Mapping[str, Any], http: bool, broaden: bool) -> Pred | 
             if preds is None:
                 return None
             alternatives.append(_all(preds))
+        if alternatives:
+            parts.append(_any(alternatives))
+    return _all(parts)
+
+
+def _peer_usable(preds: Sequence[tuple[Pred, int]], allow: bool) -> list[Pred] | None:
+    """``_usable`` for a tunnel at the destination's inbound listener, where only PEER fields
+    are known.  ALLOW: other fields are assumed to hold (the rule matches more); DENY: a
+    part using one is uncertain (None).  UNSUPPORTED fields act as at the client's proxy:
+    they drop an ALLOW rule and are ignored in a DENY rule."""
+    out = []
+    for pred, kind in preds:
+        if kind == PEER:
+            out.append(pred)
+        elif kind == UNSUPPORTED:
+            if allow:
+                return None
+        elif not allow:
+            return None
+    return out
+
+
+def _compile_peer_rule(rule: Mapping[str, Any], allow: bool) -> Pred | None:
+    """A rule as the inbound listener can decide it, from the peer's identity alone.
+
+    The tunnel's bytes are not parsed there, so the check must never refuse a tunnel that
+    carries something the client's proxy would allow: ALLOW rules are widened to what they
+    might match (an over-approximation), DENY rules narrowed to what they surely match (an
+    under-approximation: a ``from`` alternative that needs an unknown field is left out,
+    and a rule left with none, or with an unknown ``when`` condition, is dropped).
+    """
+    parts: list[Pred] = []
+    conds = _peer_usable([_condition_pred(c) for c in rule.get("when") or ()], allow)
+    if conds is None:
+        return None
+    parts += conds
+    for key, build in (("from", _source_pred), ("to", _operation_pred)):
+        items = rule.get(key) or ()
+        alternatives = []
+        for item in items:
+            preds = _peer_usable(_group(item, build), allow)
+            if preds is None:
+                if allow:
+                    return None      # an UNSUPPORTED field: the client's proxy drops this rule too
+                continue
+            alternatives.append(_all(preds))
+        if items and not alternatives:
+            return None
         if alternatives:
             parts.append(_any(alternatives))
     return _all(parts)
@@ -499,7 +555,7 @@ class _Tables:
 class Authorizer:
     """Istio AuthorizationPolicy for one destination workload (namespace, labels, service)."""
 
-    __slots__ = ("_http", "_tcp", "_has_allow", "policies")
+    __slots__ = ("_http", "_tcp", "_peer", "_has_allow", "policies")
 
     def __init__(self, policies: Sequence[Mapping[str, Any]], namespace: str, labels: Mapping[str, str],
                  service: str | None = None) -> None:
@@ -508,6 +564,7 @@ class Authorizer:
         self._has_allow = any(p.get("action", ALLOW) == ALLOW for p in selected)
         self._http = self._tables(selected, http=True)
         self._tcp = self._tables(selected, http=False)
+        self._peer = self._tables(selected, http=False, peer=True)
 
     @property
     def enabled(self) -> bool:
@@ -515,18 +572,30 @@ class Authorizer:
         return bool(self.policies)
 
     @staticmethod
-    def _tables(policies: Sequence[Mapping[str, Any]], http: bool) -> _Tables:
+    def _tables(policies: Sequence[Mapping[str, Any]], http: bool, peer: bool = False) -> _Tables:
         by_action: dict[str, list[tuple[str, Pred]]] = {CUSTOM: [], DENY: [], ALLOW: [], AUDIT: []}
         for p in policies:
             action = p.get("action", ALLOW)
+            if peer and action == AUDIT:
+                continue        # audited where the traffic is parsed, once
             for i, rule in enumerate(p.get("rules") or ()):
-                pred = _compile_rule(rule, http, broaden=action in _BROADEN)
+                pred = (_compile_peer_rule(rule, allow=action not in _BROADEN) if peer
+                        else _compile_rule(rule, http, broaden=action in _BROADEN))
                 if pred is not None:
                     by_action[action].append((f"ns[{p['namespace']}]-policy[{p['name']}]-rule[{i}]", pred))
         return _Tables(*(tuple(by_action[a]) for a in (CUSTOM, DENY, ALLOW, AUDIT)))
 
     def check(self, attrs: RequestAttributes) -> Decision:
-        t = self._http if attrs.http else self._tcp
+        return self._decide(self._http if attrs.http else self._tcp, attrs)
+
+    def check_peer(self, attrs: RequestAttributes) -> Decision:
+        """Whether a tunnel from ``attrs.source_principal`` to ``attrs.destination_ip`` may
+        carry anything at all, decided at the destination node's inbound listener, which
+        does not parse it: denied only when every request or connection it could carry is
+        denied by ``check`` at the client's proxy (see ``_compile_peer_rule``)."""
+        return self._decide(self._peer, attrs)
+
+    def _decide(self, t: _Tables, attrs: RequestAttributes) -> Decision:
         audit = False
         for _, pred in t.audit:
             if pred(attrs):

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from cryptography import x509
 
 from proxy_core.snapshot import Endpoint, Snapshot
-from proxy_core.source_identity import SourceResolver
+from proxy_core.source_identity import UNIDENTIFIED, SourceResolver, SourceWorkload
 
 TLS_HANDSHAKE_BYTE = 0x16      # first byte of a TLS record carrying a ClientHello
 SNI_SUFFIX = ".svid.mesh"
@@ -82,13 +82,16 @@ class Credentials:
 
         {"op": "credentials", "trust_domain": "cluster.local", "roots": [PEM, ...],
          "svids": [{"spiffe_id": "spiffe://...", "cert_chain": [PEM, ...], "key": PEM, "expires": ts}],
-         "workloads": [[pid, "spiffe://..."], ...]}
+         "workloads": [[pid, "spiffe://...", {"service": "sleep", "namespace": "default",
+                                               "labels": {"app": "sleep", "version": "v1"}}], ...]}
+
+    The registration (third item) is optional: it names the workload in telemetry.
     """
 
     trust_domain: str
     roots: tuple[str, ...]
     svids: tuple[Svid, ...]
-    pids: Mapping[int, str] = field(default_factory=dict)
+    pids: Mapping[int, SourceWorkload] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Credentials":
@@ -97,7 +100,7 @@ class Credentials:
             raise ValueError("credentials need at least one trust root")
         svids = tuple(Svid(s["spiffe_id"], tuple(s["cert_chain"]), s["key"], float(s.get("expires") or 0.0))
                       for s in d.get("svids") or ())
-        pids = {int(pid): str(sid) for pid, sid in d.get("workloads") or ()}
+        pids = dict(SourceWorkload.from_push(item) for item in d.get("workloads") or ())
         return cls(str(d["trust_domain"]), roots, svids, pids)
 
 
@@ -241,16 +244,27 @@ class Mtls:
 
     # client side
 
-    def source_of(self, conn: Any) -> str:
-        """The SPIFFE id of the workload that opened downstream ``conn`` ("" when unknown), cached
+    def workload_of(self, conn: Any) -> SourceWorkload:
+        """The workload that opened downstream ``conn`` (``UNIDENTIFIED`` when unknown), cached
         on the connection (``conn.source``)."""
         source = conn.source
         if source is None:
             transport = conn.transport
             source = self.sources.resolve(transport.get_extra_info("peername"),
-                                          transport.get_extra_info("sockname")) or ""
+                                          transport.get_extra_info("sockname")) or UNIDENTIFIED
             conn.source = source
         return source
+
+    def accepted(self, conn: Any) -> None:
+        """Find the client of a new downstream connection now, while its socket surely exists:
+        a client that closes as soon as its response arrives may be gone by the time the
+        request's telemetry is written.  Nothing to find before a push names workload pids."""
+        if self.sources.pids:
+            self.workload_of(conn)
+
+    def source_of(self, conn: Any) -> str:
+        """The SPIFFE id of the workload that opened downstream ``conn``; "" when unknown."""
+        return self.workload_of(conn).spiffe_id
 
     def tunnel_source(self, ep: Endpoint, conn: Any) -> str | None:
         """The identity to present on a tunnel to ``ep`` (auto mTLS), or None for plaintext.

@@ -21,10 +21,19 @@ destination workload's policies on its behalf, once the destination is known:
 Policies select workloads by the endpoint's namespace and labels and by its service (for
 ``targetRefs``).  The destination port policies compare (``ports``, ``destination.port``) is
 the service port: workloads bind ports the mesh chooses, so the service port is the one a
-policy can name (as with Istio's ambient waypoints).  The source principal is the peer
-identity of the client's connection (``peer_principal`` on the connection, set when mTLS
-identifies the peer; empty until then, so ``principals`` and ``namespaces`` rules match
-nothing and their ``notX`` forms match everything).
+policy can name (as with Istio's ambient waypoints).  The source principal
+(``source_principal``) is the local workload that opened the client's connection, as the
+proxy found it through ``/proc`` (``Mtls.workload_of``, the identity it presents on mTLS
+tunnels), or the verified peer identity of a connection that arrived over mTLS.  A client
+the proxy cannot identify is anonymous: ``principals``, ``namespaces`` and
+``serviceAccounts`` rules match nothing for it and their ``notX`` forms match everything.
+
+At the destination node the ``inbound`` listener checks every tunnel before splicing it
+(``SecurityRuntime.permits_inbound``), with the peer's verified SPIFFE id (anonymous for a
+plaintext tunnel): it refuses a tunnel only when the destination's policies deny every
+request the peer could send through it (``Authorizer.check_peer``), so a process that
+dials the inbound listener itself meets the same principal rules as one going through its
+node's proxy.
 
 RequestAuthentication is merged per destination cluster: the rules of every workload behind
 it apply to the request before an endpoint is picked (the token headers are rewritten once
@@ -53,11 +62,12 @@ from urllib.parse import parse_qsl
 from proxy_core import flags
 from proxy_core.authz import Authorizer, Decision, RequestAttributes, selects
 from proxy_core.jwt_auth import AuthResult, JwksCache, JwtAuthenticator, Tokens, www_authenticate
+from proxy_core.mtls import Mtls
 from proxy_core.policy import apply_header_ops
 from proxy_core.snapshot import Endpoint, HeaderOps, Snapshot
 
 __all__ = ["DENIED_BODY", "ClusterSecurity", "RequestAuthorization", "SecurityRuntime", "SecurityStats",
-           "build_security"]
+           "build_security", "source_principal"]
 
 log = logging.getLogger("proxy_core.security")
 
@@ -91,12 +101,37 @@ class SecurityStats:
                               "denied_by": dict(self.jwt_denied_by)}}
 
 
+InboundTable = Mapping[tuple[str, int], tuple[Authorizer, ...]]
+
+
 @dataclass(slots=True)
 class SecurityRuntime:
     """The proxy's security state that a config swap keeps: fetched JWKS and the counters."""
 
     jwks: JwksCache = field(default_factory=JwksCache)
     stats: SecurityStats = field(default_factory=SecurityStats)
+    # The inbound listener's table, for the security table (one per snapshot) it was built from.
+    _inbound: tuple[Mapping[str, "ClusterSecurity"] | None, InboundTable] = (None, {})
+
+    def permits_inbound(self, snapshot: Snapshot, security: Mapping[str, "ClusterSecurity"],
+                        principal: str | None, host: str, port: int) -> bool:
+        """A tunnel to the local endpoint ``host:port`` from a peer whose verified SPIFFE id
+        is ``principal`` (None: plaintext, anonymous).  False (counted) when the endpoint's
+        policies deny whatever the tunnel could carry; the caller answers 403."""
+        if not security:
+            return True
+        built_for, table = self._inbound
+        if built_for is not security:
+            table = inbound_authorizers(snapshot, security)
+            self._inbound = (security, table)
+        authorizers = table.get((host, port))
+        if authorizers is None:
+            return True
+        attrs = RequestAttributes(source_principal=(principal or "").removeprefix("spiffe://"),
+                                  destination_ip=host, http=False)
+        decisions = [az.check_peer(attrs) for az in authorizers]
+        decision = next((d for d in decisions if d.allowed), decisions[0])
+        return self.judged(decision, lambda: f"inbound tunnel from {principal or 'a plaintext peer'} -> {host}:{port}")
 
     def judged(self, decision: Decision, what: Callable[[], str]) -> bool:
         """Count (and for AUDIT, log) one decision; ``what`` describes the traffic, lazily."""
@@ -128,13 +163,33 @@ class _Request(Protocol):
 
 class _Connection(Protocol):
     peer_ip: str
-    peer_principal: str | None     # mTLS peer SPIFFE id without "spiffe://"; None without mTLS
+    peer_principal: str | None     # mTLS peer SPIFFE id; None without mTLS
+    source: Any                    # the local client, cached by ``Mtls.workload_of``
+    transport: Any
+
+
+class _Server(Protocol):
+    mtls: Mtls
+
+
+def source_principal(mtls: Mtls, conn: _Connection) -> str:
+    """The AuthorizationPolicy source principal of a downstream connection (no ``spiffe://``).
+
+    The verified peer identity when the connection arrived over mTLS; otherwise the local
+    workload that opened it, as ``/proc`` tells (the identity the proxy presents for it on
+    mTLS tunnels); "" (anonymous) for a client the proxy cannot identify.
+    """
+    peer = conn.peer_principal
+    if peer:
+        return peer.removeprefix("spiffe://")
+    return mtls.workload_of(conn).principal
 
 
 class GuardedExchange(Protocol):
     """The parts of ``proxy_core.server.Exchange`` the filters use."""
 
     loop: asyncio.AbstractEventLoop
+    server: _Server
     connecting: asyncio.Task[Any] | None      # cancelled when the exchange ends early
     authz: "RequestAuthorization | None"
     request_id: str | None
@@ -218,7 +273,7 @@ class ClusterSecurity:
                 headers = _with_ops(headers, (jwt_ops,))
         if self.authorizers:
             ex.authz = RequestAuthorization(self, RequestAttributes(
-                source_principal=ex.conn.peer_principal or "", source_ip=ex.conn.peer_ip,
+                source_principal=source_principal(ex.server.mtls, ex.conn), source_ip=ex.conn.peer_ip,
                 destination_port=self.port, host=authority, method=req.method, path=path, headers=headers,
                 request_principal=result.principal if result is not None else "",
                 audiences=result.audiences if result is not None else (),
@@ -231,17 +286,18 @@ class ClusterSecurity:
     def permits_tunnel(self, ex: GuardedExchange, ep: Endpoint) -> bool:
         """A CONNECT tunnel to ``ep``: TCP rules; a denial is answered 403 and the connection closed."""
         conn = ex.conn
-        if self.permits_connection(conn.peer_ip, conn.peer_principal, ep):
+        if self.permits_connection(conn.peer_ip, source_principal(ex.server.mtls, conn), ep):
             return True
         ex.local_reply(403, DENIED_BODY, flags.RBAC, close=True)
         return False
 
-    def permits_connection(self, source_ip: str, principal: str | None, ep: Endpoint) -> bool:
-        """A TCP connection to ``ep``; the caller closes it when this is False."""
+    def permits_connection(self, source_ip: str, principal: str, ep: Endpoint) -> bool:
+        """A TCP connection to ``ep`` from ``principal`` (``source_principal``); the caller
+        closes it when this is False."""
         az = self.authorizers.get(ep.key)
         if az is None:
             return True
-        attrs = RequestAttributes(source_principal=principal or "", source_ip=source_ip, destination_ip=ep.address,
+        attrs = RequestAttributes(source_principal=principal, source_ip=source_ip, destination_ip=ep.address,
                                   destination_port=self.port, http=False)
         return self.runtime.judged(az.check(attrs), lambda: f"tcp {source_ip} -> {ep.key} (port {self.port})")
 
@@ -313,6 +369,28 @@ def build_security(snapshot: Snapshot, runtime: SecurityRuntime) -> dict[str, Cl
         if by_endpoint or authn is not None:
             out[name] = ClusterSecurity(runtime, cluster.port, authn, by_endpoint)
     return out
+
+
+def inbound_authorizers(snapshot: Snapshot, security: Mapping[str, ClusterSecurity]) -> InboundTable:
+    """For each endpoint on this node, the ``Authorizer`` of every service it serves.
+
+    A tunnel names only the endpoint, not the service it was opened for, and an endpoint
+    behind several services may carry different policies in each (``targetRefs``): the
+    tunnel is refused only when all of them deny.  An endpoint that some service without
+    policies reaches is left out (always admitted), as are endpoints no policy selects.
+    """
+    found: dict[tuple[str, int], list[Authorizer | None]] = {}
+    for name, cluster in snapshot.clusters.items():
+        cs = security.get(name)
+        for ep in cluster.endpoints:
+            if ep.via is None and ep.node == snapshot.node_id:
+                found.setdefault((ep.address, ep.port), []).append(
+                    cs.authorizers.get(ep.key) if cs is not None else None)
+    table: dict[tuple[str, int], tuple[Authorizer, ...]] = {}
+    for key, azs in found.items():
+        if None not in azs:
+            table[key] = tuple(dict.fromkeys(azs))     # type: ignore[arg-type]
+    return table
 
 
 def _service_of(host: str) -> tuple[str | None, str]:

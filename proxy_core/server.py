@@ -58,14 +58,15 @@ from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.mtls import Mtls
-from proxy_core.mtls_client import MtlsDialer, upstream_tls
+from proxy_core.mtls_client import MtlsDialer, UpstreamTls, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
 from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limiters
 from proxy_core.ratelimit import Clock
-from proxy_core.security_filter import ClusterSecurity, RequestAuthorization, SecurityRuntime, build_security
+from proxy_core.security_filter import (DENIED_BODY, ClusterSecurity, RequestAuthorization, SecurityRuntime,
+                                        build_security)
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
@@ -371,7 +372,7 @@ class HttpConnection:
         self.tunnel: asyncio.Transport | None = None
         self.eof = False
         self.pending_error: ProtocolError | None = None
-        self.source: str | None = None           # the local client's SPIFFE id, resolved on first need
+        self.source: Any = None                  # the local client (SourceWorkload), resolved on first need
 
     # asyncio callbacks
 
@@ -388,6 +389,8 @@ class HttpConnection:
         server = self.server
         if server.peer_identity is not None:
             self.peer_principal = server.peer_identity(transport)
+        if self.listener.kind != "inbound":
+            server.mtls.accepted(self)          # the local workload that opened it (policies, telemetry)
         server._connections.add(self)
         c = server.counters
         c.active_connections += 1
@@ -631,6 +634,7 @@ class Exchange:
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
         self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
+        self.up_tls: UpstreamTls | None = None        # the last attempt's transport security (telemetry)
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -972,6 +976,7 @@ class Exchange:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
         tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) \
             if ep.via is not None or self.cluster.tls is not None else None
+        self.up_tls = tls
         conn = self.server.pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
@@ -1313,6 +1318,10 @@ class Exchange:
             if refusal is not None:
                 self.local_reply(403, refusal.encode(), None, close=True)
                 return
+            if not self.server.security.permits_inbound(self.state.snapshot, self.state.security,
+                                                        self.conn.peer_principal, host, port):
+                self.local_reply(403, DENIED_BODY, flags.RBAC, close=True)   # AuthorizationPolicy
+                return
             ep = Endpoint(host, port)
             self.wc = WeightedCluster(f"inbound|{port}||")
         else:
@@ -1496,7 +1505,8 @@ class Exchange:
             head_bytes = len(self.up_head) if self.attempt else request_head_size(self.head)
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
-                             self.bytes_sent + self.resp_head_bytes)
+                             self.bytes_sent + self.resp_head_bytes, server.mtls.workload_of(self.conn),
+                             self.up_tls is not None and self.up_tls.mesh)
         if server.tracer is not None:
             trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log

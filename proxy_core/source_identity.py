@@ -14,16 +14,76 @@ Only the known pids are searched first; a client started by a workload (a subpro
 is found by a scan of ``/proc`` and its ancestry.  The proxy runs as the same user as the
 Ray workers, so their descriptors are readable; others' are not, and stay unknown.
 The answer is cached per connection by the caller; the lookup costs well under a millisecond
-for a few dozen processes and happens once per downstream connection that leaves the node.
+for a few dozen processes and happens once per downstream connection that needs it (a tunnel
+to another node, a destination with AuthorizationPolicies, telemetry).
+
+The answer is a ``SourceWorkload``: the SPIFFE id (mTLS, AuthorizationPolicy's source
+principal) and the Istio attributes telemetry reports for the caller (``source_workload``,
+``source_app``, ...), derived from the registration the supervisor pushed with the pid.
 """
 from __future__ import annotations
 
 import os
 import socket
 import struct
-from typing import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 _MAX_ANCESTRY = 64
+UNKNOWN = "unknown"
+_CANONICAL_NAME = "service.istio.io/canonical-name"
+_CANONICAL_REVISION = "service.istio.io/canonical-revision"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SourceWorkload:
+    """A local workload process as a client: who it is, as policies and telemetry name it.
+
+    ``spiffe_id`` is "" for a client the proxy cannot identify (``UNIDENTIFIED``); the other
+    fields then keep Istio's values for an unknown peer.  Compared and hashed by identity:
+    one object per pushed pid, and telemetry keys its rows by it on every request.
+    """
+
+    spiffe_id: str
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = "latest"
+
+    @property
+    def principal(self) -> str:
+        """The AuthorizationPolicy form of the identity: the SPIFFE id without ``spiffe://``."""
+        return self.spiffe_id.removeprefix("spiffe://")
+
+    @classmethod
+    def registered(cls, spiffe_id: str, service: str, namespace: str, labels: Mapping[str, str]) -> "SourceWorkload":
+        """Istio's workload attributes from a registration, as for destinations: the workload
+        is ``<app>-<version>`` (``app`` defaulting to the service name), the canonical service
+        and revision come from their ``service.istio.io`` labels, else ``app`` and ``version``."""
+        app, version = labels.get("app", ""), labels.get("version", "")
+        base = app or service
+        return cls(spiffe_id, workload=(f"{base}-{version}" if version else base) or UNKNOWN,
+                   namespace=namespace or UNKNOWN, app=app or UNKNOWN, version=version or UNKNOWN,
+                   canonical_service=labels.get(_CANONICAL_NAME) or base or UNKNOWN,
+                   canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest")
+
+    @classmethod
+    def from_push(cls, item: Any) -> tuple[int, "SourceWorkload"]:
+        """One ``workloads`` entry of a credentials push: ``[pid, spiffe_id]`` or
+        ``[pid, spiffe_id, {"service": ..., "namespace": ..., "labels": {...}}]``."""
+        if not isinstance(item, (list, tuple)) or len(item) not in (2, 3):
+            raise ValueError(f"bad workloads entry {item!r}: want [pid, spiffe_id(, registration)]")
+        pid, sid = int(item[0]), str(item[1])
+        reg: Mapping[str, Any] = item[2] if len(item) == 3 and item[2] else {}
+        parts = sid.split("/")
+        namespace = str(reg.get("namespace") or (parts[4] if len(parts) > 4 and parts[3] == "ns" else ""))
+        labels = {str(k): str(v) for k, v in (reg.get("labels") or {}).items()}
+        return pid, cls.registered(sid, str(reg.get("service") or ""), namespace, labels)
+
+
+UNIDENTIFIED = SourceWorkload("")
 
 
 def _hex_addr(address: str, port: int) -> str:
@@ -83,16 +143,16 @@ def _all_pids() -> Iterable[int]:
 
 
 class SourceResolver:
-    """Maps a downstream connection to the SPIFFE id of the workload process that opened it."""
+    """Maps a downstream connection to the workload process that opened it."""
 
-    def __init__(self, pids: Mapping[int, str] | None = None, *,
+    def __init__(self, pids: Mapping[int, SourceWorkload] | None = None, *,
                  inode_of: Callable[[tuple[str, int], tuple[str, int]], int | None] = socket_inode) -> None:
-        self.pids: Mapping[int, str] = dict(pids or {})
+        self.pids: Mapping[int, SourceWorkload] = dict(pids or {})
         self._inode_of = inode_of
         self.lookups = 0
         self.unknown = 0
 
-    def resolve(self, peer: tuple[str, int] | None, local: tuple[str, int] | None) -> str | None:
+    def resolve(self, peer: tuple[str, int] | None, local: tuple[str, int] | None) -> SourceWorkload | None:
         """``peer``/``local`` are the downstream socket's peername and sockname (IPv4)."""
         self.lookups += 1
         found = self._resolve(peer, local) if self.pids and peer and local else None
@@ -100,7 +160,7 @@ class SourceResolver:
             self.unknown += 1
         return found
 
-    def _resolve(self, peer: tuple[str, int], local: tuple[str, int]) -> str | None:
+    def _resolve(self, peer: tuple[str, int], local: tuple[str, int]) -> SourceWorkload | None:
         try:
             inode = self._inode_of((peer[0], peer[1]), (local[0], local[1]))
         except OSError:
@@ -115,7 +175,7 @@ class SourceResolver:
                 return self._ancestor_identity(pid)
         return None
 
-    def _ancestor_identity(self, pid: int) -> str | None:
+    def _ancestor_identity(self, pid: int) -> SourceWorkload | None:
         current: int | None = pid
         for _ in range(_MAX_ANCESTRY):
             if current is None or current <= 1:

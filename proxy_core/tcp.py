@@ -35,11 +35,12 @@ from typing import Any, Protocol
 from proxy_core import flags
 from proxy_core.lb import LoadBalancer
 from proxy_core.router import Router
-from proxy_core.security_filter import ClusterSecurity
+from proxy_core.security_filter import ClusterSecurity, source_principal
 from proxy_core.snapshot import Endpoint, Snapshot, Vip
 from proxy_core.mtls import Mtls
 from proxy_core.mtls_client import upstream_tls
 from proxy_core.tcp_telemetry import TcpTelemetry, open_session, refuse_session
+from proxy_core.source_identity import SourceWorkload
 from proxy_core.upstream import Dialer, Pipe
 
 TCP_PROTOCOLS = frozenset({"tcp"})
@@ -176,7 +177,7 @@ class TcpSession(_Half):
         self.last_active = 0.0
         self.finished = False
         self.peer_principal: str | None = None   # the mTLS peer's SPIFFE id; None without mTLS
-        self.source: str | None = None    # the local client's SPIFFE id (mTLS to other nodes)
+        self.source: SourceWorkload | None = None    # the local client, resolved on first need
 
     # asyncio callbacks
 
@@ -222,7 +223,8 @@ class TcpSession(_Half):
             self._reject(flags.UH, route, wc, cluster)
             return
         security = state.security.get(wc.cluster)
-        if security is not None and not security.permits_connection(self._peer_ip(), self.peer_principal, ep):
+        if security is not None and not security.permits_connection(
+                self._peer_ip(), source_principal(self.owner.mtls, self), ep):
             self._reject(flags.RBAC, route, wc, cluster)    # AuthorizationPolicy: the connection is closed
             return
         self.cluster, self.endpoint, self.balancer = wc.cluster, ep, balancer

@@ -7,7 +7,8 @@ Arrow IPC stream, in the schema ``raymesh.telemetry.v1`` (``SCHEMA`` below), whi
 to Mixer through the object store.
 
 Keeping the request path cheap: of the 28 columns, 22 depend only on where a request went
-(node, route, cluster, endpoint; for clusters without a service also the authority).  They
+and where it came from (node, route, cluster, endpoint, source workload, mTLS or not; for
+clusters without a service also the authority).  They
 are computed once per destination into a row of a small *dimension* table; a request
 appends the index of its dimension row and its own six values.  ``drain`` dictionary-encodes
 each dimension column and takes it by the index array, so the batch is built by Arrow
@@ -15,9 +16,16 @@ kernels, not per row in Python.
 
 Attribute values follow Istio's standard metric labels:
 
-* ``source_*``: the proxy cannot tell yet which workload sent a request (workloads reach it
-  over plain loopback HTTP; the peer identity will come with mTLS), so these carry Istio's
-  values for an unknown peer: ``unknown``, and ``latest`` for the canonical revision.
+* ``source_*``: the local workload that sent the request, as the proxy found it through
+  ``/proc`` (``proxy_core.source_identity.SourceWorkload``, named after the registration
+  the proxy worker pushed with its pid): ``source_principal`` is its SPIFFE id
+  (``spiffe://cluster.local/ns/<ns>/sa/<sa>``, as Istio reports it), ``source_workload``
+  ``<app>-<version>``, and so on.  A client the proxy cannot identify gets Istio's values
+  for an unknown peer: ``unknown``, and ``latest`` for the canonical revision.
+* ``connection_security_policy``: ``mutual_tls`` when the request crossed to the
+  destination's node over an mTLS tunnel, ``none`` otherwise (same node, plaintext tunnel,
+  local replies).  Mixer keeps it for ``reporter="destination"``; ``reporter="source"``
+  reports ``unknown``, as Istio's client sidecar does.
 * ``destination_*``: from the endpoint's labels, namespace and service account and the
   cluster's service FQDN.  Clusters that are not a service (Istio's ``PassthroughCluster``
   and ``BlackHoleCluster``) report the authority host as ``destination_service`` and their
@@ -44,6 +52,7 @@ import pyarrow.compute as pc
 from proxy_core.http1 import RequestHead
 from proxy_core.router import RequestInfo
 from proxy_core.snapshot import Cluster, Endpoint, Route, Snapshot, WeightedCluster
+from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
 
 SCHEMA_NAME = "raymesh.telemetry.v1"
 DEFAULT_MAX_ROWS = 65536
@@ -100,10 +109,8 @@ SCHEMA = pa.schema([
 DIMENSION_FIELDS: tuple[str, ...] = tuple(f.name for f in SCHEMA if f.name not in _ROW_FIELDS)
 _STRIDE = 1 + len(_ROW_FIELDS)
 
-# Istio's attribute values for a peer it cannot identify.
-_UNKNOWN_SOURCE = {"source_workload": UNKNOWN, "source_workload_namespace": UNKNOWN,
-                   "source_principal": UNKNOWN, "source_app": UNKNOWN, "source_version": UNKNOWN,
-                   "source_canonical_service": UNKNOWN, "source_canonical_revision": "latest"}
+MUTUAL_TLS = "mutual_tls"
+NONE = "none"
 
 _CANONICAL_NAME = "service.istio.io/canonical-name"
 _CANONICAL_REVISION = "service.istio.io/canonical-revision"
@@ -124,9 +131,20 @@ def principal(namespace: str, service_account: str) -> str:
     return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}"
 
 
+def source_attributes(source: SourceWorkload) -> dict[str, str]:
+    """The ``source_*`` columns of requests from ``source`` (Istio's unknown-peer values for
+    ``UNIDENTIFIED``)."""
+    return {"source_workload": source.workload, "source_workload_namespace": source.namespace,
+            "source_principal": source.spiffe_id or UNKNOWN, "source_app": source.app,
+            "source_version": source.version, "source_canonical_service": source.canonical_service,
+            "source_canonical_revision": source.canonical_revision}
+
+
 def destination_attributes(node: str, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
-                           endpoint: Endpoint | None, authority: str) -> tuple[str, ...]:
-    """The dimension row (``DIMENSION_FIELDS`` order) of requests that went to this destination."""
+                           endpoint: Endpoint | None, authority: str, source: SourceWorkload = UNIDENTIFIED,
+                           mutual_tls: bool = False) -> tuple[str, ...]:
+    """The dimension row (``DIMENSION_FIELDS`` order) of requests from ``source`` that went to
+    this destination, over an mTLS tunnel or not."""
     cluster_name = wc.cluster if wc is not None else ""
     is_service = cluster is not None and bool(cluster.service)
     service_name = UNKNOWN
@@ -152,7 +170,7 @@ def destination_attributes(node: str, route: Route | None, wc: WeightedCluster |
     base = app or (service_name if is_service else "")
     workload = (f"{base}-{version}" if version else base) if endpoint is not None and base else UNKNOWN
     namespace = (endpoint.namespace if endpoint is not None else "") or service_namespace
-    values = dict(_UNKNOWN_SOURCE)
+    values = source_attributes(source)
     values.update(
         node=node or UNKNOWN,
         destination_workload=workload,
@@ -168,7 +186,7 @@ def destination_attributes(node: str, route: Route | None, wc: WeightedCluster |
         destination_canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest",
         request_protocol="http",
         grpc_response_status="",
-        connection_security_policy="none",
+        connection_security_policy=MUTUAL_TLS if mutual_tls else NONE,
         route_name=route.name if route is not None and route.name else UNKNOWN,
     )
     return tuple(values[name] for name in DIMENSION_FIELDS)
@@ -221,8 +239,8 @@ class TelemetryRecorder:
         self._free = max_rows
         self._dropped = 0
         self._dims: list[tuple[str, ...]] = []
-        # destination key -> index into _dims; valid for one snapshot and one batch.
-        self._index: dict[tuple[str | None, ...], int] = {}
+        # destination and source key -> index into _dims; valid for one snapshot and one batch.
+        self._index: dict[tuple[Any, ...], int] = {}
         self._snapshot: Snapshot | None = None
 
     @property
@@ -231,8 +249,10 @@ class TelemetryRecorder:
 
     def record(self, snapshot: Snapshot, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
                endpoint: Endpoint | None, req: RequestInfo | None, start_time: float, response_code: int,
-               response_flags: str, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        """Buffer one finished request.  ``snapshot`` is the one the request was routed with."""
+               response_flags: str, duration_ms: float, request_bytes: int, response_bytes: int,
+               source: SourceWorkload = UNIDENTIFIED, mutual_tls: bool = False) -> None:
+        """Buffer one finished request.  ``snapshot`` is the one the request was routed with;
+        ``source`` the workload that sent it; ``mutual_tls`` whether it crossed nodes over mTLS."""
         if self._free <= 0:
             self._dropped += 1
             self.dropped_total += 1
@@ -246,14 +266,14 @@ class TelemetryRecorder:
         cluster_name = wc.cluster if wc is not None else None
         endpoint_key = endpoint.key if endpoint is not None else None
         if cluster is not None and cluster.service:
-            key: tuple[str | None, ...] = (route_name, cluster_name, endpoint_key)
+            key: tuple[Any, ...] = (route_name, cluster_name, endpoint_key, source, mutual_tls)
         else:  # the destination service, if any, is the authority the client named
-            key = (route_name, cluster_name, endpoint_key, req.authority if req is not None else "")
+            key = (route_name, cluster_name, endpoint_key, source, mutual_tls, req.authority if req is not None else "")
         dim = self._index.get(key)
         if dim is None:
             dim = self._index[key] = len(self._dims)
             self._dims.append(destination_attributes(snapshot.node_id, route, wc, cluster, endpoint,
-                                                     req.authority if req is not None else ""))
+                                                     req.authority if req is not None else "", source, mutual_tls))
         self._rows.extend((dim, start_time, response_code, response_flags, duration_ms, request_bytes,
                            response_bytes))
 

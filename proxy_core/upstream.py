@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Hashable, Protocol, TypeVar
 
 from proxy_core.http1 import HeaderList, MessageSink, ProtocolError, ResponseParser
-from proxy_core.snapshot import Address, Endpoint
+from proxy_core.snapshot import Endpoint
 
 P = TypeVar("P", bound=asyncio.Protocol)
 PoolKey = Hashable   # an endpoint's pool_key, or (pool_key, security key) for a secured connection

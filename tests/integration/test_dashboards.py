@@ -2,7 +2,8 @@
 
 A Prometheus server (Debian's ``prometheus``) scrapes the running mesh's Mixer replicas through
 the file SD files they write, and Ray's node metrics endpoints. Traffic goes through the mesh to
-a fresh service; then every panel query of Istio's service, workload and mesh dashboards that
+a fresh service on the other node, from the driver (a client the proxy cannot identify: plaintext,
+source ``unknown``) and from a workload (``sleep-v1``: mTLS, source named); then every panel query of Istio's service, workload and mesh dashboards that
 reads only the HTTP metrics Mixer exports is evaluated the way Grafana does: template variables
 resolved from their own queries (``query_result``, ``label_values``), ``$__rate_interval``
 replaced, and the expression run as a range query over the traffic's time span. The service
@@ -11,8 +12,8 @@ same time, so the TCP panels (``istio_tcp_*``) are evaluated too.
 
 A defined core set of panels must show the traffic with the right labels and plausible values;
 every other evaluated panel must show data too, unless a known, stated reason says why not
-(mTLS-only splits, a workload that sends nothing). A panel that is empty for any other reason
-fails the test. A negative control shows the substitution matters.
+(the mTLS half as the client reports it, a workload that sends nothing). A panel that is empty
+for any other reason fails the test. A negative control shows the substitution matters.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ import socket
 import pytest
 import ray
 
+from actors.proxy_worker import proxy_actor_name
 from mesh import workload
+from mesh.client import NAMESPACE as RAY_NAMESPACE
 from mesh.client import find_replicas
 from tests.integration.prometheus import MIXER_JOB, PrometheusServer, scrape_config
 
@@ -49,6 +52,9 @@ SERVICE = "dash"
 NAMESPACE = "default"
 FQDN = f"{SERVICE}.{NAMESPACE}.svc.cluster.local"
 WORKLOAD = f"{SERVICE}-v1"
+CLIENT = "sleep"
+CLIENT_WORKLOAD = f"{CLIENT}-v1"
+CLIENT_ID = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/default"
 # Mixer exports these; the duration panels also OR in Istio's legacy seconds histogram, which
 # is allowed to be absent.
 EXPORTED = frozenset({"istio_requests_total", "istio_request_duration_milliseconds_bucket",
@@ -202,13 +208,16 @@ def evaluate(prom: PrometheusServer, query: PanelQuery, view: str, values: Mappi
     return Outcome(query, view, series)
 
 
-def why_empty(expr: str) -> str | None:
+def why_empty(expr: str, values: Mapping[str, str]) -> str | None:
     """The known reason a panel query shows no data for this traffic, or None."""
     flat = expr.replace(" ", "")
-    if re.search(r'source_workload=~?"\$workload"', flat):
-        return f"outbound: {WORKLOAD} sends no requests (and the proxy reports callers as unknown)"
-    if 'connection_security_policy="mutual_tls"' in flat:
-        return "mTLS half of a split: Mixer reports connection_security_policy none/unknown"
+    if re.search(r'source_workload=~?"\$workload"', flat) and values.get("workload", WORKLOAD) == WORKLOAD:
+        return f"outbound: {WORKLOAD} sends no requests"
+    if "istio_tcp_" in flat and 'connection_security_policy="mutual_tls"' in flat:
+        return "mTLS half of a TCP panel: the test's TCP connections come from the driver, in plaintext"
+    as_client = 'reporter="source"' in flat or ('reporter=~"$qrep"' in flat and values.get("qrep") == "source")
+    if 'connection_security_policy="mutual_tls"' in flat and as_client:
+        return "mTLS half as the client reports it: Istio's source reporter says connection_security_policy unknown"
     return None
 
 
@@ -243,48 +252,68 @@ def labelled(check: Check, **expected: str | set[str]) -> Check:
     return run
 
 
-BY_SOURCE = {"source_workload": "unknown", "source_workload_namespace": "unknown"}
+# The non-mTLS half (refs B, E-H) holds the driver's requests, and for reporter="source" (which
+# reports connection_security_policy unknown) the client workload's too; the mTLS half (refs
+# A-D) only the client workload's, as the destination reports them.
+BY_DRIVER = {"source_workload": {"unknown"}, "source_workload_namespace": {"unknown"}}
+BY_CLIENT = {"source_workload": CLIENT_WORKLOAD, "source_workload_namespace": NAMESPACE}
 BY_DEST_WL = {"destination_workload": WORKLOAD, "destination_workload_namespace": NAMESPACE}
 CODES = {"200", "404", "503"}
+
+
+def by_source(view: str) -> list[tuple[int, str, Check]]:
+    """The by-source panels of the service and workload dashboards (same ids in both)."""
+    out: list[tuple[int, str, Check]] = [
+        (25, "B", labelled(positive, response_code=CODES, **BY_DRIVER)),  # Incoming Requests By Source And Code
+        (26, "B", labelled(ratio_below_one, **BY_DRIVER)),                # Incoming Success Rate By Source
+        (27, "EFGH", labelled(seconds, **BY_DRIVER)),                     # Incoming Request Duration By Source
+        (28, "EFGH", labelled(byte_size, **BY_DRIVER)),                   # Incoming Request Size By Source
+        (68, "EFGH", labelled(byte_size, **BY_DRIVER)),                   # Response Size By Source
+    ]
+    if view == "destination":
+        out += [(25, "A", labelled(positive, response_code=CODES, **BY_CLIENT)),
+                (26, "A", labelled(ratio_below_one, **BY_CLIENT)),
+                (27, "ABCD", labelled(seconds, **BY_CLIENT)),
+                (28, "ABCD", labelled(byte_size, **BY_CLIENT)),
+                (68, "ABCD", labelled(byte_size, **BY_CLIENT))]
+    else:
+        out += [(25, "B", labelled(positive, source_workload={CLIENT_WORKLOAD, "unknown"}))]
+    return out
+
+
 # (dashboard, view, panel id, refIds, check)
 CORE: list[tuple[str, str, int, str, Check]] = [
     *[(SERVICE_DASHBOARD, rep, pid, refs, check) for rep in ("destination", "source") for pid, refs, check in [
         (12, "A", positive),                                              # Client Request Volume
         (14, "A", ratio_below_one),                                       # Client Success Rate
         (87, "ABC", seconds),                                             # Client Request Duration p50/p90/p99
-        (25, "B", labelled(positive, response_code=CODES, **BY_SOURCE)),  # Incoming Requests By Source And Code
-        (26, "B", labelled(ratio_below_one, **BY_SOURCE)),                # Incoming Success Rate By Source
-        (27, "EFGH", labelled(seconds, **BY_SOURCE)),                     # Incoming Request Duration By Source
-        (28, "EFGH", labelled(byte_size, **BY_SOURCE)),                   # Incoming Request Size By Source
-        (68, "EFGH", labelled(byte_size, **BY_SOURCE)),                   # Response Size By Source
+        *by_source(rep),
     ]],
     (SERVICE_DASHBOARD, "destination", 97, "A", positive),                # Server Request Volume
     (SERVICE_DASHBOARD, "destination", 98, "A", ratio_below_one),         # Server Success Rate
     (SERVICE_DASHBOARD, "destination", 99, "ABC", seconds),               # Server Request Duration
-    (SERVICE_DASHBOARD, "destination", 90, "B", labelled(positive, response_code=CODES, **BY_DEST_WL)),
-    (SERVICE_DASHBOARD, "destination", 91, "B", labelled(ratio_below_one, **BY_DEST_WL)),
-    (SERVICE_DASHBOARD, "destination", 94, "EFGH", labelled(seconds, **BY_DEST_WL)),
-    (SERVICE_DASHBOARD, "destination", 95, "EFGH", labelled(byte_size, **BY_DEST_WL)),
-    (SERVICE_DASHBOARD, "destination", 96, "EFGH", labelled(byte_size, **BY_DEST_WL)),
+    *[(SERVICE_DASHBOARD, "destination", pid, refs, check) for half in ("A", "B") for pid, refs, check in [
+        (90, half, labelled(positive, response_code=CODES, **BY_DEST_WL)),  # Incoming Requests By Workload
+        (91, half, labelled(ratio_below_one, **BY_DEST_WL)),
+        (94, "ABCD" if half == "A" else "EFGH", labelled(seconds, **BY_DEST_WL)),
+        (95, "ABCD" if half == "A" else "EFGH", labelled(byte_size, **BY_DEST_WL)),
+        (96, "ABCD" if half == "A" else "EFGH", labelled(byte_size, **BY_DEST_WL)),
+    ]],
     *[(WORKLOAD_DASHBOARD, rep, pid, refs, check) for rep in ("destination", "source") for pid, refs, check in [
         (12, "A", positive),                                              # Incoming Request Volume
         (14, "A", ratio_below_one),                                       # Incoming Success Rate
         (87, "ABC", seconds),                                             # Request Duration
-        (25, "B", labelled(positive, response_code=CODES, **BY_SOURCE)),
-        (26, "B", labelled(ratio_below_one, **BY_SOURCE)),
-        (27, "EFGH", labelled(seconds, **BY_SOURCE)),
-        (28, "EFGH", labelled(byte_size, **BY_SOURCE)),
-        (68, "EFGH", labelled(byte_size, **BY_SOURCE)),
+        *by_source(rep),
     ]],
     *[(SERVICE_DASHBOARD, rep, pid, "A", positive) for rep in ("destination", "source")
       for pid in (84, 100)],                                              # TCP Received / Sent Bytes
-    (SERVICE_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_SOURCE)),   # Bytes from incoming TCP
-    (SERVICE_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_SOURCE)),   # Bytes to incoming TCP
+    (SERVICE_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_DRIVER)),   # Bytes from incoming TCP
+    (SERVICE_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_DRIVER)),   # Bytes to incoming TCP
     (SERVICE_DASHBOARD, "destination", 92, "B", labelled(positive, **BY_DEST_WL)),
     (SERVICE_DASHBOARD, "destination", 93, "B", labelled(positive, **BY_DEST_WL)),
     (WORKLOAD_DASHBOARD, "destination", 84, "A", positive),              # TCP Server Traffic
-    (WORKLOAD_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_SOURCE)),
-    (WORKLOAD_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_SOURCE)),
+    (WORKLOAD_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_DRIVER)),
+    (WORKLOAD_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_DRIVER)),
     (MESH_DASHBOARD, "mesh", 2, "", positive),                            # Traffic Volume
     (MESH_DASHBOARD, "mesh", 3, "", lambda o: None),                      # Success Rate (whole mesh: any value)
     (MESH_DASHBOARD, "mesh", 4, "", positive),                            # 4xxs
@@ -341,21 +370,23 @@ def _echo(conn: socket.socket, data: bytes) -> None:
     assert got == data
 
 
-def send_traffic(mesh, vip: str) -> tuple[int, int]:
-    """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals, with TCP
-    bytes through the service's tcp port alongside: a connection open the whole time (its bytes
-    are reported while it is open) and a short connection every few rounds.
+def send_traffic(mesh, client: Any, vip: str) -> tuple[int, int]:
+    """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals, from the
+    driver and from the client workload, both on node 0; with TCP bytes through the service's
+    tcp port alongside: a connection open the whole time (its bytes are reported while it is
+    open) and a short connection every few rounds.
 
     Returns (requests, TCP bytes each way)."""
     sent, tcp_bytes, deadline = 0, 0, time.monotonic() + TRAFFIC_S
+    expected = [int(p.rsplit("/", 1)[1]) if p.startswith("/status") else 200 for p in PATHS]
+    urls = [f"http://{SERVICE}:8000{path}" for path in PATHS]
     with socket.create_connection((vip, TCP_PORT), timeout=10) as long_lived:
         for rnd in range(TRAFFIC_MAX_ROUNDS):
             if time.monotonic() > deadline:
                 break
-            for path in PATHS:
-                status = mesh.get(f"http://{SERVICE}:8000{path}")[0]
-                assert status == (int(path.rsplit("/", 1)[1]) if path.startswith("/status") else 200)
-                sent += 1
+            assert [mesh.get(url)[0] for url in urls] == expected
+            assert ray.get(client.fetch_all.remote(mesh.proxy_port(0), urls), timeout=30) == expected
+            sent += 2 * len(urls)
             _echo(long_lived, TCP_CHUNK)
             tcp_bytes += len(TCP_CHUNK)
             if rnd % SHORT_TCP_EVERY == 0:
@@ -364,6 +395,17 @@ def send_traffic(mesh, vip: str) -> tuple[int, int]:
                 tcp_bytes += len(TCP_CHUNK)
             time.sleep(0.01)
     return sent, tcp_bytes
+
+
+def wait_for_client_identity(mesh, timeout: float = 30.0) -> None:
+    """Node 0's proxy holds the client workload's SVID (pushed within the worker's refresh)."""
+    proxy = ray.get_actor(proxy_actor_name(mesh.nodes[0]), namespace=RAY_NAMESPACE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if CLIENT_ID in ray.get(proxy.status.remote(), timeout=10)["stats"]["mtls"]["identities"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"node 0's proxy never got an SVID for {CLIENT_ID}")
 
 
 def wait_for(prom: PrometheusServer, expr: str, done: Callable[[float], bool], timeout: float) -> float:
@@ -384,27 +426,29 @@ def test_istio_dashboards_show_mesh_traffic(mesh, prometheus: PrometheusServer) 
 
     mesh.deploy(SERVICE, "v1", node_index=1)
     mesh.deploy_tcp(SERVICE, "v1", node_index=1, service_port=TCP_PORT)
+    client = mesh.deploy(CLIENT, "v1", node_index=0)
     mesh.wait_endpoints(SERVICE, 2)
+    wait_for_client_identity(mesh)
     vip = workload.service_vip(SERVICE)
     assert vip, f"{SERVICE} has no VIP"
     start = time.time() - 2
-    # Ray exports application metrics every few seconds: the mirror is the last to arrive, and a
-    # burst shorter than its export interval shows up as one sample, which rate() cannot use.
-    # So traffic goes in two rounds, the second once the mirror has shown the first.
-    sent = tcp_bytes = 0
-    for _ in range(2):
-        requests, received = send_traffic(mesh, vip)
-        sent, tcp_bytes = sent + requests, tcp_bytes + received
-        wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
-                 lambda v: v == sent, timeout=15)
-        for metric in ("istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"):
-            wait_for(prometheus, f'sum({metric}{{reporter="destination",destination_service="{FQDN}"}})',
-                     lambda v: v == tcp_bytes, timeout=15)
-        wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
-                 lambda v: v == sent, timeout=30)
-        wait_for(prometheus,
-                 f'sum(ray_istio_tcp_received_bytes_total{{reporter="destination",destination_service="{FQDN}"}})',
-                 lambda v: v == tcp_bytes, timeout=30)
+    sent, tcp_bytes = send_traffic(mesh, client, vip)
+    wait_for(prometheus, f'sum(istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+             lambda v: v == sent, timeout=15)
+    for metric in ("istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"):
+        wait_for(prometheus, f'sum({metric}{{reporter="destination",destination_service="{FQDN}"}})',
+                 lambda v: v == tcp_bytes, timeout=15)
+    # Ray exports application metrics every few seconds: the mirror is the last to arrive.
+    wait_for(prometheus, f'sum(ray_istio_requests_total{{reporter="destination",destination_service="{FQDN}"}})',
+             lambda v: v == sent, timeout=20)
+    wait_for(prometheus, f'sum(ray_istio_tcp_received_bytes_total{{reporter="destination",destination_service="{FQDN}"}})',
+             lambda v: v == tcp_bytes, timeout=20)
+    # A series Prometheus first saw at the last scrape has one sample, which rate() cannot use:
+    # wait until every mirrored series has three (Ray exports on its own period, which may
+    # fall after the traffic).
+    for metric in ("ray_istio_requests_total", "ray_istio_tcp_received_bytes_total"):
+        wait_for(prometheus, f'min(count_over_time({metric}{{destination_service="{FQDN}"}}[1m]))',
+                 lambda v: v >= 3, timeout=15)
     end = time.time()
 
     resolved = views(prometheus)
@@ -419,7 +463,7 @@ def test_istio_dashboards_show_mesh_traffic(mesh, prometheus: PrometheusServer) 
                 continue
             o = evaluate(prometheus, q, view, values, start, end)
             outcomes[(name, view, q.panel_id, q.ref)] = o
-            reason = None if o.has_data else why_empty(q.expr)
+            reason = None if o.has_data else why_empty(q.expr, values)
             report.append(f"[{view}] {q.key}: " + ("data" if o.has_data else f"no data: {reason}"))
             if not o.has_data and reason is None:
                 unexplained.append(f"[{view}] {q.key}: {substitute(q.expr, values)}")
@@ -476,7 +520,7 @@ def check_our_dashboards(prom: PrometheusServer, ours: Mapping[str, dict[str, An
         for q in queries:
             o = evaluate(prom, q, "raymesh", values, start, end)
             if not o.has_data:
-                if why_empty(q.expr) is None:
+                if why_empty(q.expr, values) is None:
                     empty.append(f"{q.key}: {substitute(q.expr, values)}")
             elif (services := o.labels("destination_service") - {""}):
                 assert FQDN in services, f"{q.key}: this run's service missing from {services}"

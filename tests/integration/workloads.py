@@ -68,6 +68,10 @@ class EchoWorkload:
                 conn.close()
         return await asyncio.to_thread(get)
 
+    async def fetch_all(self, proxy_port: int, urls: list[str]) -> list[int]:
+        """``fetch`` for each URL in turn, each on its own connection; the statuses."""
+        return [(await self.fetch(proxy_port, url))[0] for url in urls]
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.seen[request.path] += 1
         body = await request.read()

@@ -32,14 +32,16 @@ class FakeCitadel:
                 "expires": load_cert(leaf).not_valid_after_utc.timestamp()}
 
 
-def wl(uid: str, ns: str, sa: str, node: str, actor: str) -> dict[str, Any]:
-    return {"service": "s", "namespace": ns, "address": "127.0.0.1", "port": 1, "service_port": 80,
-            "node_id": node, "service_account": sa, "actor_id": actor, "uid": uid}
+def wl(uid: str, ns: str, sa: str, node: str, actor: str, service: str = "s") -> dict[str, Any]:
+    return {"service": service, "namespace": ns, "address": "127.0.0.1", "port": 1, "service_port": 80,
+            "node_id": node, "service_account": sa, "actor_id": actor, "uid": uid,
+            "labels": {"app": service, "version": "v1"}}
 
 
 async def test_message_has_one_svid_per_local_identity_and_renews_at_half_life() -> None:
     citadel = FakeCitadel()
-    registry = {"workloads": {"a": wl("a", "default", "sleep", "n1", "A1"), "b": wl("b", "foo", "httpbin", "n1", "A2"),
+    registry = {"workloads": {"a": wl("a", "default", "sleep", "n1", "A1", "sleep"),
+                              "b": wl("b", "foo", "httpbin", "n1", "A2", "httpbin"),
                               "c": wl("c", "default", "sleep", "n1", "A3"), "d": wl("d", "bar", "x", "n2", "A4")}}
     actors = {"A1": {"ActorID": "A1", "Pid": 101, "Address": {"NodeID": "n1"}},
               "A2": {"ActorID": "A2", "Pid": 102, "Address": {"NodeID": "n1"}},
@@ -49,7 +51,9 @@ async def test_message_has_one_svid_per_local_identity_and_renews_at_half_life()
     message, wait = await creds.message()
     ids = [s["spiffe_id"] for s in message["svids"]]
     assert ids == ["spiffe://cluster.local/ns/default/sa/sleep", "spiffe://cluster.local/ns/foo/sa/httpbin"]
-    assert message["workloads"] == [[101, ids[0]], [102, ids[1]]]    # A3 has no live actor, A4 another node
+    assert message["workloads"] == [                                  # A3 has no live actor, A4 another node
+        [101, ids[0], {"service": "sleep", "namespace": "default", "labels": {"app": "sleep", "version": "v1"}}],
+        [102, ids[1], {"service": "httpbin", "namespace": "foo", "labels": {"app": "httpbin", "version": "v1"}}]]
     assert message["roots"] == [citadel.ca.cert_pem] and wait == 30.0
     again, _ = await creds.message()
     assert again == message and len(citadel.signed) == 2              # nothing due: no new signing
@@ -58,4 +62,7 @@ async def test_message_has_one_svid_per_local_identity_and_renews_at_half_life()
     assert len(citadel.signed) == 4 and renewed["svids"] != message["svids"]
     proxy = ProxyServer(Snapshot.from_dict({"version": "v"}))
     proxy.mtls.update(ProxyMaterial.from_dict(renewed))                # the proxy accepts it as pushed
+    sleep = proxy.mtls.sources.pids[101]
+    assert (sleep.spiffe_id, sleep.principal, sleep.workload, sleep.namespace, sleep.app, sleep.version) == (
+        ids[0], "cluster.local/ns/default/sa/sleep", "sleep-v1", "default", "sleep", "v1")
     assert proxy.mtls.stats()["identities"] == ids
