@@ -9,8 +9,8 @@ relative to the proxy's own locality (``priorities``):
 * default failover: 0 same region, zone and subzone; 1 same region and zone; 2 same region;
   3 another region -- or 4 when a ``failover`` entry names the proxy's region and the
   endpoint is not in its ``to`` region;
-* ``failover_priority`` (label names): the priority is the index of the first label whose
-  value differs between the proxy's node and the endpoint (all equal: 0, none: len);
+* ``failover_priority`` (label names): an endpoint whose first ``k`` labels all equal the
+  proxy node's has priority ``len - k`` (all equal: 0; the first differs: ``len``);
 * ``distribute``: one priority; the first entry whose ``from`` matches the proxy's locality
   gives each endpoint locality a weight (a ``to`` weight is split evenly among the localities
   it matches; a locality no entry matches gets no traffic).
@@ -86,8 +86,8 @@ def _label_priority(proxy_labels: Mapping[str, str], ep: Endpoint, keys: Sequenc
     for i, key in enumerate(keys):
         value = proxy_labels.get(key)
         if value is None or ep_labels.get(key) != value:
-            return i
-    return len(keys)
+            return len(keys) - i
+    return 0
 
 
 def priorities(endpoints: Sequence[Endpoint], setting: LocalityLb, proxy_locality: str,
