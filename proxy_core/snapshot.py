@@ -114,7 +114,21 @@ CLUSTER::
                     "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
                     "mtls_mode": "STRICT" | "PERMISSIVE" | "DISABLE",   # Ray workloads: PeerAuthentication
                     "via": {"address": "127.0.0.1", "port": 15006} | null}],
-     "tls": CLUSTER_TLS}         # absent: auto mTLS (by each endpoint's mtls_mode)
+     "tls": CLUSTER_TLS,         # absent: auto mTLS (by each endpoint's mtls_mode)
+     # Each absent = off (see proxy_core/resilience.py, outlier.py, locality.py); endpoints may
+     # carry "locality": "region/zone/subzone", and "node" the proxy's "locality" and "labels".
+     "connection_pool": {"max_connections": 100, "max_pending_requests": 10, "max_requests": 100,
+                         "max_requests_per_connection": 0, "max_retries": 3, "max_concurrent_streams": 0,
+                         "idle_timeout": 3600.0, "max_connection_duration": null,
+                         "tcp_keepalive": {"time": 7200.0, "interval": 75.0, "probes": 9}},   # limits absent = 2**32-1
+     "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_errors": 0,
+                           "consecutive_local_origin_failures": 5, "split_external_local_origin_errors": false,
+                           "interval": 10.0, "base_ejection_time": 30.0, "max_ejection_time": 300.0,
+                           "max_ejection_percent": 10.0, "min_health_percent": 0.0},
+     "retry_budget": {"percent": 20.0, "min_retry_concurrency": 3},
+     "locality_lb": {"distribute": [{"from": "us-east/*", "to": {"us-east/z1/*": 80, "us-west/*": 20}}],
+                     "failover": [{"from": "us-east", "to": "us-west"}],
+                     "failover_priority": ["topology.kubernetes.io/region"]}}
 
 CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
 
