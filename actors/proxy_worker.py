@@ -40,6 +40,7 @@ from actors.proxy_credentials import new_proxy_credentials
 from actors.replicaset import find_replicas
 from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
 from mesh.quota import owner_index
+from mesh.registry import TOPOLOGY_LABELS, node_locality
 from proxy_core.control import acall
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,10 @@ class ProxyWorker:
                     log.exception("proxy restart failed")
 
     async def _report_node(self) -> None:
+        labels = _topology_labels()
         node = {"node_id": self.node_id, "ip": self.node_ip, "inbound_port": int(self._ports.get("inbound", 0)),
-                "http_proxy_port": int(self._ports.get("http_proxy", 0)), "alive": True}
+                "http_proxy_port": int(self._ports.get("http_proxy", 0)), "alive": True,
+                "locality": node_locality(labels), "labels": labels}
         await self._call_pilot("report_node", node)
 
     async def _call_pilot(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -371,3 +374,16 @@ class ProxyWorker:
 
 def _pilots() -> list[Any]:
     return find_replicas("pilot")
+
+
+def _topology_labels() -> dict[str, str]:
+    """This node's locality labels (Ray reports a label's value as a string or a one-element list)."""
+    raw = ray.get_runtime_context().get_node_labels() or {}
+    out = {}
+    for key in TOPOLOGY_LABELS:
+        value = raw.get(key)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value:
+            out[key] = str(value)
+    return out

@@ -218,6 +218,9 @@ def _endpoint(ep: ServiceEndpoint, node_id: str, nodes: Mapping[str, NodeInfo],
             return None
         via = {"address": node.ip, "port": node.inbound_port}
     out = {"address": ep.address, "port": ep.port, "node": ep.node, "labels": dict(ep.labels), "via": via}
+    locality = ep.locality or (nodes[ep.node].locality if ep.in_ray and ep.node in nodes else "")
+    if locality:
+        out["locality"] = locality
     if ep.service_account:
         out["namespace"], out["service_account"] = ep.namespace, ep.service_account
     if ep.in_ray:
@@ -234,6 +237,18 @@ def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo],
         out["passthrough"] = True
     if plan.tls is not None:
         out["tls"] = copy.deepcopy(plan.tls)
+    if plan.resilience:
+        out.update(copy.deepcopy(dict(plan.resilience)))
+    return out
+
+
+def _node(info: NodeInfo | None, node_id: str, node_ip: str) -> dict[str, Any]:
+    """The snapshot's ``node``: with its locality and labels when known (locality load balancing)."""
+    out: dict[str, Any] = {"id": node_id, "ip": node_ip}
+    if info is not None and info.locality:
+        out["locality"] = info.locality
+    if info is not None and info.labels:
+        out["labels"] = dict(sorted(info.labels.items()))
     return out
 
 
@@ -245,7 +260,7 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
     listener is what other nodes dial (``via`` = the node's ip), so it binds the node's ip.
     """
     snap: dict[str, Any] = {
-        "node": {"id": node_id, "ip": node_ip},
+        "node": _node(nodes.get(node_id), node_id, node_ip),
         "listeners": {"http_proxy": {"host": "127.0.0.1", "port": http_proxy_port},
                       "inbound": {"host": node_ip, "port": inbound_port}},
         "outbound_policy": outbound_policy,

@@ -53,6 +53,8 @@ class ClusterPlan:
     endpoints: tuple[ServiceEndpoint, ...]
     passthrough: bool
     tls: dict[str, Any] | None = None     # the snapshot's cluster ``tls``; None: auto mTLS
+    # connection_pool / outlier_detection / retry_budget / locality_lb, as the snapshot carries them
+    resilience: Mapping[str, Any] | None = None
 
 
 def select_destination_rule(host: str, rules: Sequence[Resource]) -> Resource | None:
@@ -141,7 +143,96 @@ def _plan(service: Service, port: int, subset: str, policy: Mapping[str, Any],
                 if e.service_port == port and (selector is None or e.has_labels(selector)))
     return ClusterPlan(cluster_name(service.host, port, subset), service.host, port, subset,
                        _connect_timeout(policy), translate_load_balancer(policy.get("loadBalancer")),
-                       eps, service.passthrough, translate_tls(policy.get("tls")))
+                       eps, service.passthrough, translate_tls(policy.get("tls")), translate_resilience(policy))
+
+
+def translate_resilience(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """``connectionPool``, ``outlierDetection``, ``retryBudget`` and ``loadBalancer.localityLbSetting``
+    as the snapshot's cluster keys; keys only for what the policy sets."""
+    out: dict[str, Any] = {}
+    pool = translate_connection_pool(policy.get("connectionPool"))
+    if pool:
+        out["connection_pool"] = pool
+    outlier = policy.get("outlierDetection")
+    if outlier is not None:
+        out["outlier_detection"] = translate_outlier_detection(outlier)
+        # Istio turns locality load balancing on only for clusters with outlier detection.
+        locality = (policy.get("loadBalancer") or {}).get("localityLbSetting") or {}
+        if locality.get("enabled", True) is not False:
+            out["locality_lb"] = translate_locality_lb(locality)
+    budget = policy.get("retryBudget")
+    if budget is not None:
+        out["retry_budget"] = {"percent": float(budget["percent"]) if budget.get("percent") is not None else 20.0,
+                               "min_retry_concurrency": int(budget.get("minRetryConcurrency", 3))}
+    return out
+
+
+# Istio connectionPool field -> snapshot key; a value of 0 means "unset" (proto3 default), as in Istio.
+_POOL_LIMITS = {("tcp", "maxConnections"): "max_connections",
+                ("http", "http1MaxPendingRequests"): "max_pending_requests",
+                ("http", "http2MaxRequests"): "max_requests",
+                ("http", "maxRequestsPerConnection"): "max_requests_per_connection",
+                ("http", "maxRetries"): "max_retries",
+                ("http", "maxConcurrentStreams"): "max_concurrent_streams"}
+_POOL_DURATIONS = {("tcp", "maxConnectionDuration"): "max_connection_duration",
+                   ("http", "idleTimeout"): "idle_timeout"}
+
+
+def translate_connection_pool(pool: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Istio ConnectionPoolSettings -> the snapshot's ``connection_pool`` (``connectTimeout`` and
+    ``tcp.idleTimeout`` travel elsewhere: the cluster's connect timeout, the tcp routes)."""
+    if not pool:
+        return {}
+    out: dict[str, Any] = {}
+    for (side, field), key in _POOL_LIMITS.items():
+        value = (pool.get(side) or {}).get(field)
+        if value:
+            out[key] = int(value)
+    for (side, field), key in _POOL_DURATIONS.items():
+        value = (pool.get(side) or {}).get(field)
+        if value:
+            out[key] = parse_duration(value)
+    ka = (pool.get("tcp") or {}).get("tcpKeepalive")
+    if ka is not None:
+        out["tcp_keepalive"] = {k: parse_duration(ka[k]) for k in ("time", "interval") if ka.get(k)}
+        if ka.get("probes"):
+            out["tcp_keepalive"]["probes"] = int(ka["probes"])
+    return out
+
+
+def translate_outlier_detection(od: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio OutlierDetection -> the snapshot's ``outlier_detection``; unset fields keep Istio's
+    defaults (5 consecutive 5xx, 10s interval, 30s base ejection, 10% max ejection, 0% min health).
+
+    The deprecated ``consecutiveErrors`` counts gateway errors, as Istio translated it.
+    """
+    out: dict[str, Any] = {}
+    if od.get("consecutive5xxErrors") is not None:
+        out["consecutive_5xx"] = int(od["consecutive5xxErrors"])
+    if od.get("consecutiveGatewayErrors") is not None:
+        out["consecutive_gateway_errors"] = int(od["consecutiveGatewayErrors"])
+    if od.get("consecutiveErrors") and "consecutive_5xx" not in out and "consecutive_gateway_errors" not in out:
+        out["consecutive_gateway_errors"] = int(od["consecutiveErrors"])
+        out["consecutive_5xx"] = 0
+    if od.get("splitExternalLocalOriginErrors"):
+        out["split_external_local_origin_errors"] = True
+        if od.get("consecutiveLocalOriginFailures") is not None:
+            out["consecutive_local_origin_failures"] = int(od["consecutiveLocalOriginFailures"])
+    for field, key in (("interval", "interval"), ("baseEjectionTime", "base_ejection_time")):
+        if od.get(field):
+            out[key] = parse_duration(od[field])
+    for field, key in (("maxEjectionPercent", "max_ejection_percent"), ("minHealthPercent", "min_health_percent")):
+        if od.get(field) is not None:
+            out[key] = float(od[field])
+    return out
+
+
+def translate_locality_lb(setting: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio LocalityLoadBalancerSetting -> the snapshot's ``locality_lb``."""
+    return {"distribute": [{"from": str(d.get("from", "*")), "to": {str(k): int(v) for k, v in (d.get("to") or {}).items()}}
+                           for d in setting.get("distribute") or ()],
+            "failover": [{"from": str(f["from"]), "to": str(f["to"])} for f in setting.get("failover") or ()],
+            "failover_priority": [str(x) for x in setting.get("failoverPriority") or ()]}
 
 
 def translate_tls(tls: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -50,6 +50,7 @@ class ServiceEndpoint:
     in_ray: bool = False               # True for Ray workloads, which may need a node tunnel
     namespace: str = ""                # the workload's identity, for policy and telemetry
     service_account: str = ""
+    locality: str = ""                 # WorkloadEntry / ServiceEntry ``locality``; Ray workloads: their node's
 
     def has_labels(self, selector: Mapping[str, str]) -> bool:
         return labels_match(selector, dict(self.labels))
@@ -153,7 +154,9 @@ def _workload_endpoints(spec: Mapping[str, Any], ports: Sequence[ServicePort]) -
         return []
     port_map = spec.get("ports") or {}
     labels = _sorted_labels(spec.get("labels") or {})
-    return [ServiceEndpoint(str(address), _entry_port(port_map, sp), sp.number, labels) for sp in ports]
+    locality = str(spec.get("locality") or "")
+    return [ServiceEndpoint(str(address), _entry_port(port_map, sp), sp.number, labels, locality=locality)
+            for sp in ports]
 
 
 def _selected_endpoints(se: Resource, ports: Sequence[ServicePort], workload_entries: Sequence[Resource],

@@ -48,6 +48,29 @@ class NodeInfo(Record):
     inbound_port: int = 0
     http_proxy_port: int = 0
     alive: bool = True
+    locality: str = ""                # "region/zone/subzone" from the node's labels (see node_locality)
+    labels: dict[str, str] = field(default_factory=dict)   # the node's topology labels
+
+
+# Node labels that give a node its locality, most preferred first for each part: Ray's own
+# (``ray.io/availability-region`` / ``-zone``, set by the autoscaler on cloud nodes or by
+# ``ray start --labels``), then the Kubernetes topology labels KubeRay copies from the pod.
+# Ray has no subzone label; raymesh reads Istio's ``topology.istio.io/subzone``.
+REGION_LABELS = ("ray.io/availability-region", "topology.kubernetes.io/region")
+ZONE_LABELS = ("ray.io/availability-zone", "topology.kubernetes.io/zone")
+SUBZONE_LABELS = ("topology.istio.io/subzone",)
+TOPOLOGY_LABELS = REGION_LABELS + ZONE_LABELS + SUBZONE_LABELS
+
+
+def node_locality(labels: dict[str, str]) -> str:
+    """A node's Istio locality ``region/zone/subzone`` from its labels; "" when it has no region."""
+    def first(keys: tuple[str, ...]) -> str:
+        return next((str(labels[k]) for k in keys if labels.get(k)), "")
+
+    region, zone, subzone = first(REGION_LABELS), first(ZONE_LABELS), first(SUBZONE_LABELS)
+    if not region:
+        return ""
+    return "/".join(p for p in (region, zone, subzone if zone else "") if p)
 
 
 @dataclass(slots=True)

@@ -21,8 +21,10 @@ import hashlib
 import math
 import random
 import struct
-from typing import Collection, Protocol
+from typing import Collection, Mapping, Protocol
 
+from proxy_core.locality import HealthAwareBalancer
+from proxy_core.outlier import OutlierDetector
 from proxy_core.router import RequestInfo
 from proxy_core.snapshot import Cluster, Endpoint, LbPolicy
 
@@ -323,9 +325,21 @@ _POLICY_ALIASES = {
 }
 
 
-def make_balancer(cluster: Cluster, rng: random.Random | None = None) -> LoadBalancer:
-    """The balancer for ``cluster.lb.policy``; ValueError for a policy Istio does not define."""
+def make_balancer(cluster: Cluster, rng: random.Random | None = None, detector: OutlierDetector | None = None,
+                  locality: str = "", labels: Mapping[str, str] | None = None) -> LoadBalancer:
+    """The balancer for ``cluster.lb.policy``; ValueError for a policy Istio does not define.
+
+    With outlier detection (``detector``) or locality load balancing the policy runs inside
+    ``locality.HealthAwareBalancer``, which skips ejected endpoints and prefers the proxy's
+    ``locality``; otherwise the plain balancer, with nothing in front of it.
+    """
     rng = rng or random.Random()
+    if detector is not None or cluster.locality_lb is not None:
+        return HealthAwareBalancer(cluster, detector, rng, _policy_balancer, locality, labels or {})  # type: ignore[return-value]
+    return _policy_balancer(cluster, rng)
+
+
+def _policy_balancer(cluster: Cluster, rng: random.Random) -> LoadBalancer:
     policy = _POLICY_ALIASES.get(cluster.lb.policy, cluster.lb.policy)
     eps = cluster.endpoints
     if policy == "ROUND_ROBIN":

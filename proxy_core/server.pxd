@@ -88,6 +88,7 @@ cdef class Exchange:
     cdef public object authz
     cdef public object span
     cdef public object up_tls
+    cdef public object resilience
 
     cpdef start(self)
     cpdef _to_cluster(self)

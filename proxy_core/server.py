@@ -64,6 +64,7 @@ from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
                                shadow_authority)
 from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limiters
+from proxy_core.resilience import ClusterResilience, build_resilience
 from proxy_core.ratelimit import Clock
 from proxy_core.security_filter import (DENIED_BODY, ClusterSecurity, RequestAuthorization, SecurityRuntime,
                                         build_security)
@@ -130,6 +131,7 @@ class _State:
     local_endpoints: frozenset[tuple[str, int]]
     rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
     security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
+    resilience: dict[str, ClusterResilience]     # by cluster; only clusters with limits or outlier detection
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -151,11 +153,15 @@ class _State:
               previous: "_State | None" = None) -> "_State":
         """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
         ``previous`` keep their tokens, so a config push does not refill them."""
-        balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
+        resilience = build_resilience(snapshot.clusters, previous.resilience if previous else None, clock)
+        balancers = {name: make_balancer(c, rng, getattr(resilience.get(name), "detector", None),
+                                         snapshot.node_locality, snapshot.node_labels)
+                     for name, c in snapshot.clusters.items()}
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
-        return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security))
+        return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security),
+                   resilience)
 
 
 @dataclass(slots=True)
@@ -338,7 +344,8 @@ class ProxyServer:
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
-                "security": self.security.stats.to_dict(), "mtls": self.mtls.stats()}
+                "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
+                "clusters": {name: r.stats() for name, r in self.state.resilience.items()}}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -635,6 +642,7 @@ class Exchange:
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
         self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
         self.up_tls: UpstreamTls | None = None        # the last attempt's transport security (telemetry)
+        self.resilience: ClusterResilience | None = None   # the cluster's circuit breakers / outlier detection
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -840,6 +848,7 @@ class Exchange:
             return
         self.cluster = cluster
         self.balancer = self.state.balancers[wc.cluster]
+        self.resilience = self.state.resilience.get(wc.cluster)   # the only cost when no limits apply
         if route.rewrite is None:
             path, authority = req.path, req.authority
         else:
@@ -977,6 +986,9 @@ class Exchange:
         tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) \
             if ep.via is not None or self.cluster.tls is not None else None
         self.up_tls = tls
+        if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
+            self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
+            return
         conn = self.server.pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
@@ -1023,12 +1035,16 @@ class Exchange:
     def _attempt_failed(self, kind: str, flag: str | None = None) -> None:
         """An attempt ended without a usable response: retry, or answer with Envoy's flag."""
         self._end_attempt()
+        resilience = self.resilience
+        if resilience is not None:
+            resilience.report_failure(self.endpoint, kind)
         retries = self.route.retries if self.route is not None else None
         if retries is not None and self.body_retriable and retry_on_failure(retries, kind):
-            if self.attempt <= retries.attempts:
+            if self.attempt > retries.attempts:
+                self.flags.append(flags.URX)
+            elif resilience is None or resilience.admit_retry(self):   # else flagged UO, answered below
                 self._schedule_retry()
                 return
-            self.flags.append(flags.URX)
         if kind == "timeout":
             self.local_reply(504, _MSG_UT, flags.UT)
         elif kind == "connect-failure":
@@ -1044,6 +1060,8 @@ class Exchange:
 
     def _retry(self) -> None:
         self.retry_timer = None
+        if self.resilience is not None:
+            self.resilience.retry_fired(self)
         if not self.done:
             self.guard(self._attempt)
 
@@ -1059,6 +1077,8 @@ class Exchange:
             assert self.balancer is not None and self.endpoint is not None
             self.balancer.on_end(self.endpoint)
         self._release_upstream(False)
+        if self.resilience is not None:
+            self.resilience.attempt_ended(self)
 
     def _release_upstream(self, reusable: bool) -> None:
         conn = self.upstream
@@ -1157,13 +1177,17 @@ class Exchange:
             self.try_timer = None
         status = rh.status
         self.up_time = int((time.monotonic() - self.up_start) * 1000)
+        resilience = self.resilience
+        if resilience is not None:
+            resilience.report_status(self.endpoint, status)
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retry_on_status(retries, status):
-            if self.attempt <= retries.attempts and self.body_retriable and self.request_complete:
+            if not (self.attempt <= retries.attempts and self.body_retriable and self.request_complete):
+                self.flags.append(flags.URX)
+            elif resilience is None or resilience.admit_retry(self):   # else flagged UO
                 self._end_attempt()  # detaches the parser: the rest of this response is dropped
                 self._schedule_retry()
                 return
-            self.flags.append(flags.URX)
         self.status = status
         self.response_started = True
         head = self.head
@@ -1490,6 +1514,8 @@ class Exchange:
             self.counted_on_start = False
             self.balancer.on_end(self.endpoint)  # type: ignore[union-attr,arg-type]
         self._release_upstream(upstream_reusable)
+        if self.resilience is not None:
+            self.resilience.exchange_done(self)
         if self.conn.paused:
             self.conn.resume(_PAUSE_BODY)
         server = self.server

@@ -114,7 +114,21 @@ CLUSTER::
                     "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
                     "mtls_mode": "STRICT" | "PERMISSIVE" | "DISABLE",   # Ray workloads: PeerAuthentication
                     "via": {"address": "127.0.0.1", "port": 15006} | null}],
-     "tls": CLUSTER_TLS}         # absent: auto mTLS (by each endpoint's mtls_mode)
+     "tls": CLUSTER_TLS,         # absent: auto mTLS (by each endpoint's mtls_mode)
+     # Each absent = off (see proxy_core/resilience.py, outlier.py, locality.py); endpoints may
+     # carry "locality": "region/zone/subzone", and "node" the proxy's "locality" and "labels".
+     "connection_pool": {"max_connections": 100, "max_pending_requests": 10, "max_requests": 100,
+                         "max_requests_per_connection": 0, "max_retries": 3, "max_concurrent_streams": 0,
+                         "idle_timeout": 3600.0, "max_connection_duration": null,
+                         "tcp_keepalive": {"time": 7200.0, "interval": 75.0, "probes": 9}},   # limits absent = 2**32-1
+     "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_errors": 0,
+                           "consecutive_local_origin_failures": 5, "split_external_local_origin_errors": false,
+                           "interval": 10.0, "base_ejection_time": 30.0, "max_ejection_time": 300.0,
+                           "max_ejection_percent": 10.0, "min_health_percent": 0.0},
+     "retry_budget": {"percent": 20.0, "min_retry_concurrency": 3},
+     "locality_lb": {"distribute": [{"from": "us-east/*", "to": {"us-east/z1/*": 80, "us-west/*": 20}}],
+                     "failover": [{"from": "us-east", "to": "us-west"}],
+                     "failover_priority": ["topology.kubernetes.io/region"]}}
 
 CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
 
@@ -452,6 +466,7 @@ class Endpoint:
     namespace: str = ""
     service_account: str = ""
     mtls_mode: str = ""          # the destination's PeerAuthentication mode; "" = no proxy in front of it
+    locality: str = ""           # "region/zone/subzone" (locality-aware load balancing); "" = unknown
     # Derived once: the request path uses them for every request (LB bookkeeping, pooling).
     key: str = field(init=False, compare=False, repr=False)                  # "address:port"
     pool_key: tuple[str, Address | None] = field(init=False, compare=False, repr=False)
@@ -508,6 +523,136 @@ class ClusterTls:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    """Istio ``connectionPool.tcp.tcpKeepalive``: SO_KEEPALIVE plus the kernel's probe timing
+    (None leaves the system default, as Envoy does)."""
+
+    time: float | None = None          # TCP_KEEPIDLE, seconds idle before the first probe
+    interval: float | None = None      # TCP_KEEPINTVL, seconds between probes
+    probes: int | None = None          # TCP_KEEPCNT, unanswered probes before the connection is dropped
+
+
+UNLIMITED = 2 ** 32 - 1   # Istio's default for every connectionPool limit (Envoy's threshold max)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    """Envoy circuit breaker thresholds and upstream connection options of one cluster
+    (Istio ``connectionPool``); enforced by ``proxy_core.circuit``."""
+
+    max_connections: int = UNLIMITED           # tcp.maxConnections (cluster wide)
+    max_pending_requests: int = UNLIMITED      # http.http1MaxPendingRequests (waiting for a connection)
+    max_requests: int = UNLIMITED              # http.http2MaxRequests (active requests)
+    max_requests_per_connection: int = 0       # http.maxRequestsPerConnection; 0 = unlimited
+    max_retries: int = UNLIMITED               # http.maxRetries (retries outstanding at once)
+    max_concurrent_streams: int = 0            # http.maxConcurrentStreams (HTTP/2 upstreams); 0 = default
+    idle_timeout: float | None = None          # http.idleTimeout: an idle upstream connection is closed
+    max_connection_duration: float | None = None   # tcp.maxConnectionDuration: a connection's lifetime
+    tcp_keepalive: TcpKeepalive | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ConnectionPool | None":
+        if not d:
+            return None
+        ka = d.get("tcp_keepalive")
+        idle = d.get("idle_timeout")
+        duration = d.get("max_connection_duration")
+        return cls(
+            max_connections=_limit(d, "max_connections"), max_pending_requests=_limit(d, "max_pending_requests"),
+            max_requests=_limit(d, "max_requests"),
+            max_requests_per_connection=int(d.get("max_requests_per_connection") or 0),
+            max_retries=_limit(d, "max_retries"), max_concurrent_streams=int(d.get("max_concurrent_streams") or 0),
+            idle_timeout=float(idle) if idle else None,
+            max_connection_duration=float(duration) if duration else None,
+            tcp_keepalive=TcpKeepalive(_opt_float(ka.get("time")), _opt_float(ka.get("interval")),
+                                       int(ka["probes"]) if ka.get("probes") else None) if ka is not None else None)
+
+
+def _limit(d: Mapping[str, Any], key: str) -> int:
+    value = d.get(key)
+    if value is None:
+        return UNLIMITED
+    if int(value) < 0:
+        raise ValueError(f"connection_pool.{key} cannot be negative, got {value}")
+    return int(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    return float(value) if value else None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Envoy outlier detection as Istio configures it (``outlierDetection``); defaults are Istio's.
+
+    A threshold of 0 turns that detector off.  With ``split_external_local_origin_errors``
+    (Istio sets it when ``consecutiveLocalOriginFailures`` is given) connect failures, resets
+    and timeouts count only as local-origin failures; otherwise they count as 503s.
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_errors: int = 0
+    consecutive_local_origin_failures: int = 5
+    split_external_local_origin_errors: bool = False
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "OutlierDetection | None":
+        if d is None:
+            return None
+        out = cls(**{k: type(getattr(cls(), k))(v) for k, v in d.items() if k in _OUTLIER_FIELDS})
+        if out.interval <= 0 or out.base_ejection_time <= 0:
+            raise ValueError("outlier_detection interval and base_ejection_time must be positive")
+        return out
+
+
+_OUTLIER_FIELDS = frozenset(OutlierDetection.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Envoy's retry budget: retries outstanding at once may not exceed ``percent`` of the
+    cluster's active plus pending requests, nor fall below ``min_retry_concurrency``."""
+
+    percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "RetryBudget | None":
+        if d is None:
+            return None
+        return cls(float(d.get("percent", 20.0)), int(d.get("min_retry_concurrency", 3)))
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLb:
+    """Istio ``localityLbSetting`` (on only when outlier detection is set, as in Istio).
+
+    ``distribute``: (from, ((to, weight), ...)) entries; ``failover``: (from region, to region);
+    ``failover_priority``: label names, most significant first.  All empty: Istio's default
+    failover (same subzone, zone, region, then the rest).
+    """
+
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    failover: tuple[tuple[str, str], ...] = ()
+    failover_priority: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "LocalityLb | None":
+        if d is None:
+            return None
+        return cls(
+            distribute=tuple((str(e["from"]), tuple((str(k), int(v)) for k, v in (e.get("to") or {}).items()))
+                             for e in d.get("distribute") or ()),
+            failover=tuple((str(e["from"]), str(e["to"])) for e in d.get("failover") or ()),
+            failover_priority=tuple(str(x) for x in d.get("failover_priority") or ()))
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service: str
@@ -518,6 +663,10 @@ class Cluster:
     connect_timeout: float = 10.0
     passthrough: bool = False
     tls: ClusterTls | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    retry_budget: RetryBudget | None = None
+    locality_lb: LocalityLb | None = None
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -528,11 +677,15 @@ class Cluster:
                                 labels=tuple(sorted((e.get("labels") or {}).items())),
                                 via=Address(via["address"], int(via["port"])) if via else None,
                                 namespace=e.get("namespace", ""), service_account=e.get("service_account", ""),
-                                mtls_mode=e.get("mtls_mode", "")))
+                                mtls_mode=e.get("mtls_mode", ""), locality=e.get("locality") or ""))
         return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
                    lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
                    connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")),
-                   tls=ClusterTls.from_dict(d.get("tls")))
+                   tls=ClusterTls.from_dict(d.get("tls")),
+                   connection_pool=ConnectionPool.from_dict(d.get("connection_pool")),
+                   outlier_detection=OutlierDetection.from_dict(d.get("outlier_detection")),
+                   retry_budget=RetryBudget.from_dict(d.get("retry_budget")),
+                   locality_lb=LocalityLb.from_dict(d.get("locality_lb")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,6 +874,10 @@ class Snapshot:
     # Percent of requests without a caller's decision that start a trace (proxy_core.tracing);
     # None: the proxy's own default (--trace-sampling).
     tracing_sampling: float | None = None
+    # This proxy's node: its locality ("region/zone/subzone") and labels, which locality-aware
+    # load balancing compares endpoints against.
+    node_locality: str = ""
+    node_labels: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -747,6 +904,8 @@ class Snapshot:
                                 for host, rl in (d.get("rate_limits") or {}).items() if rl.get("global")},
             tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
             tracing_sampling=_sampling((d.get("tracing") or {}).get("sampling")),
+            node_locality=(d.get("node") or {}).get("locality") or "",
+            node_labels={str(k): str(v) for k, v in ((d.get("node") or {}).get("labels") or {}).items()},
             raw=d,
         )
 

@@ -13,6 +13,9 @@ cdef class UpstreamConnection:
     cdef public double idle_since
     cdef public bint reused
     cdef public bint got_data
+    cdef public object circuit
+    cdef public double created
+    cdef public long requests
 
     cpdef attach(self, object sink)
     cpdef detach(self)

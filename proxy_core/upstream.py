@@ -145,7 +145,8 @@ _DISCARD = _Discard()
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an endpoint; responses go to its current ``sink``."""
 
-    __slots__ = ("key", "transport", "parser", "sink", "closed", "idle_since", "reused", "got_data")
+    __slots__ = ("key", "transport", "parser", "sink", "closed", "idle_since", "reused", "got_data", "circuit",
+                 "created", "requests")
 
     def __init__(self, key: PoolKey) -> None:
         self.key = key
@@ -156,6 +157,11 @@ class UpstreamConnection:
         self.idle_since = 0.0
         self.reused = False
         self.got_data = False
+        # Set for clusters with connection pool settings (proxy_core.resilience): it counts this
+        # connection and decides, on release, whether it is kept.
+        self.circuit: Any = None
+        self.created = 0.0
+        self.requests = 0
 
     def attach(self, sink: UpstreamSink) -> None:
         self.sink = sink
@@ -200,6 +206,8 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.circuit is not None:
+            self.circuit.connection_closed(self)
         sink = self.sink
         if sink is not None:
             self.detach()
@@ -251,8 +259,8 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose last response was fully read and allows keep-alive."""
         conn.detach()
-        if conn.closed:
-            return
+        if conn.closed or (conn.circuit is not None and conn.circuit.reclaim(conn)):
+            return   # gone, retired or handed to a waiting request by its cluster's circuit breaker
         stack = self._idle.setdefault(conn.key, [])
         if len(stack) >= self.max_idle:
             conn.close()
