@@ -23,6 +23,7 @@ cdef class HttpConnection:
     cdef public object pending_error
     cdef public object peer_principal
     cdef public object source
+    cdef public object h2_stream
 
     cpdef pause(self, int reason)
     cpdef resume(self, int reason)
@@ -87,6 +88,7 @@ cdef class Exchange:
     cdef public object mirror_pending
     cdef public object authz
     cdef public object span
+    cdef public object grpc_status
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -18,6 +18,8 @@ Shape of the dict (every key optional unless marked *required*)::
       "outbound_policy": "ALLOW_ANY" | "REGISTRY_ONLY",        # unknown authority: pass through or 502
       "vips": [{"address": "127.10.0.3", "port": 9080,
                 "host": "reviews.default.svc.cluster.local", "protocol": "http"}],
+                  # protocol: http (HTTP/1.1), http2 / grpc (HTTP/2, HTTP/1.1 accepted too),
+                  # auto (sniffed: HTTP/1.1, HTTP/2 or else TCP), tcp (spliced)
       "virtual_hosts": [{
           "name": "reviews.default.svc.cluster.local:9080",
           "host": "reviews.default.svc.cluster.local",
@@ -63,7 +65,7 @@ ROUTE::
                               "retriable-4xx", "retriable-status-codes", "refused-stream"],
                  "retriable_status_codes": [503]},          # null = no retries
      "fault": {"delay": {"fixed_delay": 5.0, "percentage": 100.0},
-               "abort": {"http_status": 500, "percentage": 50.0}},
+               "abort": {"http_status": 500, "percentage": 50.0}},   # or {"grpc_status": 14, ...}
      "headers": HEADER_OPS,
      "cors": CORS,                     # absent = no CORS processing on this route
      "mirrors": [{"cluster": "outbound|9080|v3|reviews...", "percentage": 100.0}]}   # only with "route"
@@ -114,7 +116,8 @@ CLUSTER::
                     "namespace": "default", "service_account": "bookinfo-reviews",   # Ray workloads
                     "mtls_mode": "STRICT" | "PERMISSIVE" | "DISABLE",   # Ray workloads: PeerAuthentication
                     "via": {"address": "127.0.0.1", "port": 15006} | null}],
-     "tls": CLUSTER_TLS}         # absent: auto mTLS (by each endpoint's mtls_mode)
+     "tls": CLUSTER_TLS,         # absent: auto mTLS (by each endpoint's mtls_mode)
+     "protocol": "http2" | "grpc"}   # the port's protocol: these go upstream over HTTP/2; absent: HTTP/1.1
 
 CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
 
@@ -325,6 +328,7 @@ class Fault:
     delay_percentage: float = 100.0
     abort_status: int | None = None
     abort_percentage: float = 100.0
+    abort_grpc_status: int | None = None    # gRPC code of a trailers-only abort (Istio ``grpcStatus``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +398,8 @@ class Route:
         if ft:
             dl, ab = ft.get("delay") or {}, ft.get("abort") or {}
             fault = Fault(delay=dl.get("fixed_delay"), delay_percentage=float(dl.get("percentage", 100.0)),
-                          abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)))
+                          abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)),
+                          abort_grpc_status=ab.get("grpc_status"))
         body: str | bytes = (dr or {}).get("body", "")
         if dr and "body_base64" in dr:
             body = base64.b64decode(dr["body_base64"])
@@ -518,6 +523,7 @@ class Cluster:
     connect_timeout: float = 10.0
     passthrough: bool = False
     tls: ClusterTls | None = None
+    http2: bool = False     # requests go upstream over HTTP/2 (port protocol http2 or grpc)
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -532,7 +538,7 @@ class Cluster:
         return cls(name=name, service=d.get("service", ""), port=int(d.get("port", 0)), subset=d.get("subset", ""),
                    lb=LbPolicy.from_dict(d.get("lb")), endpoints=tuple(eps),
                    connect_timeout=float(d.get("connect_timeout", 10.0)), passthrough=bool(d.get("passthrough")),
-                   tls=ClusterTls.from_dict(d.get("tls")))
+                   tls=ClusterTls.from_dict(d.get("tls")), http2=d.get("protocol") in HTTP2_PROTOCOLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,6 +548,9 @@ class Vip:
     host: str
     protocol: str = "http"
 
+
+# Cluster protocols that Envoy reaches over HTTP/2 (Istio port protocols HTTP2 and GRPC).
+HTTP2_PROTOCOLS = frozenset(("http2", "grpc"))
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TCP_IDLE_TIMEOUT = 3600.0   # Envoy tcp_proxy's idle timeout as Istio sets it (1 hour)

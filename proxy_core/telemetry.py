@@ -125,7 +125,7 @@ def principal(namespace: str, service_account: str) -> str:
 
 
 def destination_attributes(node: str, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
-                           endpoint: Endpoint | None, authority: str) -> tuple[str, ...]:
+                           endpoint: Endpoint | None, authority: str, grpc_status: int | None = None) -> tuple[str, ...]:
     """The dimension row (``DIMENSION_FIELDS`` order) of requests that went to this destination."""
     cluster_name = wc.cluster if wc is not None else ""
     is_service = cluster is not None and bool(cluster.service)
@@ -166,8 +166,8 @@ def destination_attributes(node: str, route: Route | None, wc: WeightedCluster |
         destination_service_namespace=service_namespace,
         destination_canonical_service=labels.get(_CANONICAL_NAME) or app or (service_name if is_service else UNKNOWN),
         destination_canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest",
-        request_protocol="http",
-        grpc_response_status="",
+        request_protocol="http" if grpc_status is None else "grpc",
+        grpc_response_status="" if grpc_status is None else str(grpc_status),
         connection_security_policy="none",
         route_name=route.name if route is not None and route.name else UNKNOWN,
     )
@@ -231,8 +231,12 @@ class TelemetryRecorder:
 
     def record(self, snapshot: Snapshot, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
                endpoint: Endpoint | None, req: RequestInfo | None, start_time: float, response_code: int,
-               response_flags: str, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
-        """Buffer one finished request.  ``snapshot`` is the one the request was routed with."""
+               response_flags: str, duration_ms: float, request_bytes: int, response_bytes: int,
+               grpc_status: int | None = None) -> None:
+        """Buffer one finished request.  ``snapshot`` is the one the request was routed with.
+
+        ``grpc_status`` marks a gRPC call: its ``request_protocol`` is ``grpc`` and its
+        ``grpc_response_status`` the code (Istio's labels); it is part of the dimension key."""
         if self._free <= 0:
             self._dropped += 1
             self.dropped_total += 1
@@ -249,11 +253,13 @@ class TelemetryRecorder:
             key: tuple[str | None, ...] = (route_name, cluster_name, endpoint_key)
         else:  # the destination service, if any, is the authority the client named
             key = (route_name, cluster_name, endpoint_key, req.authority if req is not None else "")
+        if grpc_status is not None:
+            key = (*key, grpc_status)
         dim = self._index.get(key)
         if dim is None:
             dim = self._index[key] = len(self._dims)
             self._dims.append(destination_attributes(snapshot.node_id, route, wc, cluster, endpoint,
-                                                     req.authority if req is not None else ""))
+                                                     req.authority if req is not None else "", grpc_status))
         self._rows.extend((dim, start_time, response_code, response_flags, duration_ms, request_bytes,
                            response_bytes))
 
