@@ -59,6 +59,7 @@ from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_serv
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
 from mesh.durations import parse_duration
 from mesh.registry import NodeInfo, RegistryState
+from proxy_core.snapshot import HTTP2_PROTOCOLS
 from mesh.resources import DEFAULT_NAMESPACE, Resource
 
 __all__ = ["compile_snapshot", "compile_all", "snapshot_version"]
@@ -239,6 +240,8 @@ def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo],
         out["tls"] = copy.deepcopy(plan.tls)
     if plan.resilience:
         out.update(copy.deepcopy(dict(plan.resilience)))
+    if plan.protocol in HTTP2_PROTOCOLS:
+        out["protocol"] = plan.protocol
     return out
 
 

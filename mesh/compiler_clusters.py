@@ -55,6 +55,7 @@ class ClusterPlan:
     tls: dict[str, Any] | None = None     # the snapshot's cluster ``tls``; None: auto mTLS
     # connection_pool / outlier_detection / retry_budget / locality_lb, as the snapshot carries them
     resilience: Mapping[str, Any] | None = None
+    protocol: str = "http"                # the service port's protocol: http2 / grpc go upstream over HTTP/2
 
 
 def select_destination_rule(host: str, rules: Sequence[Resource]) -> Resource | None:
@@ -138,12 +139,13 @@ def _connect_timeout(policy: Mapping[str, Any]) -> float:
 
 
 def _plan(service: Service, port: int, subset: str, policy: Mapping[str, Any],
-          selector: Mapping[str, str] | None) -> ClusterPlan:
+          selector: Mapping[str, str] | None, protocol: str = "http") -> ClusterPlan:
     eps = tuple(e for e in service.endpoints
                 if e.service_port == port and (selector is None or e.has_labels(selector)))
     return ClusterPlan(cluster_name(service.host, port, subset), service.host, port, subset,
                        _connect_timeout(policy), translate_load_balancer(policy.get("loadBalancer")),
-                       eps, service.passthrough, translate_tls(policy.get("tls")), translate_resilience(policy))
+                       eps, service.passthrough, translate_tls(policy.get("tls")), translate_resilience(policy),
+                       protocol)
 
 
 def translate_resilience(policy: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,11 +266,11 @@ def build_cluster_plans(services: Mapping[str, Service], rules: Sequence[Resourc
         spec = dr.spec if dr is not None else {}
         top = spec.get("trafficPolicy")
         for sp in service.ports:
-            p = _plan(service, sp.number, "", merge_traffic_policy(top, None, sp.number), None)
+            p = _plan(service, sp.number, "", merge_traffic_policy(top, None, sp.number), None, sp.protocol)
             plans[p.name] = p
             for subset in spec.get("subsets") or ():
                 policy = merge_traffic_policy(top, subset.get("trafficPolicy"), sp.number)
                 p = _plan(service, sp.number, str(subset["name"]), policy,
-                          {str(k): str(v) for k, v in (subset.get("labels") or {}).items()})
+                          {str(k): str(v) for k, v in (subset.get("labels") or {}).items()}, sp.protocol)
                 plans[p.name] = p
     return dict(sorted(plans.items()))

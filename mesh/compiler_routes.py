@@ -25,7 +25,8 @@ Scope for node proxies (the mesh "gateway"):
   against the VIP a client dialled), ``sourceLabels`` / ``sourceNamespace`` drop the match as
   above.  As in Istio, a port whose rules have no catch-all gets the service's own cluster
   as a last route, so a connection matching no rule still reaches the service.
-* ``tls`` rules, ``delegate``, ``abort.grpcStatus``, ``delay.exponentialDelay``
+* ``fault.abort.grpcStatus`` becomes a trailers-only gRPC reply with that code (HTTP 200).
+* ``tls`` rules, ``delegate``, ``delay.exponentialDelay``
   and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
   scheme's port (80/443); otherwise the redirect keeps the request's port.
@@ -39,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mesh.compiler_services import Service, host_covers, resolve_host, specificity
 from mesh.durations import parse_duration
 from mesh.resources import Resource
+from proxy_core.grpc_wire import GRPC_STATUS_CODES
 from proxy_core.snapshot import cluster_name
 
 # Istio's default HTTP retry policy (pilot/pkg/networking/core/route/retry/retry.go).
@@ -354,6 +356,8 @@ def translate_fault(fault: Mapping[str, Any]) -> dict[str, Any]:
     abort = fault.get("abort") or {}
     if abort.get("httpStatus") is not None:
         out["abort"] = {"http_status": int(abort["httpStatus"]), "percentage": _percentage(abort)}
+    elif abort.get("grpcStatus") is not None:
+        out["abort"] = {"grpc_status": GRPC_STATUS_CODES[str(abort["grpcStatus"])], "percentage": _percentage(abort)}
     return out
 
 

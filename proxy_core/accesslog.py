@@ -46,7 +46,7 @@ PARQUET_SCHEMA = pa.schema([
     ("x_forwarded_for", pa.string()), ("user_agent", pa.string()), ("request_id", pa.string()),
     ("authority", pa.string()), ("upstream_host", pa.string()), ("upstream_cluster", pa.string()),
     ("route_name", pa.string()), ("downstream_remote_address", pa.string()), ("listener", pa.string()),
-    ("downstream_peer_uri_san", pa.string()),
+    ("downstream_peer_uri_san", pa.string()), ("grpc_status", pa.int64()),
 ])
 # A buffered row as log() appends it: start_time still in float epoch seconds.
 _ROW_TYPE = pa.struct([pa.field("start_time", pa.float64()), *list(PARQUET_SCHEMA)[1:]])
@@ -169,11 +169,12 @@ class AccessLog:
             upstream_service_time: int | None, x_forwarded_for: str | None, user_agent: str | None,
             request_id: str | None, authority: str, upstream_host: str | None, upstream_cluster: str | None,
             route_name: str | None, downstream_remote_address: str, listener: str,
-            downstream_peer_uri_san: str | None = None) -> None:
+            downstream_peer_uri_san: str | None = None, grpc_status: int | None = None) -> None:
         """Append one request's line; ``None`` values render as JSON null (Envoy's ``-``).
 
         ``downstream_peer_uri_san`` is the mTLS peer's SPIFFE id on the inbound listener
-        (Envoy's ``%DOWNSTREAM_PEER_URI_SAN%``)."""
+        (Envoy's ``%DOWNSTREAM_PEER_URI_SAN%``); ``grpc_status`` the gRPC call's status code
+        (Envoy's ``%GRPC_STATUS_NUMBER%``), null for other requests."""
         if not self.enabled:
             return
         # Everything inline (no helper call per field): this runs once per request.
@@ -192,7 +193,8 @@ class AccessLog:
             f'"upstream_cluster":{"null" if upstream_cluster is None else _q(upstream_cluster)},'
             f'"route_name":{"null" if route_name is None else _q(route_name)},'
             f'"downstream_remote_address":{_q(downstream_remote_address)},"listener":{_q(listener)},'
-            f'"downstream_peer_uri_san":{"null" if downstream_peer_uri_san is None else _q(downstream_peer_uri_san)}}}\n')
+            f'"downstream_peer_uri_san":{"null" if downstream_peer_uri_san is None else _q(downstream_peer_uri_san)},'
+            f'"grpc_status":{"null" if grpc_status is None else grpc_status}}}\n')
         parquet = self.parquet
         if parquet is not None:
             rows = parquet.rows
@@ -201,7 +203,7 @@ class AccessLog:
             rows.append((start_time, method, path, protocol, response_code, response_flags, bytes_received,
                          bytes_sent, duration_ms, upstream_service_time, x_forwarded_for, user_agent, request_id,
                          authority, upstream_host, upstream_cluster, route_name, downstream_remote_address,
-                         listener, downstream_peer_uri_san))
+                         listener, downstream_peer_uri_san, grpc_status))
             if len(rows) >= parquet.rotate_rows:
                 parquet.rotate()
         if len(self._lines) >= _FLUSH_LINES:

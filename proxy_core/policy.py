@@ -127,10 +127,12 @@ def backoff_delay(attempt: int, base: float = 0.025, cap: float = 0.25,
 @dataclass(frozen=True, slots=True)
 class FaultDecision:
     """What fault injection does to one request: wait ``delay`` seconds, then (or instead)
-    answer ``abort_status`` without calling the upstream.  Flags: DI for delay, FI for abort."""
+    answer ``abort_status`` without calling the upstream.  Flags: DI for delay, FI for abort.
+    A gRPC abort (``abort_grpc_status``) is a trailers-only reply, HTTP status 200."""
 
     delay: float | None = None
     abort_status: int | None = None
+    abort_grpc_status: int | None = None
 
     def __bool__(self) -> bool:
         return self.delay is not None or self.abort_status is not None
@@ -146,12 +148,14 @@ def decide_fault(fault: Fault | None, rng: random.Random) -> FaultDecision:
     delay = None
     if fault.delay is not None and rng.random() * 100.0 < fault.delay_percentage:
         delay = fault.delay
-    abort = None
-    if fault.abort_status is not None and rng.random() * 100.0 < fault.abort_percentage:
+    abort = grpc = None
+    if fault.abort_grpc_status is not None and rng.random() * 100.0 < fault.abort_percentage:
+        abort, grpc = 200, fault.abort_grpc_status
+    elif fault.abort_status is not None and rng.random() * 100.0 < fault.abort_percentage:
         abort = fault.abort_status
     if delay is None and abort is None:
         return NO_FAULT
-    return FaultDecision(delay, abort)
+    return FaultDecision(delay, abort, grpc)
 
 
 # -- headers ---------------------------------------------------------------------------------

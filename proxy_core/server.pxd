@@ -23,6 +23,7 @@ cdef class HttpConnection:
     cdef public object pending_error
     cdef public object peer_principal
     cdef public object source
+    cdef public object h2_stream
 
     cpdef pause(self, int reason)
     cpdef resume(self, int reason)
@@ -89,6 +90,7 @@ cdef class Exchange:
     cdef public object span
     cdef public object up_tls
     cdef public object resilience
+    cdef public object grpc_status
 
     cpdef start(self)
     cpdef _to_cluster(self)

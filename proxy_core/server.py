@@ -54,15 +54,17 @@ from typing import Any, Callable
 
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
+from proxy_core.grpc_wire import trailers_only
+from proxy_core.http2_upstream import H2UpstreamPool
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.mtls import Mtls
 from proxy_core.mtls_client import MtlsDialer, UpstreamTls, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
-from proxy_core.policy import (HOP_BY_HOP_BYTES, apply_header_ops, backoff_delay, decide_cors, decide_fault,
-                               mirror_sampled, redirect_location, retry_on_failure, retry_on_status, rewrite_target,
-                               shadow_authority)
+from proxy_core.policy import (HOP_BY_HOP_BYTES, FaultDecision, apply_header_ops, backoff_delay, decide_cors, decide_fault,
+                               mirror_sampled, redirect_location, retry_on_failure, retry_on_grpc_status,
+                               retry_on_status, rewrite_target, shadow_authority)
 from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limiters
 from proxy_core.resilience import ClusterResilience, build_resilience
 from proxy_core.ratelimit import Clock
@@ -177,7 +179,8 @@ class Stats:
 
 @dataclass(slots=True)
 class _Listener:
-    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" (a tcp-protocol VIP)
+    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" (a tcp-protocol VIP) | "h2" | "auto"
+                                  # (HTTP/2 or sniffed VIPs, see proxy_core.sniff)
     name: str                     # shown in access logs
     host: str
     config_port: int
@@ -209,6 +212,7 @@ class ProxyServer:
         self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
         self.dialer: Dialer = self.pool.dialer
+        self.h2_pool = H2UpstreamPool(self.dialer)   # clusters whose port speaks HTTP/2 (http2, grpc)
         self.mirrors = MirrorSender(self.pool, mirror_limit)
         self.counters = Stats()
         self.tcp = TcpProxy()                   # sessions and counters of tcp-protocol VIPs
@@ -248,12 +252,10 @@ class ProxyServer:
             a = snapshot.inbound
             desired[("inbound", a.address, a.port)] = _Listener("inbound", "inbound", a.address, a.port, None)
         for vip in snapshot.vips:
-            if vip.protocol.lower() in ("http", "http1", "http/1.1"):
-                desired[("vip", vip.address, vip.port)] = _Listener("vip", f"{vip.address}:{vip.port}",
-                                                                    vip.address, vip.port, vip)
-            elif vip.protocol.lower() in TCP_PROTOCOLS:
-                desired[("tcp", vip.address, vip.port)] = _Listener("tcp", f"{vip.address}:{vip.port}",
-                                                                    vip.address, vip.port, vip)
+            kind = listener_kind(vip.protocol)
+            if kind is not None:
+                desired[(kind, vip.address, vip.port)] = _Listener(kind, f"{vip.address}:{vip.port}",
+                                                                   vip.address, vip.port, vip)
         opened: list[_Listener] = []
         try:
             for key, spec in desired.items():
@@ -282,6 +284,9 @@ class ProxyServer:
                                                           self, spec)
         if spec.kind == "inbound":
             factory = partial(InboundSniffer, self.mtls, factory)
+        elif spec.kind in SNIFFED_KINDS:
+            from proxy_core.sniff import ProtocolSniffer  # it builds on this module's connections
+            factory = partial(ProtocolSniffer, self, spec)
         spec.server = await loop.create_server(factory, spec.host, spec.config_port,
                                                reuse_port=True, backlog=1024, family=socket.AF_INET)
         spec.port = spec.server.sockets[0].getsockname()[1]
@@ -293,7 +298,8 @@ class ProxyServer:
 
     def vip_ports(self) -> dict[str, int]:
         """Actual bound ports of the VIP listeners, HTTP and TCP, by ``address:port`` as configured."""
-        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind in ("vip", "tcp")}
+        return {spec.name: spec.port for spec in self._listeners.values()
+                if spec.kind in ("vip", "tcp") or spec.kind in SNIFFED_KINDS}
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
@@ -312,6 +318,7 @@ class ProxyServer:
         self.tcp.close()
         self.mirrors.close()
         self.pool.close()
+        self.h2_pool.close()
         self.access_log.close()
 
     # bookkeeping used by connections and exchanges
@@ -342,6 +349,7 @@ class ProxyServer:
                 "active_connections": c.active_connections, "active_requests": c.active_requests,
                 "tunnels_total": c.tunnels_total, "handler_errors": c.crashes,
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
+                "upstream_h2": self.h2_pool.stats(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
@@ -362,7 +370,7 @@ class HttpConnection:
     (pipelined requests wait in ``backlog``), and becomes a byte pipe after CONNECT/101."""
 
     __slots__ = ("server", "listener", "transport", "parser", "peer", "peer_ip", "peer_ip_bytes", "active",
-                 "backlog", "paused", "tunnel", "eof", "pending_error", "peer_principal", "source")
+                 "backlog", "paused", "tunnel", "eof", "pending_error", "peer_principal", "source", "h2_stream")
 
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
@@ -380,6 +388,7 @@ class HttpConnection:
         self.eof = False
         self.pending_error: ProtocolError | None = None
         self.source: Any = None                  # the local client (SourceWorkload), resolved on first need
+        self.h2_stream: Any = None               # the http2.DownstreamStream this connection stands for
 
     # asyncio callbacks
 
@@ -643,6 +652,7 @@ class Exchange:
         self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
         self.up_tls: UpstreamTls | None = None        # the last attempt's transport security (telemetry)
         self.resilience: ClusterResilience | None = None   # the cluster's circuit breakers / outlier detection
+        self.grpc_status: int | None = None            # the reply's grpc-status, for gRPC calls
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -739,10 +749,10 @@ class Exchange:
             fault = decide_fault(route.fault, self.server.rng)
             if fault.delay is not None:
                 self.flags.append(flags.DI)
-                self.retry_timer = self.loop.call_later(fault.delay, self._after_delay, fault.abort_status)
+                self.retry_timer = self.loop.call_later(fault.delay, self._after_delay, fault)
                 return
             if fault.abort_status is not None:
-                self.local_reply(fault.abort_status, b"fault filter abort", flags.FI)
+                self._fault_abort(fault)
                 return
         self._to_cluster()
 
@@ -779,14 +789,21 @@ class Exchange:
         self.local_reply(status, body, flag, extra=extra)
         return False
 
-    def _after_delay(self, abort_status: int | None) -> None:
+    def _after_delay(self, fault: FaultDecision) -> None:
         self.retry_timer = None
         if self.done:
             return
-        if abort_status is not None:
-            self.local_reply(abort_status, b"fault filter abort", flags.FI)
+        if fault.abort_status is not None:
+            self._fault_abort(fault)
         else:
             self.guard(self._to_cluster)
+
+    def _fault_abort(self, fault: FaultDecision) -> None:
+        """Envoy's fault abort: the HTTP status, or for ``grpc_status`` a trailers-only gRPC reply."""
+        if fault.abort_grpc_status is None:
+            self.local_reply(fault.abort_status, b"fault filter abort", flags.FI)  # type: ignore[arg-type]
+        else:
+            self.local_reply(200, b"", flags.FI, extra=trailers_only(fault.abort_grpc_status, "fault filter abort"))
 
     def _no_virtual_host(self) -> None:
         """Istio's outbound policy for hosts the registry does not know."""
@@ -859,8 +876,12 @@ class Exchange:
             name, value = cookie
             req.generated_cookie = value
             self.set_cookie = value.encode("latin-1") if "=" in value else f"{name}={value}".encode("latin-1")
-        if route.timeout:
-            self.route_timer = self.loop.call_later(route.timeout, self._on_route_timeout)
+        timeout = route.timeout
+        stream = self.conn.h2_stream
+        if stream is not None and stream.grpc_timeout is not None:
+            timeout = stream.grpc_timeout  # the caller's deadline replaces the route's (Istio: no cap)
+        if timeout:
+            self.route_timer = self.loop.call_later(timeout, self._on_route_timeout)
         security = self.state.security.get(wc.cluster)  # the only cost when no policy applies
         if security is not None:
             security.admit(self, path, authority, ops, self._prepare_upstream)  # 401, or on to the upstream
@@ -989,11 +1010,12 @@ class Exchange:
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
             return
-        conn = self.server.pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
+        pool = self.server.h2_pool if self.cluster.http2 else self.server.pool
+        conn = pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
             return
-        task = self.loop.create_task(self.server.pool.connect(ep, self.cluster.connect_timeout, tls))
+        task = self.loop.create_task(pool.connect(ep, self.cluster.connect_timeout, tls))
         self.connecting = task
         task.add_done_callback(self._on_connected)
 
@@ -1181,7 +1203,8 @@ class Exchange:
         if resilience is not None:
             resilience.report_status(self.endpoint, status)
         retries = self.route.retries if self.route is not None else None
-        if retries is not None and retry_on_status(retries, status):
+        if retries is not None and (retry_on_status(retries, status) or (
+                self.grpc_status is not None and retry_on_grpc_status(retries, self.grpc_status))):
             if not (self.attempt <= retries.attempts and self.body_retriable and self.request_complete):
                 self.flags.append(flags.URX)
             elif resilience is None or resilience.admit_retry(self):   # else flagged UO
@@ -1214,7 +1237,7 @@ class Exchange:
             headers.append((b"set-cookie", self.set_cookie))
         keep_alive = head.keep_alive and not self.conn.eof and not head.upgrade
         if rh.content_length is None and not _no_body(method, status):
-            if head.version == "1.1":
+            if head.version != "1.0":  # HTTP/1.1, or an HTTP/2 stream (http2.DownstreamStream)
                 self.resp_chunked = True
                 headers.append((b"transfer-encoding", b"chunked"))
             else:
@@ -1532,7 +1555,7 @@ class Exchange:
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
                              self.bytes_sent + self.resp_head_bytes, server.mtls.workload_of(self.conn),
-                             self.up_tls is not None and self.up_tls.mesh)
+                             self.up_tls is not None and self.up_tls.mesh, self.grpc_status)
         if server.tracer is not None:
             trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log
@@ -1549,7 +1572,7 @@ class Exchange:
                      headers.get("user-agent"), self.request_id, req.authority if req is not None else "",
                      ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,
                      self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name,
-                     self.conn.peer_principal)
+                     self.conn.peer_principal, self.grpc_status)
         if self.pipe is not None:
             self.conn.active = None
             return
@@ -1566,6 +1589,25 @@ class Exchange:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def listener_kind(protocol: str) -> str | None:
+    """The listener a VIP port of ``protocol`` gets: HTTP/1.1 (``vip``), HTTP/2 with HTTP/1.1
+    accepted too (``h2``), detected from the first bytes (``auto``) or spliced (``tcp``);
+    None for protocols the proxy does not serve on VIPs."""
+    p = protocol.lower()
+    if p in ("http", "http1", "http/1.1"):
+        return "vip"
+    if p in ("http2", "grpc", "grpc-web", "h2c"):
+        return "h2"
+    if p in ("", "auto"):
+        return "auto"
+    if p in TCP_PROTOCOLS:
+        return "tcp"
+    return None
+
+
+SNIFFED_KINDS = frozenset(("h2", "auto"))
 
 
 def _joined_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

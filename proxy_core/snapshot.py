@@ -18,6 +18,8 @@ Shape of the dict (every key optional unless marked *required*)::
       "outbound_policy": "ALLOW_ANY" | "REGISTRY_ONLY",        # unknown authority: pass through or 502
       "vips": [{"address": "127.10.0.3", "port": 9080,
                 "host": "reviews.default.svc.cluster.local", "protocol": "http"}],
+                  # protocol: http (HTTP/1.1), http2 / grpc (HTTP/2, HTTP/1.1 accepted too),
+                  # auto (sniffed: HTTP/1.1, HTTP/2 or else TCP), tcp (spliced)
       "virtual_hosts": [{
           "name": "reviews.default.svc.cluster.local:9080",
           "host": "reviews.default.svc.cluster.local",
@@ -63,7 +65,7 @@ ROUTE::
                               "retriable-4xx", "retriable-status-codes", "refused-stream"],
                  "retriable_status_codes": [503]},          # null = no retries
      "fault": {"delay": {"fixed_delay": 5.0, "percentage": 100.0},
-               "abort": {"http_status": 500, "percentage": 50.0}},
+               "abort": {"http_status": 500, "percentage": 50.0}},   # or {"grpc_status": 14, ...}
      "headers": HEADER_OPS,
      "cors": CORS,                     # absent = no CORS processing on this route
      "mirrors": [{"cluster": "outbound|9080|v3|reviews...", "percentage": 100.0}]}   # only with "route"
@@ -128,7 +130,8 @@ CLUSTER::
      "retry_budget": {"percent": 20.0, "min_retry_concurrency": 3},
      "locality_lb": {"distribute": [{"from": "us-east/*", "to": {"us-east/z1/*": 80, "us-west/*": 20}}],
                      "failover": [{"from": "us-east", "to": "us-west"}],
-                     "failover_priority": ["topology.kubernetes.io/region"]}}
+                     "failover_priority": ["topology.kubernetes.io/region"]},
+     "protocol": "http2" | "grpc"}   # the port's protocol: these go upstream over HTTP/2; absent: HTTP/1.1
 
 CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
 
@@ -339,6 +342,7 @@ class Fault:
     delay_percentage: float = 100.0
     abort_status: int | None = None
     abort_percentage: float = 100.0
+    abort_grpc_status: int | None = None    # gRPC code of a trailers-only abort (Istio ``grpcStatus``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,7 +412,8 @@ class Route:
         if ft:
             dl, ab = ft.get("delay") or {}, ft.get("abort") or {}
             fault = Fault(delay=dl.get("fixed_delay"), delay_percentage=float(dl.get("percentage", 100.0)),
-                          abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)))
+                          abort_status=ab.get("http_status"), abort_percentage=float(ab.get("percentage", 100.0)),
+                          abort_grpc_status=ab.get("grpc_status"))
         body: str | bytes = (dr or {}).get("body", "")
         if dr and "body_base64" in dr:
             body = base64.b64decode(dr["body_base64"])
@@ -667,6 +672,7 @@ class Cluster:
     outlier_detection: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None
     locality_lb: LocalityLb | None = None
+    http2: bool = False     # requests go upstream over HTTP/2 (port protocol http2 or grpc)
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -685,7 +691,8 @@ class Cluster:
                    connection_pool=ConnectionPool.from_dict(d.get("connection_pool")),
                    outlier_detection=OutlierDetection.from_dict(d.get("outlier_detection")),
                    retry_budget=RetryBudget.from_dict(d.get("retry_budget")),
-                   locality_lb=LocalityLb.from_dict(d.get("locality_lb")))
+                   locality_lb=LocalityLb.from_dict(d.get("locality_lb")),
+                   http2=d.get("protocol") in HTTP2_PROTOCOLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +702,9 @@ class Vip:
     host: str
     protocol: str = "http"
 
+
+# Cluster protocols that Envoy reaches over HTTP/2 (Istio port protocols HTTP2 and GRPC).
+HTTP2_PROTOCOLS = frozenset(("http2", "grpc"))
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TCP_IDLE_TIMEOUT = 3600.0   # Envoy tcp_proxy's idle timeout as Istio sets it (1 hour)

@@ -142,9 +142,9 @@ def source_attributes(source: SourceWorkload) -> dict[str, str]:
 
 def destination_attributes(node: str, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
                            endpoint: Endpoint | None, authority: str, source: SourceWorkload = UNIDENTIFIED,
-                           mutual_tls: bool = False) -> tuple[str, ...]:
+                           mutual_tls: bool = False, grpc_status: int | None = None) -> tuple[str, ...]:
     """The dimension row (``DIMENSION_FIELDS`` order) of requests from ``source`` that went to
-    this destination, over an mTLS tunnel or not."""
+    this destination, over an mTLS tunnel or not, with their gRPC status for gRPC calls."""
     cluster_name = wc.cluster if wc is not None else ""
     is_service = cluster is not None and bool(cluster.service)
     service_name = UNKNOWN
@@ -184,8 +184,8 @@ def destination_attributes(node: str, route: Route | None, wc: WeightedCluster |
         destination_service_namespace=service_namespace,
         destination_canonical_service=labels.get(_CANONICAL_NAME) or app or (service_name if is_service else UNKNOWN),
         destination_canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest",
-        request_protocol="http",
-        grpc_response_status="",
+        request_protocol="http" if grpc_status is None else "grpc",
+        grpc_response_status="" if grpc_status is None else str(grpc_status),
         connection_security_policy=MUTUAL_TLS if mutual_tls else NONE,
         route_name=route.name if route is not None and route.name else UNKNOWN,
     )
@@ -250,9 +250,12 @@ class TelemetryRecorder:
     def record(self, snapshot: Snapshot, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
                endpoint: Endpoint | None, req: RequestInfo | None, start_time: float, response_code: int,
                response_flags: str, duration_ms: float, request_bytes: int, response_bytes: int,
-               source: SourceWorkload = UNIDENTIFIED, mutual_tls: bool = False) -> None:
+               source: SourceWorkload = UNIDENTIFIED, mutual_tls: bool = False, grpc_status: int | None = None) -> None:
         """Buffer one finished request.  ``snapshot`` is the one the request was routed with;
-        ``source`` the workload that sent it; ``mutual_tls`` whether it crossed nodes over mTLS."""
+        ``source`` the workload that sent it; ``mutual_tls`` whether it crossed nodes over mTLS.
+
+        ``grpc_status`` marks a gRPC call: its ``request_protocol`` is ``grpc`` and its
+        ``grpc_response_status`` the code (Istio's labels); it is part of the dimension key."""
         if self._free <= 0:
             self._dropped += 1
             self.dropped_total += 1
@@ -269,11 +272,14 @@ class TelemetryRecorder:
             key: tuple[Any, ...] = (route_name, cluster_name, endpoint_key, source, mutual_tls)
         else:  # the destination service, if any, is the authority the client named
             key = (route_name, cluster_name, endpoint_key, source, mutual_tls, req.authority if req is not None else "")
+        if grpc_status is not None:
+            key = (*key, grpc_status)
         dim = self._index.get(key)
         if dim is None:
             dim = self._index[key] = len(self._dims)
             self._dims.append(destination_attributes(snapshot.node_id, route, wc, cluster, endpoint,
-                                                     req.authority if req is not None else "", source, mutual_tls))
+                                                     req.authority if req is not None else "", source, mutual_tls,
+                                                     grpc_status))
         self._rows.extend((dim, start_time, response_code, response_flags, duration_ms, request_bytes,
                            response_bytes))
 

@@ -26,7 +26,7 @@ T0 = 1_700_000_000.0
 JSON_FIELDS = ["start_time", "method", "path", "protocol", "response_code", "response_flags", "bytes_received",
                "bytes_sent", "duration", "upstream_service_time", "x_forwarded_for", "user_agent", "request_id",
                "authority", "upstream_host", "upstream_cluster", "route_name", "downstream_remote_address",
-               "listener", "downstream_peer_uri_san"]
+               "listener", "downstream_peer_uri_san", "grpc_status"]
 
 
 class FakeClock:

@@ -1206,3 +1206,29 @@ def test_registry_tcp_port_without_virtual_service_goes_to_its_cluster() -> None
     assert all(t["host"] == FQDN("db") for t in snap["tcp_routes"])   # HTTP ports have none
     parsed = Snapshot.from_dict(snap).tcp_routes[(FQDN("db"), 5432)].routes[0]
     assert parsed.idle_timeout == 3600.0      # Envoy's tcp_proxy default as Istio sets it
+
+
+def test_grpc_and_http2_ports_reach_their_clusters_over_http2() -> None:
+    reg = bookinfo_registry()
+    reg.workloads += [wl("rpc", "v1", 44101, NODE_A, service_port=50051, protocol="grpc", port_name="grpc-api"),
+                      wl("rpc", "v1", 44102, NODE_A, service_port=8081, protocol="http2", port_name="http2-web"),
+                      wl("rpc", "v1", 44103, NODE_A, service_port=8080)]
+    reg.vips[FQDN("rpc")] = "127.10.0.10"
+    snap = compile_checked([], reg)
+    clusters = snap["clusters"]
+    assert clusters[f"outbound|50051||{FQDN('rpc')}"]["protocol"] == "grpc"
+    assert clusters[f"outbound|8081||{FQDN('rpc')}"]["protocol"] == "http2"
+    assert "protocol" not in clusters[f"outbound|8080||{FQDN('rpc')}"]
+    assert {"address": "127.10.0.10", "port": 50051, "host": FQDN("rpc"), "protocol": "grpc"} in snap["vips"]
+    parsed = Snapshot.from_dict(snap)
+    assert parsed.clusters[f"outbound|50051||{FQDN('rpc')}"].http2
+    assert not parsed.clusters[f"outbound|8080||{FQDN('rpc')}"].http2
+
+
+def test_fault_abort_grpc_status_is_translated() -> None:
+    vs = vs_doc("ratings", [{"fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 50}}},
+                             "route": [{"destination": {"host": "ratings"}}]}])
+    snap = compile_checked([vs])
+    assert vhost(snap, FQDN("ratings"))["routes"][0]["fault"] == {"abort": {"grpc_status": 14, "percentage": 50.0}}
+    fault = next(v for v in Snapshot.from_dict(snap).virtual_hosts if v.host == FQDN("ratings")).routes[0].fault
+    assert fault is not None and fault.abort_grpc_status == 14 and fault.abort_status is None
