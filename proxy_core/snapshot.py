@@ -27,7 +27,10 @@ Shape of the dict (every key optional unless marked *required*)::
       "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...},
       "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]},  # see mesh/compiler_security.py
       "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...},  # by service host
-      "tcp_routes": [TCP_HOST, ...]      # service ports whose protocol is tcp (VIP listeners splice bytes)
+      "tcp_routes": [TCP_HOST, ...],     # service ports whose protocol is tcp (VIP listeners splice bytes)
+      "tracing": {"sampling": 1.0},      # optional: mesh-wide percent of requests that start a trace
+      "telemetry": {...}                 # optional: Istio's Telemetry API per destination workload
+                                         # (see proxy_core/telemetry_policy.py)
     }
 
 TCP_HOST (Istio VirtualService ``tcp`` rules for one (host, port), as Envoy tcp_proxy filter chains)::
@@ -162,6 +165,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from proxy_core.telemetry_policy import TelemetrySettings
 
 # -- RE2 (Envoy) syntax to Python -------------------------------------------------------------
 
@@ -721,6 +726,8 @@ class Snapshot:
     # Percent of requests without a caller's decision that start a trace (proxy_core.tracing);
     # None: the proxy's own default (--trace-sampling).
     tracing_sampling: float | None = None
+    # Istio's Telemetry API resolved per destination workload (proxy_core.telemetry_policy).
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -747,6 +754,7 @@ class Snapshot:
                                 for host, rl in (d.get("rate_limits") or {}).items() if rl.get("global")},
             tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
             tracing_sampling=_sampling((d.get("tracing") or {}).get("sampling")),
+            telemetry=TelemetrySettings.from_dict(d.get("telemetry")),
             raw=d,
         )
 
