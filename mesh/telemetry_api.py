@@ -41,7 +41,7 @@ from proxy_core.telemetry_expr import Attribute, parse_value
 from proxy_core.telemetry_policy import CAPTURED_ATTRIBUTES
 
 __all__ = ["ISTIO_METRICS", "TagOverride", "MetricOverride", "MetricsPolicy", "MetricPolicies", "WorkloadRef",
-           "applicable", "resolve_metrics", "metric_policies", "compile_telemetry", "mesh_sampling",
+           "applicable", "resolve_metrics", "resolve_proxy", "metric_policies", "compile_telemetry", "mesh_sampling",
            "workload_name"]
 
 # Istio's MetricSelector.IstioMetric -> the metric Mixer exports. GRPC_* are not exported.
