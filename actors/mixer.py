@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -40,12 +41,15 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayError
 
+from actors.galley import config_store, resources_of
+from actors.registry import registry_state, registry_store
 from actors.store import GcsKV
 from mesh.metrics import (COUNTERS, DEFAULT_CLUSTER_ID, TELEMETRY_SCHEMA, Filters, MetricStore, MetricUpdate, Window,
                           aggregate, conform)
 from mesh.quota import QuotaLedger
 from mesh.records import Record
 from mesh.tcp_metrics import aggregate_tcp, conform_tcp, is_tcp_batch
+from mesh.telemetry_api import MetricPolicies, MetricsPolicy, metric_policies
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class MixerOptions(Record):
     cluster_id: str = DEFAULT_CLUSTER_ID    # source_cluster / destination_cluster label value
     dedupe_history: int = 1024              # batch ids remembered per node
     ray_metrics: bool = True                # mirror the counters into Ray's metrics
+    telemetry_refresh_s: float = 1.0        # how often Telemetry metric overrides are re-read
 
 
 
@@ -181,21 +186,29 @@ class RayMirror:
     def record(self, updates: Sequence[MetricUpdate]) -> None:
         for u in updates:
             counter = self._counters.get(u.metric)
-            if counter is not None and u.count > 0:
+            # Ray's counters have fixed tag keys: series relabelled by a Telemetry tag override
+            # are on the Mixer endpoints only.
+            if counter is not None and u.count > 0 and not u.names:
                 counter[0].inc(u.count, tags=dict(zip(counter[1], u.labels)))
+
+
+def _show_policy(policy: MetricsPolicy) -> dict[str, Any]:
+    return {f"{metric}/{reporter}": {"disabled": o.disabled,
+                                      "tags": {t.name: "REMOVE" if t.remove else str(t.value) for t in o.tags}}
+            for (metric, reporter), o in policy.items()}
 
 
 def _as_table(payload: Any) -> pa.Table:
     """One proxy stream (or an in-process table) conformed to its kind's schema."""
     if isinstance(payload, (pa.Table, pa.RecordBatch)):
-        return conform_tcp(payload) if is_tcp_batch(payload.schema) else conform(payload)
+        return conform_tcp(payload) if is_tcp_batch(payload.schema) else conform(payload, keep_attributes=True)
     if isinstance(payload, (bytearray, memoryview)):
         payload = bytes(payload)
     if len(payload) == 0:
         return TELEMETRY_SCHEMA.empty_table()
     with pa.ipc.open_stream(pa.py_buffer(payload) if isinstance(payload, bytes) else payload) as reader:
         table = reader.read_all()
-    return conform_tcp(table) if is_tcp_batch(table.schema) else conform(table)
+    return conform_tcp(table) if is_tcp_batch(table.schema) else conform(table, keep_attributes=True)
 
 
 @ray.remote(concurrency_groups={"quota": 1})
@@ -214,6 +227,9 @@ class Mixer:
         self._batches = BatchLog(self.options.dedupe_history)
         self._counts = {"batches": 0, "rows": 0, "tcp_rows": 0, "duplicates": 0, "rejected": 0}
         self._mirror = RayMirror() if self.options.ray_metrics else None
+        self._policies = MetricPolicies()
+        self._policy_revisions = (-1, -1)
+        self._policy_checked = float("-inf")
         self._quota = QuotaLedger(GcsKV())
         self._server = MetricsServer(self._render, self.options.port + replica if self.options.port else 0)
         self.port = self._server.start()
@@ -242,8 +258,9 @@ class Mixer:
             tables = [_as_table(payload) for payload in ray.get(list(refs), timeout=60)]
             tcp = [t for t in tables if is_tcp_batch(t.schema)]
             tables = [t for t in tables if not is_tcp_batch(t.schema)]
-            updates = [u for t in tables for u in aggregate(t, self.options.cluster_id)]
-            updates += [u for t in tcp for u in aggregate_tcp(t, self.options.cluster_id)]
+            policies = self._metric_policies()
+            updates = [u for t in tables for u in aggregate(t, self.options.cluster_id, policies)]
+            updates += [u for t in tcp for u in aggregate_tcp(t, self.options.cluster_id, policies)]
         except (RayError, pa.ArrowException, ValueError, TypeError) as exc:
             log.warning("rejected telemetry batch %s/%s: %s", node_id, seq, exc)
             with self._lock:
@@ -253,7 +270,7 @@ class Mixer:
         with self._lock:
             self._store.apply(updates)
             for t in tables:
-                self._window.append(t)
+                self._window.append(conform(t))
             self._batches.add(node_id, batch)
             self._counts["batches"] += 1
             self._counts["rows"] += rows
@@ -261,6 +278,28 @@ class Mixer:
         if self._mirror is not None:
             self._mirror.record(updates)
         return {"ok": True, "duplicate": False, "rows": rows}
+
+    def _metric_policies(self) -> MetricPolicies:
+        """Telemetry metric overrides resolved per workload (``mesh.telemetry_api``), re-read
+        from the config and registry collections at most every ``telemetry_refresh_s``."""
+        now = time.monotonic()
+        if now - self._policy_checked < self.options.telemetry_refresh_s:
+            return self._policies
+        self._policy_checked = now
+        try:
+            config, registry = config_store().latest(), registry_store().latest()
+            if (config.number, registry.number) != self._policy_revisions:
+                self._policies = metric_policies(resources_of(config.state), registry_state(registry.state))
+                self._policy_revisions = (config.number, registry.number)
+        except (RayError, ValueError, KeyError, TypeError) as exc:
+            log.warning("keeping the previous Telemetry metric overrides: %s", exc)
+        return self._policies
+
+    def telemetry_policies(self) -> dict[str, Any]:
+        """The metric overrides in force, for inspection: by workload, namespace and mesh-wide."""
+        p = self._metric_policies()
+        return {"workloads": {f"{ns}/{w}": _show_policy(v) for (ns, w), v in p.workloads.items()},
+                "namespaces": {ns: _show_policy(v) for ns, v in p.namespaces.items()}, "mesh": _show_policy(p.mesh)}
 
     @ray.method(concurrency_group="quota")
     def lease(self, client: str, asks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ What it measures (1 KiB responses, HTTP/1.1 keep-alive on both sides):
   for a VirtualService with five routes (header matches, a prefix match, a direct
   response, weighted splits, Istio's default retry policy) over LEAST_REQUEST clusters;
   the JSON access log is on, written to a file.
+* ``one_hop_notel``  the same one-hop proxy started with ``--no-telemetry``: what Mixer's
+  per-request rows cost is the difference (``telemetry_on_vs_off``, target >= 0.9).  Proxies
+  with telemetry on are drained every second over their control socket, as the proxy
+  worker drains them for Mixer, so the Arrow encoding is counted too.
 * ``two_hop``  client -> raymesh A (VIP) -> tunnel (``CONNECT`` to B's inbound listener)
   -> raymesh B -> origin: the cross-node path, both proxies on the same core.
 * ``two_hop_mtls``  the same with mutual TLS on the tunnel: h2load is a workload A knows by
@@ -54,6 +58,7 @@ import subprocess
 import sys
 import ssl
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -337,16 +342,72 @@ def inbound_snapshot(vip_port: int, v1: list[int], v2: list[int]) -> dict[str, A
     }
 
 
+TELEMETRY_INTERVAL = 1.0  # seconds, the proxy worker's flush interval
+
+
+class TelemetryDrain:
+    """Takes a proxy's telemetry batch every second over its control socket, as the proxy
+    worker does for Mixer: without it the recorder fills up and then only counts drops,
+    which would make telemetry look free."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self.batches = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"drain-{path.name}", daemon=True)
+
+    def start(self) -> "TelemetryDrain":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import msgpack
+
+        request = msgpack.packb({"op": "telemetry"}, use_bin_type=True)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(self.path))
+                while not self._stop.wait(TELEMETRY_INTERVAL):
+                    sock.sendall(len(request).to_bytes(4, "big") + request)
+                    size = int.from_bytes(_recv_exactly(sock, 4), "big")
+                    reply = msgpack.unpackb(_recv_exactly(sock, size), raw=False)
+                    self.rows += int(reply.get("rows", 0))
+                    self.batches += 1
+        except OSError as exc:  # the proxy went away: its row reports the failure
+            self.error = str(exc)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("control socket closed")
+        buf += chunk
+    return bytes(buf)
+
+
 def start_raymesh(tools: Tools, workdir: Path, name: str, snapshot: dict[str, Any],
-                  control_path: Path | None = None) -> tuple[Child, dict[str, Any]]:
+                  telemetry: bool = True) -> tuple[Child, dict[str, Any], TelemetryDrain | None]:
+    """A standalone proxy; with ``telemetry`` its rows are drained every second, else it
+    runs with ``--no-telemetry``."""
     snap_path = workdir / f"{name}.json"
     snap_path.write_text(json.dumps(snapshot, indent=1))
+    control = workdir / f"{name}.sock"
+    extra = ["--control", str(control)] if telemetry else ["--no-telemetry"]
     argv = tools.pin([sys.executable, "-m", "proxy_core", "--snapshot", str(snap_path),
-                      "--access-log", str(workdir / f"{name}-access.log"), "--grace", "1",
-                      *(["--control", str(control_path)] if control_path else [])], PROXY_CORE)
+                      "--access-log", str(workdir / f"{name}-access.log"), "--grace", "1", *extra], PROXY_CORE)
     child = Child(name, argv, workdir)
     try:
-        return child, child.read_ready()
+        ready = child.read_ready()
+        return child, ready, TelemetryDrain(control).start() if telemetry else None
     except BaseException:
         child.stop()
         raise
@@ -573,10 +634,18 @@ class Bench:
     origin_kind: str = ""
     tunnel_kinds: dict[str, Callable[[], Tunnels]] = field(default_factory=dict)
     tunnels: dict[str, list[Tunnels]] = field(default_factory=dict)
+    drains: dict[str, TelemetryDrain] = field(default_factory=dict)
 
     def _keep(self, child: Child) -> Child:
         self.children.append(child)
         return child
+
+    def _raymesh(self, name: str, snapshot: dict[str, Any], telemetry: bool = True) -> tuple[Child, dict[str, Any]]:
+        child, ready, drain = start_raymesh(self.tools, self.workdir, name, snapshot, telemetry)
+        self._keep(child)
+        if drain is not None:
+            self.drains[name] = drain
+        return child, ready
 
     def start(self) -> None:
         tools, wd = self.tools, self.workdir
@@ -596,18 +665,23 @@ class Bench:
 
         vip1 = "127.77.250.1"
         vip_port = free_port(vip1)
-        one = self._keep(start_raymesh(tools, wd, "raymesh-one-hop",
-                                       outbound_snapshot(vip1, vip_port, v1, v2, None))[0])
+        one = self._raymesh("raymesh-one-hop", outbound_snapshot(vip1, vip_port, v1, v2, None))[0]
         self.scenarios.append(Scenario("one_hop", "client -> raymesh VIP -> origin",
                                        f"http://{vip1}:{vip_port}/", (one,),
                                        (wd / "raymesh-one-hop-access.log",)))
+        vip3 = "127.77.250.3"
+        vip3_port = free_port(vip3)
+        notel = self._raymesh("raymesh-one-hop-notel", outbound_snapshot(vip3, vip3_port, v1, v2, None),
+                              telemetry=False)[0]
+        self.scenarios.append(Scenario("one_hop_notel", "client -> raymesh VIP (--no-telemetry) -> origin",
+                                       f"http://{vip3}:{vip3_port}/", (notel,),
+                                       (wd / "raymesh-one-hop-notel-access.log",)))
 
-        b, ready_b = start_raymesh(tools, wd, "raymesh-b", inbound_snapshot(vip_port, v1, v2))
-        self._keep(b)
+        b, ready_b = self._raymesh("raymesh-b", inbound_snapshot(vip_port, v1, v2))
         vip2 = "127.77.250.2"
         vip2_port = free_port(vip2)
-        a = self._keep(start_raymesh(tools, wd, "raymesh-a",
-                                     outbound_snapshot(vip2, vip2_port, v1, v2, int(ready_b["ports"]["inbound"])))[0])
+        a = self._raymesh("raymesh-a", outbound_snapshot(vip2, vip2_port, v1, v2,
+                                                         int(ready_b["ports"]["inbound"])))[0]
         self.scenarios.append(Scenario("two_hop", "client -> raymesh A (VIP) -> tunnel -> raymesh B -> origin",
                                        f"http://{vip2}:{vip2_port}/", (a, b),
                                        (wd / "raymesh-a-access.log", wd / "raymesh-b-access.log")))
@@ -626,17 +700,16 @@ class Bench:
     def _start_mtls(self, vip_port: int, v1: list[int], v2: list[int]) -> None:
         """The two-hop pair again, with SVIDs: A presents h2load's (it knows h2load's pid), B the
         origin's; and the new-tunnel measurements on this B's inbound listener."""
-        tools, wd = self.tools, self.workdir
+        wd = self.workdir
         creds = MeshCredentials.issue()
-        ctl_a, ctl_b = wd / "mtls-a.sock", wd / "mtls-b.sock"
-        b, ready_b = start_raymesh(tools, wd, "raymesh-mtls-b", inbound_snapshot(vip_port, v1, v2), ctl_b)
-        self._keep(b)
+        # Each proxy's control socket (start_raymesh) also takes the credentials pushes.
+        ctl_a, ctl_b = wd / "raymesh-mtls-a.sock", wd / "raymesh-mtls-b.sock"
+        b, ready_b = self._raymesh("raymesh-mtls-b", inbound_snapshot(vip_port, v1, v2))
         creds.push(ctl_b, creds.server, {})
         inbound = int(ready_b["ports"]["inbound"])
-        vip = "127.77.250.3"
+        vip = "127.77.250.4"
         port = free_port(vip)
-        a = self._keep(start_raymesh(tools, wd, "raymesh-mtls-a", outbound_snapshot(vip, port, v1, v2, inbound),
-                                     ctl_a)[0])
+        a = self._raymesh("raymesh-mtls-a", outbound_snapshot(vip, port, v1, v2, inbound))[0]
         self.scenarios.append(Scenario(
             "two_hop_mtls", "client (a workload) -> raymesh A (VIP) -> mTLS tunnel -> raymesh B -> origin",
             f"http://{vip}:{port}/", (a, b), (wd / "raymesh-mtls-a-access.log", wd / "raymesh-mtls-b-access.log"),
@@ -649,6 +722,8 @@ class Bench:
         }
 
     def stop(self) -> None:
+        for drain in self.drains.values():
+            drain.stop()
         for child in reversed(self.children):
             child.stop()
 
@@ -700,11 +775,14 @@ def summarize(bench: Bench) -> dict[str, Any]:
 
 
 def ratios(rows: dict[str, Any]) -> dict[str, Any]:
-    """raymesh one-hop against nginx, from the medians of the same run."""
-    one, ngx = rows.get("one_hop"), rows.get("nginx")
-    if not one or not ngx:
-        return {}
+    """raymesh one-hop against nginx, and with telemetry on against off, from the medians of the same run."""
+    one, ngx, notel = rows.get("one_hop"), rows.get("nginx"), rows.get("one_hop_notel")
     out: dict[str, Any] = {}
+    if one and notel and one["rps_per_proxy_core"] and notel["rps_per_proxy_core"]:
+        out["telemetry_on_vs_off"] = round(one["rps_per_proxy_core"] / notel["rps_per_proxy_core"], 3)
+        out["telemetry_on_vs_off_target"] = ">= 0.9"
+    if not one or not ngx:
+        return out
     if one["rps_per_proxy_core"] and ngx["rps_per_proxy_core"]:
         out["rps_per_core_vs_nginx"] = round(one["rps_per_proxy_core"] / ngx["rps_per_proxy_core"], 3)
         out["rps_per_core_target"] = ">= 0.5"
@@ -721,7 +799,7 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 
 def print_table(rows: dict[str, Any], skipped: dict[str, str], rt: dict[str, Any]) -> None:
-    head = (f"{'row':<13}{'req/s':>10}{'range':>17}{'proxy CPU':>10}{'µs/req':>8}{'usr+sys':>12}{'req/s/core':>11}"
+    head = (f"{'row':<14}{'req/s':>10}{'range':>17}{'proxy CPU':>10}{'µs/req':>8}{'usr+sys':>12}{'req/s/core':>11}"
             f"{'p50 µs':>8}{'p90 µs':>8}{'p99 µs':>8}{'+p50 µs':>9}{'fail':>6}")
     print(head)
     print("-" * len(head))
@@ -729,12 +807,14 @@ def print_table(rows: dict[str, Any], skipped: dict[str, str], rt: dict[str, Any
         rng = f"{r['rps_range'][0]:,.0f}-{r['rps_range'][1]:,.0f}" if r["rps_range"] else "-"
         util = f"{r['proxy_cpu_util'] * 100:.0f}%" if r["proxy_cpu_util"] is not None else "-"
         split = f"{r['user_us_per_req']:.0f}+{r['sys_us_per_req']:.0f}" if r["user_us_per_req"] is not None else "-"
-        print(f"{name:<13}{_fmt(r['rps']):>10}{rng:>17}{util:>10}{_fmt(r['cpu_us_per_req'], 1):>8}{split:>12}"
+        print(f"{name:<14}{_fmt(r['rps']):>10}{rng:>17}{util:>10}{_fmt(r['cpu_us_per_req'], 1):>8}{split:>12}"
               f"{_fmt(r['rps_per_proxy_core']):>11}{_fmt(r['p50_us']):>8}{_fmt(r['p90_us']):>8}"
               f"{_fmt(r['p99_us']):>8}{_fmt(r.get('added_p50_us')):>9}{r['failed']:>6}")
     for name, why in skipped.items():
-        print(f"{name:<13}skipped: {why}")
-    if rt:
+        print(f"{name:<14}skipped: {why}")
+    if "telemetry_on_vs_off" in rt:
+        print(f"\nraymesh one-hop, telemetry on / off: req/s per proxy core {rt['telemetry_on_vs_off']} (target >= 0.9)")
+    if "rps_per_core_vs_nginx" in rt:
         print(f"\nraymesh one-hop / nginx: req/s per proxy core {rt.get('rps_per_core_vs_nginx')} (target >= 0.5), "
               f"raw req/s {rt.get('raw_rps_vs_nginx')}, added p50 {rt.get('added_p50_vs_nginx')} (target <= 1.5)")
 
@@ -849,6 +929,7 @@ def run(args: argparse.Namespace, tools: Tools, workdir: Path) -> dict[str, Any]
                       "inbound_cpu_us_per_tunnel": _median([t.inbound_cpu_us_per_tunnel for t in ts]),
                       "resumed": sum(t.resumed for t in ts), "count": sum(t.count for t in ts)}
                for kind, ts in bench.tunnels.items()}
+    drained = {name: {"rows": d.rows, "batches": d.batches, "error": d.error} for name, d in bench.drains.items()}
     return {"machine": info, "origin": bench.origin_kind, "new_tunnels": tunnels,
             "setup": {"response_bytes": BODY_SIZE, "client_core": CLIENT_CORE, "origin_core": CLIENT_CORE,
                       "proxy_core": PROXY_CORE, "pinned": tools.taskset is not None, "rounds": args.rounds,
@@ -856,7 +937,10 @@ def run(args: argparse.Namespace, tools: Tools, workdir: Path) -> dict[str, Any]
                       "latency": f"h2load --h1 -t1 -c10 --rps=100 -r 1 --rate-period=1ms -n{args.latency_requests}"
                                  f" (first {LATENCY_SKIP:.0%} dropped)",
                       "access_log": "on for every proxy (raymesh: JSON lines, batched; nginx: JSON, buffer=64k)",
-                      "access_log_lines": access_lines},
+                      "access_log_lines": access_lines,
+                      "telemetry": f"drained every {TELEMETRY_INTERVAL:g} s over the control socket "
+                                   "(one_hop_notel: --no-telemetry)",
+                      "telemetry_drained": drained},
             "rows": rows, "ratios": rt, "skipped": bench.skipped, "profile": profile}
 
 

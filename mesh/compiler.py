@@ -12,6 +12,7 @@ Pipeline, one small module per topic:
   Istio's default routes;
 * ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
 * ``compiler_security`` / ``compiler_ratelimit``: policies -> ``security`` / ``rate_limits``;
+* ``telemetry_api``: Telemetry resources -> ``telemetry`` and the mesh-wide ``tracing.sampling``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
 Virtual hosts exist for every (host, port).  VirtualService ``http`` rules apply to ports
@@ -61,6 +62,7 @@ from mesh.durations import parse_duration
 from mesh.registry import NodeInfo, RegistryState
 from proxy_core.snapshot import HTTP2_PROTOCOLS
 from mesh.resources import DEFAULT_NAMESPACE, Resource
+from mesh.telemetry_api import compile_telemetry, mesh_sampling
 
 __all__ = ["compile_snapshot", "compile_all", "snapshot_version"]
 
@@ -76,6 +78,8 @@ class _MeshPlan:
     rate_limits: dict[str, Any]
     tcp_routes: list[dict[str, Any]]
     peer_authn: list[PeerAuthnPolicy]
+    telemetry: dict[str, Any] | None      # the Telemetry API's per-workload settings (mesh.telemetry_api)
+    tracing_sampling: float | None        # the mesh-wide randomSamplingPercentage
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -115,11 +119,14 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     services = build_service_index(by_kind, registry)
     mesh_vs = [vs for vs in by_kind.get("VirtualService", []) if binds_mesh(vs)]
     rules = by_kind.get("DestinationRule", [])
+    clusters = build_cluster_plans(services, rules)
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
-                     clusters=build_cluster_plans(services, rules),
+                     clusters=clusters,
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
                      tcp_routes=_tcp_routes(services, mesh_vs, rules),
-                     peer_authn=compile_peer_authentications(resources))
+                     peer_authn=compile_peer_authentications(resources),
+                     telemetry=compile_telemetry(resources, services, clusters),
+                     tracing_sampling=mesh_sampling(resources))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -274,4 +281,8 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "rate_limits": copy.deepcopy(plan.rate_limits),
         "tcp_routes": copy.deepcopy(plan.tcp_routes),
     }
+    if plan.tracing_sampling is not None:
+        snap["tracing"] = {"sampling": plan.tracing_sampling}
+    if plan.telemetry is not None:
+        snap["telemetry"] = copy.deepcopy(plan.telemetry)
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from operator import itemgetter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +31,11 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from proxy_core.telemetry import SCHEMA as TELEMETRY_ROW_SCHEMA
 from proxy_core.telemetry import SCHEMA_NAME
+from proxy_core.telemetry_expr import Attribute
+from proxy_core.telemetry_policy import attribute_column
+
+if TYPE_CHECKING:
+    from mesh.telemetry_api import MetricOverride, MetricPolicies
 
 # The row schema is the proxy's (proxy_core.telemetry): one definition for writer and reader.
 TELEMETRY_SCHEMA = TELEMETRY_ROW_SCHEMA
@@ -112,7 +118,9 @@ class MetricUpdate:
     """An increment of one series: ``labels`` are values in ``LABEL_NAMES`` order.
 
     For a histogram ``buckets`` holds cumulative counts, one per finite bound (Prometheus'
-    ``le`` semantics: value <= bound); ``count`` is the ``+Inf`` bucket.
+    ``le`` semantics: value <= bound); ``count`` is the ``+Inf`` bucket.  ``names`` is empty for
+    the metric's standard labels, else the label names ``labels`` follow (a Telemetry tag
+    override removed or added some).
     """
 
     metric: str
@@ -120,6 +128,7 @@ class MetricUpdate:
     count: int
     sum: float = 0.0
     buckets: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -132,11 +141,22 @@ def decode_batch(data: bytes | pa.Buffer) -> pa.Table:
         return conform(reader.read_all())
 
 
-def conform(table: pa.Table | pa.RecordBatch) -> pa.Table:
+def conform(table: pa.Table | pa.RecordBatch, keep_attributes: bool = False) -> pa.Table:
     """``table`` in ``TELEMETRY_SCHEMA``: columns in contract order, extra ones dropped, plain
-    strings dictionary-encoded, other types cast. Raises ValueError naming a missing column."""
+    strings dictionary-encoded, other types cast. Raises ValueError naming a missing column.
+
+    ``keep_attributes`` keeps the ``attr:...`` columns of captured request attributes (for
+    Telemetry tag overrides) after the contract's columns."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
+    attrs = [n for n in table.column_names if n.startswith("attr:")] if keep_attributes else []
+    if attrs:
+        base = conform(table.drop_columns(attrs))
+        for name in attrs:
+            col = table[name]
+            base = base.append_column(name, pc.dictionary_encode(col.cast(pa.string())) if not
+                                      pa.types.is_dictionary(col.type) else col)
+        return base
     if table.schema.equals(TELEMETRY_SCHEMA, check_metadata=False):
         return table
     missing = [f.name for f in TELEMETRY_SCHEMA if f.name not in table.column_names]
@@ -158,18 +178,25 @@ def _bucket_column(metric: MetricDef, index: int) -> str:
     return f"{metric.column}:le{index}"
 
 
-def aggregate(batch: pa.RecordBatch | pa.Table, cluster_id: str = DEFAULT_CLUSTER_ID) -> list[MetricUpdate]:
+def aggregate(batch: pa.RecordBatch | pa.Table, cluster_id: str = DEFAULT_CLUSTER_ID,
+              policies: "MetricPolicies | None" = None) -> list[MetricUpdate]:
     """The metric increments of one batch, for both reporters.
 
     One hash group-by over the row labels computes every series at once: the request count,
     each histogram's count and sum, and its cumulative bucket counts as sums of ``value <=
     bound`` booleans, so no Python code runs per row.
+
+    ``policies`` (Istio's Telemetry metric overrides, ``mesh.telemetry_api``) are applied per
+    label set: a disabled metric yields no update, tag overrides change its labels.  When
+    they read captured request attributes, those ``attr:...`` columns join the group-by.
     """
-    table = conform(batch)
+    with_policies = policies is not None and not policies.empty
+    table = conform(batch, keep_attributes=with_policies)
     if table.num_rows == 0:
         return []
-    names: list[str] = list(ROW_LABELS)
-    arrays: list[pa.ChunkedArray] = [table[n] for n in ROW_LABELS]
+    keys: list[str] = list(ROW_LABELS) + [n for n in table.column_names if n.startswith("attr:")]
+    names: list[str] = list(keys)
+    arrays: list[pa.ChunkedArray] = [table[n] for n in keys]
     aggs: list[tuple] = [("response_code", "count", pc.CountOptions(mode="all"))]
     for m in HISTOGRAMS:
         assert m.column is not None
@@ -182,30 +209,93 @@ def aggregate(batch: pa.RecordBatch | pa.Table, cluster_id: str = DEFAULT_CLUSTE
             arrays.append(pc.less_equal(values, bound))
             aggs.append((_bucket_column(m, i), "sum"))
     grouped = (pa.table(arrays, names=names).unify_dictionaries()
-               .group_by(list(ROW_LABELS), use_threads=False).aggregate(aggs).to_pydict())
+               .group_by(keys, use_threads=False).aggregate(aggs).to_pydict())
+    # Per label set, Python touches whole columns (list comprehensions, zip, itemgetter), not
+    # cells by name: with ~4 series per label set and reporter this is most of the time.
+    label_columns = [["unknown" if v is None else str(v) for v in grouped[n]] for n in keys]
+    histograms = [(m, grouped[f"{m.column}_count"], grouped[f"{m.column}_sum"],
+                   list(zip(*(grouped[f"{_bucket_column(m, i)}_sum"] for i in range(len(m.buckets))))))
+                  for m in HISTOGRAMS]
+    requests_column = grouped["response_code_count"]
+    pick = {reporter: itemgetter(*_label_plan(keys, reporter)) for reporter in REPORTERS}
+    extras = {"destination": ("destination", cluster_id, SOURCE_SECURITY_POLICY),
+              "source": ("source", cluster_id, SOURCE_SECURITY_POLICY)}
     updates: list[MetricUpdate] = []
-    for g in range(len(grouped["response_code_count"])):
-        row = {n: _label_value(grouped[n][g]) for n in ROW_LABELS}
-        measures = [(m, grouped[f"{m.column}_count"][g], grouped[f"{m.column}_sum"][g] or 0.0,
-                     tuple(int(grouped[f"{_bucket_column(m, i)}_sum"][g] or 0) for i in range(len(m.buckets))))
-                    for m in HISTOGRAMS]
+    for g, values in enumerate(zip(*label_columns)):
+        measures = [(m, counts[g], sums[g] or 0.0, _no_nulls(buckets[g])) for m, counts, sums, buckets in histograms]
+        requests = requests_column[g]
+        row = dict(zip(keys, values)) if with_policies else None
         for reporter in REPORTERS:
-            labels = _labels(row, reporter, cluster_id)
-            updates.append(MetricUpdate(REQUESTS_TOTAL.name, labels, int(grouped["response_code_count"][g])))
-            updates.extend(MetricUpdate(m.name, labels, int(count), float(total), buckets)
-                           for m, count, total, buckets in measures if count)
+            labels = pick[reporter](values + extras[reporter])
+            if row is None:
+                updates.append(MetricUpdate(REQUESTS_TOTAL.name, labels, requests))
+                updates.extend(MetricUpdate(m.name, labels, count, float(total), buckets)
+                               for m, count, total, buckets in measures if count)
+                continue
+            policy = policies.lookup(*_workload_of(row, reporter))  # type: ignore[union-attr]
+            for m, count, total, buckets in ((REQUESTS_TOTAL, requests, 0.0, ()), *measures):
+                if not count:
+                    continue
+                override = policy.get((m.name, reporter))
+                if override is None:
+                    updates.append(MetricUpdate(m.name, labels, count, float(total), buckets))
+                elif not override.disabled:
+                    names_, relabelled = apply_tag_overrides(m.labels, labels, override, row)
+                    updates.append(MetricUpdate(m.name, relabelled, count, float(total), buckets, names_))
     return updates
 
 
-def _label_value(value: object) -> str:
-    return "unknown" if value is None else str(value)
+def _workload_of(row: Mapping[str, str], reporter: str) -> tuple[str, str]:
+    """(namespace, workload) whose Telemetry governs ``reporter``'s view of a row: the server's
+    for ``destination``, the client's for ``source``, as each sidecar reports for itself."""
+    side = "destination" if reporter == "destination" else "source"
+    return row[f"{side}_workload_namespace"], row[f"{side}_workload"]
 
 
-def _labels(row: Mapping[str, str], reporter: str, cluster_id: str) -> tuple[str, ...]:
-    values = dict(row, reporter=reporter, source_cluster=cluster_id, destination_cluster=cluster_id)
+def apply_tag_overrides(names: tuple[str, ...], values: tuple[str, ...], override: "MetricOverride",
+                        row: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A series' labels after ``tagOverrides``: REMOVE drops a label, UPSERT sets one (a new
+    label goes last).  ``names`` is returned empty when the result is the standard set."""
+    labels = dict(zip(names, values))
+    for tag in override.tags:
+        if tag.remove:
+            labels.pop(tag.name, None)
+        else:
+            labels[tag.name] = tag_value(tag.value, row)
+    out_names = tuple(labels)
+    if out_names == names:
+        return (), tuple(labels.values())
+    return out_names, tuple(labels.values())
+
+
+# Attributes a Mixer row carries as columns; captured request attributes come as attr:... columns.
+_ROW_ATTRIBUTES = {"response.code": "response_code", "request.protocol": "request_protocol"}
+
+
+def tag_value(value: "Attribute | str | None", row: Mapping[str, str]) -> str:
+    """An UPSERT's value for one row: a literal, or an attribute's value (``unknown`` when the
+    row cannot tell, as Istio's stats filter writes for an expression it cannot evaluate)."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, str):
+        return value
+    column = _ROW_ATTRIBUTES.get(value.name) or attribute_column(value)
+    return row.get(column, "unknown")
+
+
+def _label_plan(keys: Sequence[str], reporter: str) -> list[int]:
+    """Where each of ``LABEL_NAMES`` comes from in ``values + (reporter, cluster_id,
+    SOURCE_SECURITY_POLICY)``, ``values`` being a group's label values in ``keys`` order.  As
+    in Istio, the source reporter cannot know the server's security policy."""
+    n = len(keys)
+    derived = {"reporter": n, "source_cluster": n + 1, "destination_cluster": n + 1}
     if reporter == "source":
-        values["connection_security_policy"] = SOURCE_SECURITY_POLICY
-    return tuple(values[n] for n in LABEL_NAMES)
+        derived["connection_security_policy"] = n + 2
+    return [derived[name] if name in derived else keys.index(name) for name in LABEL_NAMES]
+
+
+def _no_nulls(buckets: tuple[int | None, ...]) -> tuple[int, ...]:
+    return buckets if None not in buckets else tuple(b or 0 for b in buckets)  # type: ignore[misc]
 
 
 # -- cumulative store and Prometheus exposition --------------------------------------------------
@@ -217,21 +307,27 @@ class Series:
     buckets: list[int] = field(default_factory=list)
 
 
+# A series' key: its label values in the metric's standard order, or (names, values) when
+# Telemetry tag overrides gave it other labels.
+SeriesKey = "tuple[str, ...] | tuple[tuple[str, ...], tuple[str, ...]]"
+
+
 class MetricStore:
     """Cumulative series since this store was created (a restart resets them, which Prometheus'
     ``rate`` treats as a counter reset). Not thread-safe: the owner serializes access."""
 
     def __init__(self) -> None:
-        self._series: dict[str, dict[tuple[str, ...], Series]] = {m.name: {} for m in METRICS}
+        self._series: dict[str, dict[SeriesKey, Series]] = {m.name: {} for m in METRICS}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_IstioCollector(self))
 
     def apply(self, updates: Iterable[MetricUpdate]) -> None:
         for u in updates:
             series = self._series[u.metric]
-            s = series.get(u.labels)
+            key = (u.names, u.labels) if u.names else u.labels
+            s = series.get(key)
             if s is None:
-                s = series[u.labels] = Series(buckets=[0] * len(_BY_NAME[u.metric].buckets))
+                s = series[key] = Series(buckets=[0] * len(_BY_NAME[u.metric].buckets))
             s.count += u.count
             s.sum += u.sum
             for i, n in enumerate(u.buckets):
@@ -240,17 +336,20 @@ class MetricStore:
     def copy(self) -> "MetricStore":
         """A snapshot to render while this store keeps changing (rendering is the slow part)."""
         other = MetricStore()
-        other._series = {name: {labels: Series(s.count, s.sum, list(s.buckets)) for labels, s in series.items()}
+        other._series = {name: {key: Series(s.count, s.sum, list(s.buckets)) for key, s in series.items()}
                          for name, series in self._series.items()}
         return other
 
     def get(self, metric: str, labels: Mapping[str, str]) -> Series | None:
-        return self._series[metric].get(tuple(labels[n] for n in _BY_NAME[metric].labels))
+        """The series with exactly these labels."""
+        names = _BY_NAME[metric].labels
+        if set(labels) == set(names):
+            return self._series[metric].get(tuple(labels[n] for n in names))
+        return next((s for lab, s in self.series(metric) if lab == dict(labels)), None)
 
     def series(self, metric: str) -> Iterator[tuple[dict[str, str], Series]]:
-        names = _BY_NAME[metric].labels
-        for labels, s in self._series[metric].items():
-            yield dict(zip(names, labels)), s
+        for key, s in self._series[metric].items():
+            yield _label_dict(metric, key), s
 
     def series_count(self) -> int:
         return sum(len(s) for s in self._series.values())
@@ -261,15 +360,33 @@ class MetricStore:
     def families(self) -> Iterator[Metric]:
         for m in COUNTERS:
             counters = CounterMetricFamily(m.name, m.help, labels=m.labels)
-            for labels, s in self._series[m.name].items():
-                counters.add_metric(labels, s.count)
+            for key, s in self._series[m.name].items():
+                if key and isinstance(key[0], tuple):  # relabelled by a tag override
+                    counters.add_sample(m.name, _label_dict(m.name, key), s.count)
+                else:
+                    counters.add_metric(key, s.count)
             yield counters
         for m in HISTOGRAMS:
             family = HistogramMetricFamily(m.name, m.help, labels=LABEL_NAMES)
             les = [format(b, "g") for b in m.buckets]   # Go's %g, as Envoy writes le: "0.5", "1", "1.8e+06"
-            for labels, s in self._series[m.name].items():
-                family.add_metric(labels, list(zip(les, s.buckets)) + [("+Inf", s.count)], s.sum)
+            for key, s in self._series[m.name].items():
+                buckets = list(zip(les, s.buckets)) + [("+Inf", s.count)]
+                if key and isinstance(key[0], tuple):
+                    labels = _label_dict(m.name, key)
+                    for le, n in buckets:
+                        family.add_sample(f"{m.name}_bucket", {**labels, "le": le}, n)
+                    family.add_sample(f"{m.name}_count", labels, s.count)
+                    family.add_sample(f"{m.name}_sum", labels, s.sum)
+                else:
+                    family.add_metric(key, buckets, s.sum)
             yield family
+
+
+def _label_dict(metric: str, key: SeriesKey) -> dict[str, str]:
+    if key and isinstance(key[0], tuple):
+        names, values = key  # type: ignore[misc]
+        return dict(zip(names, values))
+    return dict(zip(_BY_NAME[metric].labels, key))  # type: ignore[arg-type]
 
 
 class _IstioCollector:

@@ -13,10 +13,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from typing import TYPE_CHECKING
+
 from mesh.metrics import (DEFAULT_CLUSTER_ID, REPORTERS, SOURCE_SECURITY_POLICY, TCP_COUNTERS, TCP_LABEL_NAMES,
-                          MetricUpdate)
+                          MetricUpdate, apply_tag_overrides)
 from proxy_core.tcp_telemetry import SCHEMA as TCP_SCHEMA
 from proxy_core.tcp_telemetry import SCHEMA_NAME as TCP_SCHEMA_NAME
+
+if TYPE_CHECKING:
+    from mesh.telemetry_api import MetricPolicies
 
 _DERIVED = ("reporter", "source_cluster", "destination_cluster")
 TCP_ROW_LABELS: tuple[str, ...] = tuple(n for n in TCP_LABEL_NAMES if n not in _DERIVED)
@@ -46,8 +51,12 @@ def conform_tcp(table: pa.Table | pa.RecordBatch) -> pa.Table:
     return pa.table(columns, schema=TCP_SCHEMA)
 
 
-def aggregate_tcp(batch: pa.Table | pa.RecordBatch, cluster_id: str = DEFAULT_CLUSTER_ID) -> list[MetricUpdate]:
-    """The counter increments of one TCP batch, for both reporters (zero increments omitted)."""
+def aggregate_tcp(batch: pa.Table | pa.RecordBatch, cluster_id: str = DEFAULT_CLUSTER_ID,
+                  policies: "MetricPolicies | None" = None) -> list[MetricUpdate]:
+    """The counter increments of one TCP batch, for both reporters (zero increments omitted),
+    after the Telemetry metric overrides in ``policies`` as ``mesh.metrics.aggregate`` applies
+    them (request attributes are ``unknown`` for a TCP connection)."""
+    with_policies = policies is not None and not policies.empty
     table = conform_tcp(batch)
     if table.num_rows == 0:
         return []
@@ -63,8 +72,17 @@ def aggregate_tcp(batch: pa.Table | pa.RecordBatch, cluster_id: str = DEFAULT_CL
             if reporter == "source":
                 values["connection_security_policy"] = SOURCE_SECURITY_POLICY
             labels = tuple(values[n] for n in TCP_LABEL_NAMES)
+            side = "destination" if reporter == "destination" else "source"
+            policy = policies.lookup(row[f"{side}_workload_namespace"], row[f"{side}_workload"]) \
+                if with_policies else {}  # type: ignore[union-attr]
             for m in TCP_COUNTERS:
                 total = int(grouped[f"{m.column}_sum"][g] or 0)
-                if total:
+                if not total:
+                    continue
+                override = policy.get((m.name, reporter))
+                if override is None:
                     updates.append(MetricUpdate(m.name, labels, total))
+                elif not override.disabled:
+                    names, relabelled = apply_tag_overrides(m.labels, labels, override, row)
+                    updates.append(MetricUpdate(m.name, relabelled, total, names=names))
     return updates

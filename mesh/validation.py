@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 from mesh.durations import DurationError, parse_duration_exact
 from mesh.loader import Document
 from mesh.resources import API_VERSIONS, DEFAULT_NAMESPACE, KIND_GROUPS, Resource
+from proxy_core.telemetry_expr import ExpressionError, parse_filter, parse_value
 
 try:  # Python >= 3.11
     from re import _parser as _sre_parse  # type: ignore[attr-defined]
@@ -1697,6 +1698,11 @@ def _validate_telemetry(spec: dict[str, Any], namespace: str, out: _Issues) -> N
         if logging.get("filter") is not None and not expression:
             out.append((f"spec.accessLogging[{i}].filter.expression",
                         "Required value: filter expression must not be empty"))
+        elif expression:
+            try:
+                parse_filter(str(expression))
+            except ExpressionError as exc:
+                out.append((f"spec.accessLogging[{i}].filter.expression", f"unsupported by raymesh: {exc}"))
     for i, tracing in enumerate(spec.get("tracing") or []):
         for tag in tracing.get("customTags") or {}:
             if not tag:
@@ -1708,6 +1714,11 @@ def _validate_tag_override(tag: str, change: dict[str, Any], path: str, out: _Is
     # An unset operation is UPSERT (the proto's zero value), which the CEL rule does not see.
     if "operation" not in change and not change.get("value"):
         out.append((f"{path}.value", "Required value: value must be set when operation is UPSERT"))
+    elif change.get("operation", "UPSERT") == "UPSERT" and change.get("value"):
+        try:
+            parse_value(str(change["value"]))
+        except ExpressionError as exc:
+            out.append((f"{path}.value", f"unsupported by raymesh: {exc}"))
 
 
 _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {

@@ -77,6 +77,7 @@ from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPol
 from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
+from proxy_core.telemetry_policy import access_log_allowed
 from proxy_core.tracing import Tracer, trace_finished, trace_upstream
 from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
 
@@ -1559,7 +1560,7 @@ class Exchange:
         if server.tracer is not None:
             trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log
-        if alog.enabled:
+        if alog.enabled and access_log_allowed(self):
             req = self.req
             head = self.head
             headers = req.headers if req is not None else {}

@@ -29,7 +29,10 @@ Shape of the dict (every key optional unless marked *required*)::
       "clusters": {"outbound|9080|v1|reviews.default.svc.cluster.local": CLUSTER, ...},
       "security": {"authz": [POLICY, ...], "jwt": [RULESET, ...]},  # see mesh/compiler_security.py
       "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...},  # by service host
-      "tcp_routes": [TCP_HOST, ...]      # service ports whose protocol is tcp (VIP listeners splice bytes)
+      "tcp_routes": [TCP_HOST, ...],     # service ports whose protocol is tcp (VIP listeners splice bytes)
+      "tracing": {"sampling": 1.0},      # optional: mesh-wide percent of requests that start a trace
+      "telemetry": {...}                 # optional: Istio's Telemetry API per destination workload
+                                         # (see proxy_core/telemetry_policy.py)
     }
 
 TCP_HOST (Istio VirtualService ``tcp`` rules for one (host, port), as Envoy tcp_proxy filter chains)::
@@ -179,6 +182,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from proxy_core.telemetry_policy import TelemetrySettings
 
 # -- RE2 (Envoy) syntax to Python -------------------------------------------------------------
 
@@ -888,6 +893,8 @@ class Snapshot:
     # load balancing compares endpoints against.
     node_locality: str = ""
     node_labels: Mapping[str, str] = field(default_factory=dict)
+    # Istio's Telemetry API resolved per destination workload (proxy_core.telemetry_policy).
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -916,6 +923,7 @@ class Snapshot:
             tracing_sampling=_sampling((d.get("tracing") or {}).get("sampling")),
             node_locality=(d.get("node") or {}).get("locality") or "",
             node_labels={str(k): str(v) for k, v in ((d.get("node") or {}).get("labels") or {}).items()},
+            telemetry=TelemetrySettings.from_dict(d.get("telemetry")),
             raw=d,
         )
 

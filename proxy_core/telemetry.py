@@ -53,6 +53,7 @@ from proxy_core.http1 import RequestHead
 from proxy_core.router import RequestInfo
 from proxy_core.snapshot import Cluster, Endpoint, Route, Snapshot, WeightedCluster
 from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
+from proxy_core.telemetry_policy import attribute_column, capture_values
 
 SCHEMA_NAME = "raymesh.telemetry.v1"
 DEFAULT_MAX_ROWS = 65536
@@ -73,6 +74,8 @@ _LZ4 = pa.ipc.IpcWriteOptions(compression="lz4")
 # Columns that hold one value per request, in the order ``record`` appends them after the
 # dimension index.
 _ROW_FIELDS = ("start_time", "response_code", "response_flags", "duration_ms", "request_bytes", "response_bytes")
+# After them, per row: None, or the request attributes that metric tag overrides read
+# ({column: value}, see proxy_core.telemetry_policy); drain adds them as ``attr:...`` columns.
 
 SCHEMA = pa.schema([
     ("start_time", pa.timestamp("ms", tz="UTC")),
@@ -107,7 +110,7 @@ SCHEMA = pa.schema([
 
 # The dimension columns, in schema order: one tuple of these per destination.
 DIMENSION_FIELDS: tuple[str, ...] = tuple(f.name for f in SCHEMA if f.name not in _ROW_FIELDS)
-_STRIDE = 1 + len(_ROW_FIELDS)
+_STRIDE = 2 + len(_ROW_FIELDS)
 
 MUTUAL_TLS = "mutual_tls"
 NONE = "none"
@@ -222,7 +225,7 @@ def _dimension_columns(dims: list[tuple[str, ...]], index: pa.Array) -> dict[str
 class TelemetryRecorder:
     """A bounded buffer of request rows; ``record`` runs once per request, ``drain`` once per flush.
 
-    Rows live in one flat list, ``1 + len(_ROW_FIELDS)`` entries per request: one ``extend``
+    Rows live in one flat list, ``2 + len(_ROW_FIELDS)`` entries per request: one ``extend``
     is cheaper than an ``append`` per column, and ``drain`` slices the columns back out with
     a stride.  When ``max_rows`` rows are buffered, further requests are counted as dropped:
     telemetry never blocks or slows a request.
@@ -280,13 +283,17 @@ class TelemetryRecorder:
             self._dims.append(destination_attributes(snapshot.node_id, route, wc, cluster, endpoint,
                                                      req.authority if req is not None else "", source, mutual_tls,
                                                      grpc_status))
+        capture = snapshot.telemetry.capture
+        attrs = ({attribute_column(a): v for a, v in zip(capture, capture_values(capture, req))}
+                 if capture else None)
         self._rows.extend((dim, start_time, response_code, response_flags, duration_ms, request_bytes,
-                           response_bytes))
+                           response_bytes, attrs))
 
     def drain(self) -> tuple[bytes, int, int]:
         """Take everything buffered as ``(Arrow IPC stream bytes, rows, dropped since last drain)``.
 
-        The stream holds one RecordBatch in ``SCHEMA``; with nothing buffered it is ``b""``.
+        The stream holds one RecordBatch in ``SCHEMA``, plus one ``attr:...`` string column per
+        request attribute the snapshot asked to capture; with nothing buffered it is ``b""``.
         """
         rows, dims, dropped = self._rows, self._dims, self._dropped
         self._rows, self._dims, self._index, self._dropped = [], [], {}, 0
@@ -303,8 +310,16 @@ class TelemetryRecorder:
         columns["duration_ms"] = pa.array(rows[4::_STRIDE], pa.float64())
         columns["request_bytes"] = pa.array(rows[5::_STRIDE], pa.int64())
         columns["response_bytes"] = pa.array(rows[6::_STRIDE], pa.int64())
-        batch = pa.RecordBatch.from_arrays([columns[f.name] for f in SCHEMA], schema=SCHEMA)
+        schema = SCHEMA
+        arrays = [columns[f.name] for f in SCHEMA]
+        captured = rows[7::_STRIDE]
+        names = sorted({c for attrs in captured if attrs for c in attrs})
+        for name in names:
+            schema = schema.append(pa.field(name, _DICT))
+            arrays.append(pa.array([attrs.get(name) if attrs else None for attrs in captured],
+                                   pa.string()).dictionary_encode())
+        batch = pa.RecordBatch.from_arrays(arrays, schema=schema)
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, SCHEMA, options=_LZ4 if n >= _COMPRESS_ROWS else _PLAIN) as writer:
+        with pa.ipc.new_stream(sink, schema, options=_LZ4 if n >= _COMPRESS_ROWS else _PLAIN) as writer:
             writer.write_batch(batch)
         return sink.getvalue().to_pybytes(), n, dropped

@@ -5,9 +5,10 @@ What Envoy's tracer does for Istio, without a collector on the request path:
 * **Continue or start.**  A request carrying ``traceparent`` (W3C), or B3 (``x-b3-traceid`` /
   ``x-b3-spanid`` / ``x-b3-sampled``, or the single ``b3`` header) continues that trace: this
   hop gets a new span id whose parent is the caller's span.  A request without one starts a
-  trace when the dice say so, at the sampling rate (percent; the snapshot's
-  ``tracing.sampling`` when the control plane sets one, else the proxy's default, 1% like
-  Istio's ``meshConfig.defaultConfig.tracing.sampling``).
+  trace when the dice say so, at the sampling rate (percent: the destination's Telemetry
+  ``randomSamplingPercentage``, else the snapshot's mesh-wide ``tracing.sampling``, else the
+  proxy's default, 1% like Istio's ``meshConfig.defaultConfig.tracing.sampling``); a
+  destination with ``disableSpanReporting`` still propagates the decision but writes no span.
 * **Follow the caller's decision.**  An incoming sampled flag (W3C ``01``/``00``, B3
   ``1``/``0``/``d``) is obeyed: a trace the caller sampled is recorded here too, one it did
   not is only propagated.  Only a context without a decision (B3 ids without a flag) is
@@ -33,6 +34,8 @@ import json
 import random
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from proxy_core.telemetry_policy import report_spans, sampling_rate
 
 DEFAULT_SAMPLING = 1.0   # percent, Istio's default
 _HEX = frozenset("0123456789abcdef")
@@ -201,7 +204,7 @@ def trace_upstream(tracer: Tracer, ex: Any, out: list[tuple[bytes, bytes]]) -> l
     """Decide this hop's span (kept on ``ex.span``) and return the upstream headers ``out`` with
     its propagation headers in place of the caller's; ``out`` itself when nothing is traced."""
     req = ex.req
-    span = tracer.start(req.headers if req is not None else {}, ex.state.snapshot.tracing_sampling)
+    span = tracer.start(req.headers if req is not None else {}, sampling_rate(ex))
     ex.span = span
     if span is None:
         return out
@@ -216,7 +219,7 @@ def trace_finished(tracer: Tracer, ex: Any, duration_ms: float, response_flags: 
     span = ex.span
     if span is None and not ex.up_head:
         req = ex.req
-        span = tracer.start(req.headers if req is not None else {}, ex.state.snapshot.tracing_sampling)
-    if span is not None and span.sampled:
+        span = tracer.start(req.headers if req is not None else {}, sampling_rate(ex))
+    if span is not None and span.sampled and report_spans(ex):
         tracer.record(span, ex.state.snapshot.node_id, ex, duration_ms, response_flags)
 
