@@ -52,6 +52,7 @@ from mesh.workload import workload_api_path
 from mesh.client import acall_any
 from mesh.identity import IdentityError, PrivateKey, key_pem, load_certs, make_csr, new_workload_key, spiffe_id
 from mesh.records import Record
+from proxy_core.source_identity import parent_pid
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,6 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class Identity:
     namespace: str
     service_account: str
-
-
-def parent_pid(pid: int) -> int | None:
-    """The parent of ``pid`` from /proc, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
 def _alive_actors() -> dict[str, Any]:

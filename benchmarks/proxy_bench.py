@@ -367,31 +367,13 @@ class TelemetryDrain:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        import msgpack
-
-        request = msgpack.packb({"op": "telemetry"}, use_bin_type=True)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(10)
-                sock.connect(str(self.path))
-                while not self._stop.wait(TELEMETRY_INTERVAL):
-                    sock.sendall(len(request).to_bytes(4, "big") + request)
-                    size = int.from_bytes(_recv_exactly(sock, 4), "big")
-                    reply = msgpack.unpackb(_recv_exactly(sock, size), raw=False)
-                    self.rows += int(reply.get("rows", 0))
-                    self.batches += 1
+            while not self._stop.wait(TELEMETRY_INTERVAL):
+                reply = control.call(str(self.path), {"op": "telemetry"})
+                self.rows += int(reply.get("rows", 0))
+                self.batches += 1
         except OSError as exc:  # the proxy went away: its row reports the failure
             self.error = str(exc)
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("control socket closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def start_raymesh(tools: Tools, workdir: Path, name: str, snapshot: dict[str, Any],

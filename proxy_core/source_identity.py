@@ -126,12 +126,13 @@ def holds_socket(pid: int, inode: int) -> bool:
 
 
 def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` from /proc, or None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
