@@ -87,6 +87,7 @@ cdef class Exchange:
     cdef public object mirror_pending
     cdef public object authz
     cdef public object span
+    cdef public object cache
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -54,6 +54,7 @@ from typing import Any, Callable
 
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
+from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, cache_stats
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
@@ -129,6 +130,7 @@ class _State:
     local_endpoints: frozenset[tuple[str, int]]
     rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
     security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
+    caches: dict[str, HttpCache]                 # by destination service; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -147,14 +149,15 @@ class _State:
 
     @classmethod
     def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, quota: QuotaBook, security: SecurityRuntime,
-              previous: "_State | None" = None) -> "_State":
-        """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
-        ``previous`` keep their tokens, so a config push does not refill them."""
+              cache_counters: CacheStats, previous: "_State | None" = None) -> "_State":
+        """Derive the state of ``snapshot``; rate-limit buckets and caches whose spec is unchanged
+        since ``previous`` keep their tokens and entries, so a config push does not reset them."""
         balancers = {name: make_balancer(c, rng) for name, c in snapshot.clusters.items()}
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
-        return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security))
+        caches = build_caches(snapshot, previous.caches if previous else None, cache_counters)
+        return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security), caches)
 
 
 @dataclass(slots=True)
@@ -197,7 +200,8 @@ class ProxyServer:
         self.clock = clock                      # drives rate-limit token buckets
         self.quota = QuotaBook(clock)           # global rate limit leases, fetched by the supervisor
         self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
-        self.state = _State.build(snapshot, self.rng, clock, self.quota, self.security)
+        self.cache_counters = CacheStats()      # HTTP cache counters, kept across swaps
+        self.state = _State.build(snapshot, self.rng, clock, self.quota, self.security, self.cache_counters)
         self.access_log = access_log or AccessLog(enabled=False)
         self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
@@ -228,7 +232,8 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.security, self.state)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.security, self.cache_counters,
+                                 self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -337,7 +342,8 @@ class ProxyServer:
                 "upstream_connects": self.pool.connects, "upstream_idle": self.pool.idle_count(),
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
-                "security": self.security.stats.to_dict(), "mtls": self.mtls.stats()}
+                "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
+                "cache": cache_stats(self.cache_counters, self.state.caches)}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -631,6 +637,7 @@ class Exchange:
         self.mirror_pending: tuple[list[tuple[bytes, bytes]], bytes] | None = None   # (headers, path) until the body ends
         self.authz: RequestAuthorization | None = None   # set when AuthorizationPolicy applies to the destination
         self.span: Any = None                          # this hop's tracing.Span, when a tracer traces it
+        self.cache: CacheFilter | None = None          # set when the response matters to an HTTP cache
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -897,6 +904,9 @@ class Exchange:
         mirrored = not upgrade and route is not None and bool(route.mirrors)
         if mirrored:
             self.mirror_pending = (list(out), path.encode("latin-1"))
+        cache = self.state.caches.get(self.cluster.service) if self.state.caches else None
+        if cache is not None and not upgrade and self.authz is None and CacheFilter.start(cache, self, path, authority, out):
+            return  # answered from the cache
         if upgrade:
             out.append((b"connection", b"upgrade"))
         elif head.chunked:
@@ -1000,6 +1010,8 @@ class Exchange:
     def _send(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.attach(self)
+        if self.cache is not None:
+            conn.parser.sink = self.cache   # it forwards every part to this exchange
         if self.head.method == b"HEAD":
             conn.parser.expect_head_response()
         self.up_start = time.monotonic()
