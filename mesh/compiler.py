@@ -11,7 +11,8 @@ Pipeline, one small module per topic:
 * ``compiler_routes``: VirtualService ``http`` rules -> routes, ``tcp`` rules -> tcp routes,
   Istio's default routes;
 * ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
-* ``compiler_security`` / ``compiler_ratelimit``: policies -> ``security`` / ``rate_limits``;
+* ``compiler_security`` / ``compiler_ratelimit`` / ``compiler_cache``: policies -> ``security`` /
+  ``rate_limits`` / ``caches``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
 Virtual hosts exist for every (host, port).  VirtualService ``http`` rules apply to ports
@@ -50,6 +51,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from mesh.compiler_cache import compile_caches
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
 from mesh.compiler_peerauthn import PeerAuthnPolicy, compile_peer_authentications, mtls_mode
 from mesh.compiler_ratelimit import compile_rate_limits
@@ -73,6 +75,7 @@ class _MeshPlan:
     clusters: dict[str, ClusterPlan]
     security: dict[str, Any]
     rate_limits: dict[str, Any]
+    caches: dict[str, Any]
     tcp_routes: list[dict[str, Any]]
     peer_authn: list[PeerAuthnPolicy]
 
@@ -117,6 +120,7 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
                      clusters=build_cluster_plans(services, rules),
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
+                     caches=compile_caches(resources),
                      tcp_routes=_tcp_routes(services, mesh_vs, rules),
                      peer_authn=compile_peer_authentications(resources))
 
@@ -256,4 +260,6 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         "rate_limits": copy.deepcopy(plan.rate_limits),
         "tcp_routes": copy.deepcopy(plan.tcp_routes),
     }
+    if plan.caches:
+        snap["caches"] = copy.deepcopy(plan.caches)
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}
