@@ -75,7 +75,7 @@ from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.tracing import Tracer, trace_finished, trace_upstream
-from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
+from proxy_core.upstream import ConnectError, Dialer, Pipe, UpgradeRest, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("proxy_core.server")
 
@@ -1236,6 +1236,7 @@ class Exchange:
         pipe = Pipe()
         conn.transport.set_protocol(pipe)
         pipe.connection_made(conn.transport)
+        conn.parser.sink = UpgradeRest(pipe)   # the origin's first frames, read with the 101
         self._splice(pipe, conn.transport)
 
     def upstream_error(self, exc: ProtocolError) -> None:
