@@ -22,7 +22,9 @@ A port where the chosen VirtualService yields no rule (e.g. every match names an
 falls back to the default route instead of answering 404 for the whole port.
 
 Ports whose protocol is TCP also get ``tcp_routes`` (VirtualService ``tcp`` rules, else the
-service's own cluster), which the proxy's tcp VIP listeners splice by.  Each tcp route's
+service's own cluster), which the proxy's tcp VIP listeners splice by; ports whose protocol is
+TLS or HTTPS get ``tls_routes`` (VirtualService ``tls`` rules matched on SNI, then the
+service's own cluster), which the proxy's tls VIP listeners route by the ClientHello.  Each tcp route's
 ``idle_timeout`` is the ``connectionPool.tcp.idleTimeout`` of the DestinationRule (with its
 subset and port-level settings) of the route's first destination, as Istio sets one
 tcp_proxy idle timeout per filter chain; without one the proxy uses Envoy's 1 hour.
@@ -49,7 +51,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mesh.compiler_cache import compile_caches
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
@@ -57,7 +59,7 @@ from mesh.compiler_peerauthn import PeerAuthnPolicy, compile_peer_authentication
 from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import ROOT_NAMESPACE, compile_security
 from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
-                                  translate_tcp_routes)
+                                  translate_tcp_routes, translate_tls_routes)
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
 from mesh.durations import parse_duration
 from mesh.registry import NodeInfo, RegistryState
@@ -77,6 +79,7 @@ class _MeshPlan:
     rate_limits: dict[str, Any]
     caches: dict[str, Any]
     tcp_routes: list[dict[str, Any]]
+    tls_routes: list[dict[str, Any]]
     peer_authn: list[PeerAuthnPolicy]
 
 
@@ -121,7 +124,8 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
                      clusters=build_cluster_plans(services, rules),
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
                      caches=compile_caches(resources),
-                     tcp_routes=_tcp_routes(services, mesh_vs, rules),
+                     tcp_routes=_l4_routes(services, mesh_vs, rules, ("tcp",), translate_tcp_routes),
+                     tls_routes=_l4_routes(services, mesh_vs, rules, _TLS_PROTOCOLS, translate_tls_routes),
                      peer_authn=compile_peer_authentications(resources))
 
 
@@ -179,16 +183,20 @@ def _virtual_hosts(services: Mapping[str, Service], mesh_vs: Sequence[Resource])
     return out
 
 
-def _tcp_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource],
-                rules: Sequence[Resource]) -> list[dict[str, Any]]:
-    """One entry per TCP service port: its tcp routes, each with its idle timeout if configured."""
+_TLS_PROTOCOLS = ("tls", "https")   # ports routed by SNI: Istio sends TLS and HTTPS ports through SNI filter chains
+
+
+def _l4_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource], rules: Sequence[Resource],
+               protocols: Sequence[str], translate: Callable[..., list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per service port of ``protocols``: its tcp (or tls) routes, each with its idle
+    timeout if configured."""
     out = []
     for svc in services.values():
         vs = select_virtual_service(svc.host, mesh_vs)
         for p in svc.ports:
-            if p.protocol != "tcp":
+            if p.protocol not in protocols:
                 continue
-            routes = translate_tcp_routes(vs, svc.host, p.number, services.get)
+            routes = translate(vs, svc.host, p.number, services.get)
             for route in routes:
                 idle = _idle_timeout(route["route"][0]["cluster"], rules)
                 if idle is not None:
@@ -262,4 +270,6 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
     }
     if plan.caches:
         snap["caches"] = copy.deepcopy(plan.caches)
+    if plan.tls_routes:
+        snap["tls_routes"] = copy.deepcopy(plan.tls_routes)
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

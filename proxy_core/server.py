@@ -30,7 +30,8 @@ Listeners (all on loopback):
   two nodes co-hosted on one machine (a multi-node cluster on a laptop or CI runner) --
   can all bind the same ``VIP:port``; the kernel spreads connections among them and every
   one of them has the same routes.  A VIP whose protocol is ``tcp`` is not parsed at all:
-  ``proxy_core.tcp`` splices its connections to the destination of its tcp routes.
+  ``proxy_core.tcp`` splices its connections to the destination of its tcp routes; one whose
+  protocol is ``tls`` or ``https`` is routed by its ClientHello's SNI, then spliced the same way.
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
   this node, answered 200 and spliced.  mTLS terminates here (``proxy_core.mtls_inbound``);
   the target's PeerAuthentication mode decides whether a plaintext tunnel may pass.
@@ -71,7 +72,7 @@ from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
-from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
+from proxy_core.tcp import TCP_PROTOCOLS, TLS_PROTOCOLS, TcpProxy, TcpSession, TlsSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.tracing import Tracer, trace_finished, trace_upstream
@@ -173,7 +174,7 @@ class Stats:
 
 @dataclass(slots=True)
 class _Listener:
-    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" (a tcp-protocol VIP)
+    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" | "tls" (tcp / tls-protocol VIPs)
     name: str                     # shown in access logs
     host: str
     config_port: int
@@ -249,9 +250,10 @@ class ProxyServer:
             if vip.protocol.lower() in ("http", "http1", "http/1.1"):
                 desired[("vip", vip.address, vip.port)] = _Listener("vip", f"{vip.address}:{vip.port}",
                                                                     vip.address, vip.port, vip)
-            elif vip.protocol.lower() in TCP_PROTOCOLS:
-                desired[("tcp", vip.address, vip.port)] = _Listener("tcp", f"{vip.address}:{vip.port}",
-                                                                    vip.address, vip.port, vip)
+            elif vip.protocol.lower() in TCP_PROTOCOLS or vip.protocol.lower() in TLS_PROTOCOLS:
+                kind = "tcp" if vip.protocol.lower() in TCP_PROTOCOLS else "tls"
+                desired[(kind, vip.address, vip.port)] = _Listener(kind, f"{vip.address}:{vip.port}",
+                                                                   vip.address, vip.port, vip)
         opened: list[_Listener] = []
         try:
             for key, spec in desired.items():
@@ -276,8 +278,8 @@ class ProxyServer:
 
     async def _bind(self, spec: _Listener) -> None:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], asyncio.Protocol] = partial(TcpSession if spec.kind == "tcp" else HttpConnection,
-                                                          self, spec)
+        session = {"tcp": TcpSession, "tls": TlsSession}.get(spec.kind, HttpConnection)
+        factory: Callable[[], asyncio.Protocol] = partial(session, self, spec)
         if spec.kind == "inbound":
             factory = partial(InboundSniffer, self.mtls, factory)
         spec.server = await loop.create_server(factory, spec.host, spec.config_port,
@@ -290,8 +292,8 @@ class ProxyServer:
         return {spec.kind: spec.port for spec in self._listeners.values() if spec.kind in ("http_proxy", "inbound")}
 
     def vip_ports(self) -> dict[str, int]:
-        """Actual bound ports of the VIP listeners, HTTP and TCP, by ``address:port`` as configured."""
-        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind in ("vip", "tcp")}
+        """Actual bound ports of the VIP listeners, HTTP, TCP and TLS, by ``address:port`` as configured."""
+        return {spec.name: spec.port for spec in self._listeners.values() if spec.kind in ("vip", "tcp", "tls")}
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
