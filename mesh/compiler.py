@@ -11,7 +11,8 @@ Pipeline, one small module per topic:
 * ``compiler_routes``: VirtualService ``http`` rules -> routes, ``tcp`` rules -> tcp routes,
   Istio's default routes;
 * ``compiler_clusters``: DestinationRule subsets and traffic policy -> clusters;
-* ``compiler_security`` / ``compiler_ratelimit``: policies -> ``security`` / ``rate_limits``;
+* ``compiler_security`` / ``compiler_ratelimit`` / ``compiler_cache``: policies -> ``security`` /
+  ``rate_limits`` / ``caches``;
 * ``telemetry_api``: Telemetry resources -> ``telemetry`` and the mesh-wide ``tracing.sampling``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
@@ -22,7 +23,9 @@ A port where the chosen VirtualService yields no rule (e.g. every match names an
 falls back to the default route instead of answering 404 for the whole port.
 
 Ports whose protocol is TCP also get ``tcp_routes`` (VirtualService ``tcp`` rules, else the
-service's own cluster), which the proxy's tcp VIP listeners splice by.  Each tcp route's
+service's own cluster), which the proxy's tcp VIP listeners splice by; ports whose protocol is
+TLS or HTTPS get ``tls_routes`` (VirtualService ``tls`` rules matched on SNI, then the
+service's own cluster), which the proxy's tls VIP listeners route by the ClientHello.  Each tcp route's
 ``idle_timeout`` is the ``connectionPool.tcp.idleTimeout`` of the DestinationRule (with its
 subset and port-level settings) of the route's first destination, as Istio sets one
 tcp_proxy idle timeout per filter chain; without one the proxy uses Envoy's 1 hour.
@@ -49,14 +52,15 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+from mesh.compiler_cache import compile_caches
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
 from mesh.compiler_peerauthn import PeerAuthnPolicy, compile_peer_authentications, mtls_mode
 from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import ROOT_NAMESPACE, compile_security
 from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
-                                  translate_tcp_routes)
+                                  translate_tcp_routes, translate_tls_routes)
 from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
 from mesh.durations import parse_duration
 from mesh.registry import NodeInfo, RegistryState
@@ -76,7 +80,9 @@ class _MeshPlan:
     clusters: dict[str, ClusterPlan]
     security: dict[str, Any]
     rate_limits: dict[str, Any]
+    caches: dict[str, Any]
     tcp_routes: list[dict[str, Any]]
+    tls_routes: list[dict[str, Any]]
     peer_authn: list[PeerAuthnPolicy]
     telemetry: dict[str, Any] | None      # the Telemetry API's per-workload settings (mesh.telemetry_api)
     tracing_sampling: float | None        # the mesh-wide randomSamplingPercentage
@@ -123,7 +129,9 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
     return _MeshPlan(vips=_vips(services), virtual_hosts=_virtual_hosts(services, mesh_vs),
                      clusters=clusters,
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
-                     tcp_routes=_tcp_routes(services, mesh_vs, rules),
+                     caches=compile_caches(resources),
+                     tcp_routes=_l4_routes(services, mesh_vs, rules, ("tcp",), translate_tcp_routes),
+                     tls_routes=_l4_routes(services, mesh_vs, rules, _TLS_PROTOCOLS, translate_tls_routes),
                      peer_authn=compile_peer_authentications(resources),
                      telemetry=compile_telemetry(resources, services, clusters),
                      tracing_sampling=mesh_sampling(resources))
@@ -183,16 +191,20 @@ def _virtual_hosts(services: Mapping[str, Service], mesh_vs: Sequence[Resource])
     return out
 
 
-def _tcp_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource],
-                rules: Sequence[Resource]) -> list[dict[str, Any]]:
-    """One entry per TCP service port: its tcp routes, each with its idle timeout if configured."""
+_TLS_PROTOCOLS = ("tls", "https")   # ports routed by SNI: Istio sends TLS and HTTPS ports through SNI filter chains
+
+
+def _l4_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource], rules: Sequence[Resource],
+               protocols: Sequence[str], translate: Callable[..., list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per service port of ``protocols``: its tcp (or tls) routes, each with its idle
+    timeout if configured."""
     out = []
     for svc in services.values():
         vs = select_virtual_service(svc.host, mesh_vs)
         for p in svc.ports:
-            if p.protocol != "tcp":
+            if p.protocol not in protocols:
                 continue
-            routes = translate_tcp_routes(vs, svc.host, p.number, services.get)
+            routes = translate(vs, svc.host, p.number, services.get)
             for route in routes:
                 idle = _idle_timeout(route["route"][0]["cluster"], rules)
                 if idle is not None:
@@ -285,4 +297,8 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         snap["tracing"] = {"sampling": plan.tracing_sampling}
     if plan.telemetry is not None:
         snap["telemetry"] = copy.deepcopy(plan.telemetry)
+    if plan.caches:
+        snap["caches"] = copy.deepcopy(plan.caches)
+    if plan.tls_routes:
+        snap["tls_routes"] = copy.deepcopy(plan.tls_routes)
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -51,7 +51,7 @@ from mesh.quota import UNITS
 from mesh.registry import service_fqdn
 from mesh.resources import Resource
 
-__all__ = ["compile_rate_limits", "DEFAULT_DENY_STATUS"]
+__all__ = ["compile_rate_limits", "policy_hosts", "DEFAULT_DENY_STATUS"]
 
 DEFAULT_DENY_STATUS = 429                # Envoy's local rate limit default (Too Many Requests)
 _SERVICE_GROUPS = ("", "core")
@@ -65,12 +65,12 @@ def compile_rate_limits(resources: Sequence[Resource]) -> dict[str, dict[str, An
     out: dict[str, dict[str, Any]] = {}
     for policy in policies:
         compiled = _compile_policy(policy)
-        for host in _policy_hosts(policy, entries):
+        for host in policy_hosts(policy, entries):
             out.setdefault(host, compiled)
     return {host: out[host] for host in sorted(out)}
 
 
-def _policy_hosts(policy: Resource, service_entries: Mapping[tuple[str, str], Resource]) -> list[str]:
+def policy_hosts(policy: Resource, service_entries: Mapping[tuple[str, str], Resource]) -> list[str]:
     """The service hosts ``policy`` applies to, without duplicates, in the order written."""
     spec = policy.spec
     hosts: list[str] = [resolve_host(str(h), policy.namespace) for h in spec.get("hosts") or ()]

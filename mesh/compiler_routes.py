@@ -26,8 +26,12 @@ Scope for node proxies (the mesh "gateway"):
   above.  As in Istio, a port whose rules have no catch-all gets the service's own cluster
   as a last route, so a connection matching no rule still reaches the service.
 * ``fault.abort.grpcStatus`` becomes a trailers-only gRPC reply with that code (HTTP 200).
-* ``tls`` rules, ``delegate``, ``delay.exponentialDelay``
-  and ``retryRemoteLocalities`` are not translated yet.
+* ``tls`` rules apply to ports whose protocol is TLS or HTTPS (``translate_tls_routes``), as
+  Envoy's SNI filter chains: a match's ``sniHosts`` (lower-cased; ``*.`` wildcards) and
+  ``destinationSubnets`` travel to the proxy, ``port`` selects the port, ``sourceLabels`` /
+  ``sourceNamespace`` drop the match.  The service's own cluster is the last route (Istio's
+  passthrough filter chain), so a name no rule claims still reaches the service.
+* ``delegate``, ``delay.exponentialDelay`` and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
   scheme's port (80/443); otherwise the redirect keeps the request's port.
 """
@@ -112,6 +116,30 @@ def translate_tcp_routes(vs: Resource | None, host: str, port: int, lookup: Serv
     if not any(not r["match"] or any(not m for m in r["match"]) for r in out):
         out.append(default_tcp_route(host, port))
     return out
+
+
+def translate_tls_routes(vs: Resource | None, host: str, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The tls routes of the TLS port ``host:port``: the rules of ``vs`` that apply, in order,
+    then the default route (the service's own cluster for any SNI)."""
+    out = []
+    for index, rule in enumerate((vs.spec.get("tls") or ()) if vs is not None else ()):
+        matches = [m for m in (_translate_tls_match(r, port) for r in rule.get("match") or ()) if m is not None]
+        if not matches or not rule.get("route"):
+            continue
+        assert vs is not None
+        destinations = _translate_destinations(vs, rule["route"], port, lookup)
+        if destinations:
+            out.append({"name": f"{vs.namespace}/{vs.name}/{index}", "match": matches, "route": destinations})
+    out.append(default_tcp_route(host, port))
+    return out
+
+
+def _translate_tls_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
+    """One TLSMatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
+    l4 = _translate_l4_match(m, port)
+    if l4 is None:
+        return None
+    return {"sni_hosts": [str(h).lower() for h in m.get("sniHosts") or ()], **l4}
 
 
 def _applies_to_mesh_port(m: Mapping[str, Any], port: int) -> bool:

@@ -25,6 +25,9 @@ KIND_GROUPS: dict[str, str] = {
     # raymesh's own kind: Istio configures rate limits through EnvoyFilter, which raymesh does not
     # accept (it patches Envoy internals), so local rate limits get a first-class resource.
     "RateLimitPolicy": "policy.raymesh.io",
+    # raymesh's own kind: Istio has no HTTP cache API (Envoy's cache filter is reached only
+    # through EnvoyFilter), so a destination's response cache gets a first-class resource.
+    "CachePolicy": "policy.raymesh.io",
 }
 
 API_VERSIONS: dict[str, tuple[str, ...]] = {
@@ -48,6 +51,7 @@ for _kind, _aliases in {
     "AuthorizationPolicy": ("authorizationpolicy", "authorizationpolicies", "ap"),
     "Telemetry": ("telemetry", "telemetries"),  # Istio's short name is the singular itself
     "RateLimitPolicy": ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
+    "CachePolicy": ("cachepolicy", "cachepolicies", "cp"),
 }.items():
     for _a in _aliases:
         KIND_ALIASES[_a] = _kind

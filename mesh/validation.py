@@ -1,5 +1,5 @@
 """Validation of Istio networking, security and telemetry objects (and raymesh's
-RateLimitPolicy) before Galley commits them.
+RateLimitPolicy and CachePolicy) before Galley commits them.
 
 Three layers, in the order the Kubernetes apiserver and Istio's validating webhook apply them:
 
@@ -1583,14 +1583,13 @@ def _attribute_value_error(key: str, value: str) -> str | None:
 
 # --------------------------------------------------------------------------- RateLimitPolicy
 
-# What a RateLimitPolicy may target: services, registry or ServiceEntry ones.
+# What a RateLimitPolicy or CachePolicy may target: services, registry or ServiceEntry ones.
 _RATE_LIMIT_TARGETS = (("core", "Service"), ("networking.istio.io", "ServiceEntry"))
 
 
-def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
-    """raymesh's RateLimitPolicy: the schema checks types, ranges and durations (>= 1ms);
-    this checks what a schema cannot say: one way to name the services, hosts that are
-    service names, a bucket somewhere, route selectors that can match."""
+def _validate_service_targets(spec: dict[str, Any], out: _Issues) -> None:
+    """raymesh's policies name services one way: ``targetRefs`` to Services or ServiceEntries,
+    or ``hosts`` that are service names (no wildcards, no IPs, no duplicates)."""
     refs: list[dict[str, Any]] = spec.get("targetRefs") or []
     hosts: list[str] = spec.get("hosts") or []
     if bool(refs) == bool(hosts):
@@ -1611,6 +1610,13 @@ def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issu
             out.append((path, f"Invalid value: {host!r}: {error}"))
         if host in hosts[:i]:
             out.append((path, f"Duplicate value: {host!r}"))
+
+
+def _validate_rate_limit_policy(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    """raymesh's RateLimitPolicy: the schema checks types, ranges and durations (>= 1ms);
+    this checks what a schema cannot say: one way to name the services, hosts that are
+    service names, a bucket somewhere, route selectors that can match."""
+    _validate_service_targets(spec, out)
     if "local" not in spec and "global" not in spec:
         out.append(("spec", "Required value: at least one of local or global must be set"))
     if "global" in spec:
@@ -1680,6 +1686,33 @@ def _validate_rate_limit_match(match: dict[str, Any], path: str, out: _Issues) -
                 _check_regex(string_match["regex"], f"{path}.{field}[{name}].regex", out)
 
 
+# --------------------------------------------------------------------------- CachePolicy
+
+DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_CACHE_MAX_ENTRY_BYTES = 1024 * 1024
+
+
+def _validate_cache_policy(spec: dict[str, Any], namespace: str, out: _Issues) -> None:
+    """raymesh's CachePolicy: the schema checks types and ranges; this checks the services it
+    names, that one entry fits the whole cache (defaults included), and ``defaultTtl``."""
+    _validate_service_targets(spec, out)
+    max_bytes = spec.get("maxBytes", DEFAULT_CACHE_MAX_BYTES)
+    max_entry = spec.get("maxEntryBytes", DEFAULT_CACHE_MAX_ENTRY_BYTES)
+    if max_entry > max_bytes:
+        out.append(("spec.maxEntryBytes", f"Invalid value: {max_entry}: must not exceed maxBytes ({max_bytes})"))
+    if "defaultTtl" in spec:
+        ttl = spec["defaultTtl"]
+        try:
+            seconds = parse_duration_exact(ttl)
+        except DurationError:
+            out.append(("spec.defaultTtl", f"Invalid value: {ttl!r}: not a duration (e.g. 30s, 5m)"))
+            return
+        if seconds < 0:
+            out.append(("spec.defaultTtl", f"Invalid value: {ttl!r}: must not be negative"))
+        elif (seconds * 1000).denominator != 1:
+            out.append(("spec.defaultTtl", f"Invalid value: {ttl!r}: only durations to ms precision are supported"))
+
+
 # --------------------------------------------------------------------------- Telemetry
 
 
@@ -1732,4 +1765,5 @@ _SEMANTIC_RULES: dict[str, Callable[[dict[str, Any], str, _Issues], None]] = {
     "AuthorizationPolicy": _validate_authorization_policy,
     "Telemetry": _validate_telemetry,
     "RateLimitPolicy": _validate_rate_limit_policy,
+    "CachePolicy": _validate_cache_policy,
 }

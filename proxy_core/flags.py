@@ -26,6 +26,7 @@ DPE: Final = "DPE"  # downstream protocol error
 UPE: Final = "UPE"  # upstream protocol error
 NC: Final = "NC"    # no cluster found for the route's destination
 RBAC: Final = "RBAC"  # denied by AuthorizationPolicy (Envoy's rbac filter)
+RFCF: Final = "RFCF"  # response served from the cache filter (proxy_core.cache)
 
 NONE: Final = "-"
 

@@ -91,6 +91,7 @@ cdef class Exchange:
     cdef public object up_tls
     cdef public object resilience
     cdef public object grpc_status
+    cdef public object cache
 
     cpdef start(self)
     cpdef _to_cluster(self)

@@ -30,7 +30,8 @@ Listeners (all on loopback):
   two nodes co-hosted on one machine (a multi-node cluster on a laptop or CI runner) --
   can all bind the same ``VIP:port``; the kernel spreads connections among them and every
   one of them has the same routes.  A VIP whose protocol is ``tcp`` is not parsed at all:
-  ``proxy_core.tcp`` splices its connections to the destination of its tcp routes.
+  ``proxy_core.tcp`` splices its connections to the destination of its tcp routes; one whose
+  protocol is ``tls`` or ``https`` is routed by its ClientHello's SNI, then spliced the same way.
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
   this node, answered 200 and spliced.  mTLS terminates here (``proxy_core.mtls_inbound``);
   the target's PeerAuthentication mode decides whether a plaintext tunnel may pass.
@@ -56,6 +57,7 @@ from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
 from proxy_core.grpc_wire import trailers_only
 from proxy_core.http2_upstream import H2UpstreamPool
+from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, cache_stats
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
@@ -74,12 +76,12 @@ from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
-from proxy_core.tcp import TCP_PROTOCOLS, TcpProxy, TcpSession
+from proxy_core.tcp import TCP_PROTOCOLS, TLS_PROTOCOLS, TcpProxy, TcpSession, TlsSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
 from proxy_core.telemetry_policy import access_log_allowed
 from proxy_core.tracing import Tracer, trace_finished, trace_upstream
-from proxy_core.upstream import ConnectError, Dialer, Pipe, UpstreamConnection, UpstreamPool
+from proxy_core.upstream import ConnectError, Dialer, Pipe, UpgradeRest, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("proxy_core.server")
 
@@ -135,6 +137,7 @@ class _State:
     rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
     security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
     resilience: dict[str, ClusterResilience]     # by cluster; only clusters with limits or outlier detection
+    caches: dict[str, HttpCache]                 # by destination service; empty when no policy applies
     _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -153,9 +156,10 @@ class _State:
 
     @classmethod
     def build(cls, snapshot: Snapshot, rng: random.Random, clock: Clock, quota: QuotaBook, security: SecurityRuntime,
-              previous: "_State | None" = None) -> "_State":
-        """Derive the state of ``snapshot``; rate-limit buckets whose spec is unchanged since
-        ``previous`` keep their tokens, so a config push does not refill them."""
+              cache_counters: CacheStats, previous: "_State | None" = None) -> "_State":
+        """Derive the state of ``snapshot``; rate-limit buckets, caches and circuit breakers whose
+        spec is unchanged since ``previous`` keep their tokens, entries and counts, so a config
+        push does not reset them."""
         resilience = build_resilience(snapshot.clusters, previous.resilience if previous else None, clock)
         balancers = {name: make_balancer(c, rng, getattr(resilience.get(name), "detector", None),
                                          snapshot.node_locality, snapshot.node_labels)
@@ -163,8 +167,9 @@ class _State:
         local = frozenset((ep.address, ep.port) for c in snapshot.clusters.values() for ep in c.endpoints
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
+        caches = build_caches(snapshot, previous.caches if previous else None, cache_counters)
         return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security),
-                   resilience)
+                   resilience, caches)
 
 
 @dataclass(slots=True)
@@ -180,8 +185,8 @@ class Stats:
 
 @dataclass(slots=True)
 class _Listener:
-    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" (a tcp-protocol VIP) | "h2" | "auto"
-                                  # (HTTP/2 or sniffed VIPs, see proxy_core.sniff)
+    kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" | "tls" (tcp / tls-protocol VIPs)
+                                  # | "h2" | "auto" (HTTP/2 or sniffed VIPs, see proxy_core.sniff)
     name: str                     # shown in access logs
     host: str
     config_port: int
@@ -208,7 +213,8 @@ class ProxyServer:
         self.clock = clock                      # drives rate-limit token buckets
         self.quota = QuotaBook(clock)           # global rate limit leases, fetched by the supervisor
         self.security = SecurityRuntime()       # JWKS cache and authn/authz counters, kept across swaps
-        self.state = _State.build(snapshot, self.rng, clock, self.quota, self.security)
+        self.cache_counters = CacheStats()      # HTTP cache counters, kept across swaps
+        self.state = _State.build(snapshot, self.rng, clock, self.quota, self.security, self.cache_counters)
         self.access_log = access_log or AccessLog(enabled=False)
         self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
@@ -240,7 +246,8 @@ class ProxyServer:
 
     async def swap(self, snapshot: Snapshot) -> None:
         """Install ``snapshot`` atomically; on any error (bad config, bind failure) the old one stays."""
-        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.security, self.state)
+        new_state = _State.build(snapshot, self.rng, self.clock, self.quota, self.security, self.cache_counters,
+                                 self.state)
         await self._reconcile(snapshot)
         self.state = new_state
 
@@ -281,8 +288,8 @@ class ProxyServer:
 
     async def _bind(self, spec: _Listener) -> None:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], asyncio.Protocol] = partial(TcpSession if spec.kind == "tcp" else HttpConnection,
-                                                          self, spec)
+        session = {"tcp": TcpSession, "tls": TlsSession}.get(spec.kind, HttpConnection)
+        factory: Callable[[], asyncio.Protocol] = partial(session, self, spec)
         if spec.kind == "inbound":
             factory = partial(InboundSniffer, self.mtls, factory)
         elif spec.kind in SNIFFED_KINDS:
@@ -298,9 +305,9 @@ class ProxyServer:
         return {spec.kind: spec.port for spec in self._listeners.values() if spec.kind in ("http_proxy", "inbound")}
 
     def vip_ports(self) -> dict[str, int]:
-        """Actual bound ports of the VIP listeners, HTTP and TCP, by ``address:port`` as configured."""
+        """Actual bound ports of the VIP listeners, HTTP, TCP and TLS, by ``address:port`` as configured."""
         return {spec.name: spec.port for spec in self._listeners.values()
-                if spec.kind in ("vip", "tcp") or spec.kind in SNIFFED_KINDS}
+                if spec.kind in ("vip", "tcp", "tls") or spec.kind in SNIFFED_KINDS}
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
@@ -354,7 +361,8 @@ class ProxyServer:
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
-                "clusters": {name: r.stats() for name, r in self.state.resilience.items()}}
+                "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
+                "cache": cache_stats(self.cache_counters, self.state.caches)}
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry
@@ -654,6 +662,7 @@ class Exchange:
         self.up_tls: UpstreamTls | None = None        # the last attempt's transport security (telemetry)
         self.resilience: ClusterResilience | None = None   # the cluster's circuit breakers / outlier detection
         self.grpc_status: int | None = None            # the reply's grpc-status, for gRPC calls
+        self.cache: CacheFilter | None = None          # set when the response matters to an HTTP cache
         server.counters.active_requests += 1
 
     # crash containment: a bug in one request never takes the proxy down
@@ -932,6 +941,9 @@ class Exchange:
         mirrored = not upgrade and route is not None and bool(route.mirrors)
         if mirrored:
             self.mirror_pending = (list(out), path.encode("latin-1"))
+        cache = self.state.caches.get(self.cluster.service) if self.state.caches else None
+        if cache is not None and not upgrade and self.authz is None and CacheFilter.start(cache, self, path, authority, out):
+            return  # answered from the cache
         if upgrade:
             out.append((b"connection", b"upgrade"))
         elif head.chunked:
@@ -1040,6 +1052,8 @@ class Exchange:
     def _send(self, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.attach(self)
+        if self.cache is not None:
+            conn.parser.sink = self.cache   # it forwards every part to this exchange
         if self.head.method == b"HEAD":
             conn.parser.expect_head_response()
         self.up_start = time.monotonic()
@@ -1277,6 +1291,7 @@ class Exchange:
         pipe = Pipe()
         conn.transport.set_protocol(pipe)
         pipe.connection_made(conn.transport)
+        conn.parser.sink = UpgradeRest(pipe)   # the origin's first frames, read with the 101
         self._splice(pipe, conn.transport)
 
     def upstream_error(self, exc: ProtocolError) -> None:
@@ -1594,8 +1609,9 @@ class Exchange:
 
 def listener_kind(protocol: str) -> str | None:
     """The listener a VIP port of ``protocol`` gets: HTTP/1.1 (``vip``), HTTP/2 with HTTP/1.1
-    accepted too (``h2``), detected from the first bytes (``auto``) or spliced (``tcp``);
-    None for protocols the proxy does not serve on VIPs."""
+    accepted too (``h2``), detected from the first bytes (``auto``), spliced (``tcp``) or
+    spliced by the SNI of its TLS ClientHello (``tls``); None for protocols the proxy does
+    not serve on VIPs."""
     p = protocol.lower()
     if p in ("http", "http1", "http/1.1"):
         return "vip"
@@ -1605,6 +1621,8 @@ def listener_kind(protocol: str) -> str | None:
         return "auto"
     if p in TCP_PROTOCOLS:
         return "tcp"
+    if p in TLS_PROTOCOLS:
+        return "tls"
     return None
 
 

@@ -31,9 +31,29 @@ Shape of the dict (every key optional unless marked *required*)::
       "rate_limits": {"reviews.default.svc.cluster.local": RATE_LIMIT, ...},  # by service host
       "tcp_routes": [TCP_HOST, ...],     # service ports whose protocol is tcp (VIP listeners splice bytes)
       "tracing": {"sampling": 1.0},      # optional: mesh-wide percent of requests that start a trace
-      "telemetry": {...}                 # optional: Istio's Telemetry API per destination workload
+      "telemetry": {...},                # optional: Istio's Telemetry API per destination workload
                                          # (see proxy_core/telemetry_policy.py)
+      "tls_routes": [TLS_HOST, ...],     # service ports whose protocol is tls/https: SNI routing, no decryption
+      "caches": {"reviews.default.svc.cluster.local": CACHE, ...}   # by destination service host
     }
+
+CACHE (a CachePolicy, see mesh/compiler_cache.py and proxy_core/cache.py)::
+
+    {"policy": "default/reviews-cache",
+     "max_bytes": 67108864,         # the whole cache of this host, LRU-evicted beyond it
+     "max_entry_bytes": 1048576,    # larger bodies are not stored
+     "default_ttl": 0.0}            # heuristic freshness (seconds) for responses without an
+                                    # explicit lifetime; 0 = none (they are stored only to be revalidated)
+
+TLS_HOST (Istio VirtualService ``tls`` rules for one (host, port): routed by the ClientHello's SNI)::
+
+    {"name": "web.default.svc.cluster.local:443",
+     "host": "web.default.svc.cluster.local", "port": 443,
+     "routes": [{"name": "default/web/0",
+                 "match": [{"sni_hosts": ["a.example.com", "*.example.org"],
+                            "destination_subnets": ["127.10.0.0/16"]}],   # OR of matches; AND inside
+                 "route": [{"cluster": "outbound|443|v1|web...", "weight": 100}],
+                 "idle_timeout": 3600.0}]}
 
 TCP_HOST (Istio VirtualService ``tcp`` rules for one (host, port), as Envoy tcp_proxy filter chains)::
 
@@ -773,6 +793,87 @@ class TcpHost:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsMatch:
+    """Istio TLSMatchAttributes left for the proxy: SNI names (``*.`` wildcards) and VIP subnets."""
+
+    sni_hosts: tuple[str, ...] = ()
+    destination_subnets: tuple[IpNetwork, ...] = ()
+
+    def matches(self, sni: str | None, address: str) -> bool:
+        if self.sni_hosts and (sni is None or not any(_sni_matches(h, sni) for h in self.sni_hosts)):
+            return False
+        return TcpMatch(self.destination_subnets).matches(address)
+
+
+def _sni_matches(pattern: str, sni: str) -> bool:
+    """Envoy's server_names: exact (case-insensitive), or ``*.suffix`` for names under the suffix."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1
+    return sni == pattern
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRoute:
+    """One VirtualService ``tls`` rule: SNI matches (OR-ed, empty = any) and weighted clusters."""
+
+    name: str
+    matches: tuple[TlsMatch, ...]
+    clusters: tuple[WeightedCluster, ...]
+    total_weight: int
+    idle_timeout: float | None = DEFAULT_TCP_IDLE_TIMEOUT
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TlsRoute":
+        base = TcpRoute.from_dict(d)
+        matches = tuple(TlsMatch(tuple(str(h).lower() for h in m.get("sni_hosts") or ()),
+                                 tuple(ipaddress.ip_network(n, strict=False) for n in m.get("destination_subnets") or ()))
+                        for m in d.get("match") or ())
+        return cls(base.name, matches, base.clusters, base.total_weight, base.idle_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsHost:
+    """The tls routes of one service port, in rule order."""
+
+    name: str
+    host: str
+    port: int
+    routes: tuple[TlsRoute, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TlsHost":
+        return cls(name=d.get("name", f"{d['host']}:{d['port']}"), host=d["host"], port=int(d["port"]),
+                   routes=tuple(TlsRoute.from_dict(r) for r in d.get("routes") or ()))
+
+    def route_for(self, sni: str | None, address: str) -> TlsRoute | None:
+        """The first route one of whose matches holds for ``sni`` on a connection to ``address``."""
+        name = sni.lower() if sni is not None else None
+        return next((r for r in self.routes if not r.matches or any(m.matches(name, address) for m in r.matches)),
+                    None)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """A destination service's HTTP cache (a CachePolicy); equality decides whether a config push
+    keeps the cache's entries."""
+
+    policy: str
+    max_bytes: int
+    max_entry_bytes: int
+    default_ttl: float = 0.0      # seconds of heuristic freshness; 0: no heuristic
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CacheSpec":
+        spec = cls(str(d.get("policy", "")), int(d["max_bytes"]), int(d["max_entry_bytes"]),
+                   float(d.get("default_ttl", 0.0)))
+        if spec.max_bytes <= 0 or not 0 < spec.max_entry_bytes <= spec.max_bytes or spec.default_ttl < 0:
+            raise ValueError(f"cache {spec.policy!r}: want 0 < max_entry_bytes <= max_bytes and default_ttl >= 0")
+        return spec
+
+
+@dataclass(frozen=True, slots=True)
 class TokenBucketSpec:
     """Envoy's ``type.v3.TokenBucket``; equality decides whether a config push keeps a bucket."""
 
@@ -886,6 +987,8 @@ class Snapshot:
     rate_limits: Mapping[str, LocalRateLimit] = field(default_factory=dict)   # by service host
     global_rate_limits: Mapping[str, GlobalRateLimit] = field(default_factory=dict)   # by service host
     tcp_routes: Mapping[tuple[str, int], TcpHost] = field(default_factory=dict)  # by (host, port)
+    tls_routes: Mapping[tuple[str, int], TlsHost] = field(default_factory=dict)  # by (host, port)
+    caches: Mapping[str, CacheSpec] = field(default_factory=dict)                # by destination service host
     # Percent of requests without a caller's decision that start a trace (proxy_core.tracing);
     # None: the proxy's own default (--trace-sampling).
     tracing_sampling: float | None = None
@@ -920,6 +1023,8 @@ class Snapshot:
             global_rate_limits={host: GlobalRateLimit.from_dict(rl["global"])
                                 for host, rl in (d.get("rate_limits") or {}).items() if rl.get("global")},
             tcp_routes={(t.host, t.port): t for t in (TcpHost.from_dict(x) for x in d.get("tcp_routes") or ())},
+            tls_routes={(t.host, t.port): t for t in (TlsHost.from_dict(x) for x in d.get("tls_routes") or ())},
+            caches={host: CacheSpec.from_dict(c) for host, c in (d.get("caches") or {}).items()},
             tracing_sampling=_sampling((d.get("tracing") or {}).get("sampling")),
             node_locality=(d.get("node") or {}).get("locality") or "",
             node_labels={str(k): str(v) for k, v in ((d.get("node") or {}).get("labels") or {}).items()},

@@ -23,6 +23,12 @@ Counters follow Istio's TCP metrics, counted when a connection closes (``istio_t
 ``istio_tcp_sent_bytes_total`` = upstream to client), per destination cluster, for ``stats()``.
 For Mixer a session also reports to ``proxy_core.tcp_telemetry`` (with Istio's labels, and
 periodically while it is open).
+
+TLS passthrough (``tls`` and ``https`` service ports, ``TlsSession``) is the same session with
+one step first, Envoy's ``tls_inspector``: the client's first bytes are read (not decrypted)
+until its ClientHello is complete (``proxy_core.sni``), the VirtualService ``tls`` route is
+chosen by its SNI and the VIP address, and the ClientHello is the first thing the upstream
+gets.  A client that sends no complete ClientHello within ``HELLO_TIMEOUT`` is closed.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from proxy_core import flags
 from proxy_core.lb import LoadBalancer
 from proxy_core.router import Router
 from proxy_core.security_filter import ClusterSecurity, source_principal
-from proxy_core.snapshot import Endpoint, Snapshot, Vip
+from proxy_core.sni import MAX_CLIENT_HELLO, read_client_hello
+from proxy_core.snapshot import Endpoint, Snapshot, TcpRoute, TlsRoute, Vip
 from proxy_core.mtls import Mtls
 from proxy_core.mtls_client import upstream_tls
 from proxy_core.tcp_telemetry import TcpTelemetry, open_session, refuse_session
@@ -44,6 +51,8 @@ from proxy_core.source_identity import SourceWorkload
 from proxy_core.upstream import Dialer, Pipe
 
 TCP_PROTOCOLS = frozenset({"tcp"})
+TLS_PROTOCOLS = frozenset({"tls", "https"})
+HELLO_TIMEOUT = 15.0   # Envoy's listener_filters_timeout
 
 
 # -- what a session needs from the server -------------------------------------------------------
@@ -97,6 +106,8 @@ class TcpProxy:
     downstream_connections_total: int = 0
     failures: dict[str, int] = field(default_factory=dict)           # response flag -> connections
     idle_timeouts: int = 0
+    hello_timeouts: int = 0           # TLS ports: no complete ClientHello in time
+    sni: dict[str, int] = field(default_factory=dict)                # TLS ports: connections per SNI ("-": none)
     destinations: dict[str, _DestinationCounters] = field(default_factory=dict)   # by cluster
     sessions: set["TcpSession"] = field(default_factory=set)
 
@@ -118,6 +129,7 @@ class TcpProxy:
                 "received_bytes": sum(d.received_bytes for d in dests),
                 "sent_bytes": sum(d.sent_bytes for d in dests),
                 "response_flags": dict(self.failures), "idle_timeouts": self.idle_timeouts,
+                "hello_timeouts": self.hello_timeouts, "sni": dict(self.sni),
                 "destinations": {name: d.to_dict() for name, d in sorted(self.destinations.items())}}
 
     def close(self) -> None:
@@ -200,11 +212,14 @@ class TcpSession(_Half):
 
     # routing and dialing
 
+    def _select_route(self, vip: Vip) -> TcpRoute | TlsRoute | None:
+        tcp_host = self.owner.state.snapshot.tcp_routes.get((vip.host, vip.port))
+        return tcp_host.route_for(vip.address) if tcp_host is not None else None
+
     def _route(self) -> None:
         vip = self.listener.vip
         state = self.owner.state
-        tcp_host = state.snapshot.tcp_routes.get((vip.host, vip.port)) if vip is not None else None
-        route = tcp_host.route_for(vip.address) if vip is not None and tcp_host is not None else None
+        route = self._select_route(vip) if vip is not None else None
         if route is None:
             self._reject(flags.NR, None, None, None)
             return
@@ -328,3 +343,77 @@ class TcpSession(_Half):
             if self.upstream is not None:
                 d.sent_bytes += self.upstream.bytes_in
 
+
+
+class TlsSession(TcpSession):
+    """A TLS passthrough session: reads the ClientHello, routes by its SNI, then splices.
+
+    The bytes read while waiting for the ClientHello are kept by ``Pipe`` (``pending``) and
+    written to the upstream when the halves are linked, so the origin sees the client's
+    handshake untouched.
+    """
+
+    __slots__ = ("sni", "hello_timer", "routed")
+
+    def __init__(self, owner: TcpOwner, listener: VipSource) -> None:
+        super().__init__(owner, listener)
+        self.sni: str | None = None
+        self.hello_timer: asyncio.TimerHandle | None = None
+        self.routed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        Pipe.connection_made(self, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp = self.owner.tcp
+        tcp.downstream_connections_total += 1
+        tcp.sessions.add(self)
+        self.on_close = self._finish
+        self.hello_timer = self.loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        TcpSession.data_received(self, data)
+        if self.routed:
+            return
+        seen = b"".join(self.pending)
+        hello = read_client_hello(seen)
+        if not hello.complete and len(seen) <= MAX_CLIENT_HELLO + 4096:
+            return
+        self._inspected(hello.sni)
+
+    def eof_received(self) -> bool:
+        keep_open = _Half.eof_received(self)
+        if not self.routed:
+            self._inspected(None)   # the client said all it will say before the hello was complete
+        return keep_open
+
+    def _inspected(self, sni: str | None) -> None:
+        """The ClientHello is complete (or will not be): stop reading until the upstream is dialled."""
+        self.routed = True
+        self.sni = sni
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+        tcp = self.owner.tcp
+        key = sni or "-"
+        tcp.sni[key] = tcp.sni.get(key, 0) + 1
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._route()
+
+    def _hello_timeout(self) -> None:
+        self.hello_timer = None
+        self.owner.tcp.hello_timeouts += 1
+        self.abort()
+
+    def _select_route(self, vip: Vip) -> TlsRoute | None:
+        tls_host = self.owner.state.snapshot.tls_routes.get((vip.host, vip.port))
+        return tls_host.route_for(self.sni, vip.address) if tls_host is not None else None
+
+    def _finish(self) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+        TcpSession._finish(self)

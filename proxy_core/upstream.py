@@ -142,6 +142,20 @@ class _Discard:
 _DISCARD = _Discard()
 
 
+class UpgradeRest(_Discard):
+    """Sink of a connection's parser once its 101 has been read: the parser still reports the
+    101's end, then hands over the bytes that came after it, which belong to the new protocol."""
+
+    __slots__ = ("pipe",)
+
+    def __init__(self, pipe: "Pipe") -> None:
+        self.pipe = pipe
+
+    def on_upgrade(self, rest: bytes) -> None:
+        if rest:
+            self.pipe.data_received(rest)
+
+
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to an endpoint; responses go to its current ``sink``."""
 

@@ -59,7 +59,7 @@ def test_field_error_str_names_file_document_object_and_path() -> None:
 def test_unknown_kind_lists_supported_kinds() -> None:
     (error,) = validate_document(doc("Sidecar", {}))
     assert error.path == "kind"
-    assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, DestinationRule, '
+    assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, CachePolicy, DestinationRule, '
                             "Gateway, PeerAuthentication, RateLimitPolicy, RequestAuthentication, ServiceEntry, "
                             "Telemetry, VirtualService, WorkloadEntry")
 
