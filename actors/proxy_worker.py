@@ -81,6 +81,8 @@ class ProxyWorker:
         # Set when a new snapshot is in force: the node's workloads may have changed, and a new
         # workload's pid must reach the proxy before its first mTLS request, not a refresh later.
         self._credentials_due = asyncio.Event()
+        # The certificate chains of the SVIDs last handed to the proxy (no keys): meshctl ca svid.
+        self._svids: list[dict[str, Any]] = []
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -277,6 +279,8 @@ class ProxyWorker:
                     reply = await acall(self._control_path, message)
                     if reply.get("ok"):
                         pushed = (pid, message)
+                        self._svids = [{"spiffe_id": s["spiffe_id"], "cert_chain": list(s["cert_chain"]),
+                                        "expires": s["expires"]} for s in message["svids"]]
                     else:
                         log.error("proxy refused credentials: %s", reply.get("error"))
             except CONTROL_ERRORS:
@@ -353,6 +357,10 @@ class ProxyWorker:
         return {"name": self.name, "node_id": self.node_id, "version": self._version, "ports": dict(self._ports),
                 "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,
                 "synced_at": self._synced_at, "telemetry_dropped": self._telemetry_dropped, "stats": stats}
+
+    async def svids(self) -> list[dict[str, Any]]:
+        """The SVIDs this node's proxy holds: SPIFFE id and certificate chain (PEM), never a key."""
+        return [dict(s, node_id=self.node_id) for s in self._svids]
 
     async def http_proxy_url(self) -> str:
         ports = await self.ensure_started()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence, TextIO
 import yaml
 
 from mesh.errors import MeshError
-from mesh.identity import IdentityError
+from mesh.identity import IdentityError, load_certs
 from mesh.loader import LoadError, load_documents
 from mesh.validation import validate_document, validate_documents
 
@@ -93,6 +93,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     c.add_argument("--cert", required=True, help="root CA certificate (PEM file)")
     c.add_argument("--key", required=True, help="its private key (PEM file)")
     c.set_defaults(handler=cmd_ca_import)
+    c = ca.add_parser("svid", help="the workload certificates (SVIDs) the node proxies hold")
+    c.add_argument("service_account", nargs="?", default=None, help="only this service account's SVIDs")
+    c.add_argument("-n", "--namespace", default=None, help="only this namespace's SVIDs")
+    c.add_argument("--node", default=None, help="only this node's proxy (node id or a prefix of it)")
+    c.add_argument("-o", "--output", choices=("table", "pem"), default="table",
+                   help="a row per SVID, or the certificate chains (PEM)")
+    c.set_defaults(handler=cmd_ca_svid)
     c = ca.add_parser("rotate", help="sign with a new root; the old one stays trusted for the max SVID TTL")
     c.add_argument("--expect", default=None, help="rotate only if this fingerprint is the signing root")
     c.set_defaults(handler=cmd_ca_rotate)
@@ -245,6 +252,28 @@ def cmd_ca_info(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_ca_bundle(args: argparse.Namespace, out: TextIO) -> int:
     out.write("".join(_client(args).trust_bundle()))
+    return 0
+
+
+def cmd_ca_svid(args: argparse.Namespace, out: TextIO) -> int:
+    """Like ``istioctl proxy-config secret``: which SVIDs each proxy presents, and their chains."""
+    svids = [s for s in _client(args).svids()
+             if (args.node is None or s["node_id"].startswith(args.node))
+             and (args.namespace is None or f"/ns/{args.namespace}/" in s["spiffe_id"])
+             and (args.service_account is None or s["spiffe_id"].endswith(f"/sa/{args.service_account}"))]
+    if not svids:
+        raise MeshError(["no proxy holds a matching SVID (is a workload with that identity registered?)"])
+    if args.output == "pem":
+        for s in svids:
+            out.write("".join(s["cert_chain"]))
+        return 0
+    rows = []
+    for s in svids:
+        leaf = load_certs("".join(s["cert_chain"]))[0]
+        rows.append([s["node_id"][:16], s["spiffe_id"], format(leaf.serial_number, "x"),
+                     leaf.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")])
+    _table(out, ["NODE", "SPIFFE ID", "SERIAL", "NOT BEFORE", "NOT AFTER"], rows)
     return 0
 
 

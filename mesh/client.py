@@ -147,6 +147,18 @@ class MeshClient:
     def pilot_status(self) -> dict[str, Any]:
         return call_any("pilot", "status")
 
+    def svids(self) -> list[dict[str, Any]]:
+        """The SVIDs every node proxy holds (``istioctl proxy-config secret``): node, SPIFFE id,
+        certificate chain; proxies that do not answer are left out."""
+        out: list[dict[str, Any]] = []
+        for node_id in sorted(self.registry().get("nodes") or {}):
+            try:
+                out.extend(ray.get(ray.get_actor(f"proxy-{node_id[:16]}", namespace=NAMESPACE).svids.remote(),
+                                   timeout=10))
+            except (ValueError, *FAILOVER_ERRORS):
+                log.warning("the proxy of node %s did not answer", node_id)
+        return out
+
     def proxy_status(self) -> list[dict[str, Any]]:
         """One row per proxy: its node, acked version, Pilot's latest version and SYNCED/STALE."""
         latest = self.pilot_status()["versions"]

@@ -4,18 +4,24 @@ a client the proxy cannot identify."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from actors.proxy_worker import proxy_actor_name
 from mesh.client import NAMESPACE
-from tests.integration.workloads import EchoWorkload
 
 STRICT = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
           "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}}
 CLIENT = "spiffe://cluster.local/ns/default/sa/default"
+MESHCTL = str(Path(sys.executable).parent / "meshctl")
 
 
 def proxy_mtls(mesh: Any, node_index: int) -> dict[str, Any]:
@@ -48,3 +54,33 @@ def test_cross_node_request_is_mutual_tls_with_the_source_identity(mesh):
     assert status == 503
     # refused once per attempt (the default route retries connect failures)
     assert proxy_mtls(mesh, 1)["refused"].get("plaintext", 0) > refused_before
+
+
+def test_meshctl_prints_the_svids_the_proxies_hold(mesh, tmp_path):
+    mesh.deploy("echo", "v1", node_index=1)        # identity default/default, registered on node 1
+    mesh.wait_endpoints("echo", 1)
+    wait_for(lambda: CLIENT in proxy_mtls(mesh, 1)["identities"])
+    env = dict(os.environ, RAY_ADDRESS=mesh.cluster.address)
+
+    def meshctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([MESHCTL, "ca", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    table = meshctl("svid", "default", "-n", "default")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:3] == ["NODE", "SPIFFE", "ID"]
+    assert any(mesh.nodes[1][:16] in line and CLIENT in line for line in table.stdout.splitlines()[1:])
+
+    pem = meshctl("svid", "default", "-n", "default", "--node", mesh.nodes[1], "-o", "pem")
+    assert pem.returncode == 0, pem.stderr
+    leaf = x509.load_pem_x509_certificates(pem.stdout.encode())[0]
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [CLIENT]
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "bundle.pem").write_text(meshctl("bundle").stdout)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "bundle.pem"), str(tmp_path / "leaf.pem")],
+                            capture_output=True, text=True, timeout=30)
+    assert verify.returncode == 0 and verify.stdout.strip().endswith("OK"), verify.stdout + verify.stderr
+    assert "PRIVATE KEY" not in pem.stdout + table.stdout
+
+    missing = meshctl("svid", "nobody", "-n", "default")
+    assert missing.returncode != 0 and "no proxy holds a matching SVID" in missing.stderr
