@@ -1011,7 +1011,8 @@ class Exchange:
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
             return
-        pool = self.server.h2_pool if self.cluster.http2 else self.server.pool
+        pool = self.server.h2_pool if self.cluster.http2 or (
+            self.conn.h2_stream is not None and self.cluster.use_downstream_protocol) else self.server.pool
         conn = pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
