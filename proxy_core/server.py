@@ -55,7 +55,7 @@ from typing import Any, Callable
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
 from proxy_core.grpc_wire import trailers_only
-from proxy_core.http2_upstream import H2UpstreamPool
+from proxy_core.http2_upstream import H2UpstreamPool, StreamRefused
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
@@ -1305,7 +1305,7 @@ class Exchange:
             self.attempt -= 1
             self.guard(self._attempt)
             return
-        self._attempt_failed("reset")
+        self._attempt_failed("refused-stream" if isinstance(exc, StreamRefused) else "reset")
 
     def upstream_pause_writing(self) -> None:
         self.conn.pause(_PAUSE_UPSTREAM)
