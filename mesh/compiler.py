@@ -16,16 +16,21 @@ Pipeline, one small module per topic:
 * ``telemetry_api``: Telemetry resources -> ``telemetry`` and the mesh-wide ``tracing.sampling``;
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
+A port's protocol is selected as Istio selects it (``mesh.protocols``: appProtocol, the port
+name's prefix, a ServiceEntry's ``protocol``; a port with none of these is ``auto``, sniffed).
 Virtual hosts exist for every (host, port).  VirtualService ``http`` rules apply to ports
-whose protocol is HTTP-like (HTTP, HTTP2, GRPC, GRPC-WEB, or unset); other ports (TCP, TLS,
-HTTPS) keep the default route, which lets a proxy map an authority to its cluster (CONNECT).
-A port where the chosen VirtualService yields no rule (e.g. every match names another port)
-falls back to the default route instead of answering 404 for the whole port.
+whose protocol is HTTP-like (HTTP, HTTP2, GRPC, GRPC-WEB) or sniffed (``auto``); other ports
+(TCP, TLS, HTTPS) keep the default route, which lets a proxy map an authority to its cluster
+(CONNECT).  A port where the chosen VirtualService yields no rule (e.g. every match names
+another port) falls back to the default route instead of answering 404 for the whole port.
 
 Ports whose protocol is TCP also get ``tcp_routes`` (VirtualService ``tcp`` rules, else the
-service's own cluster), which the proxy's tcp VIP listeners splice by; ports whose protocol is
-TLS or HTTPS get ``tls_routes`` (VirtualService ``tls`` rules matched on SNI, then the
-service's own cluster), which the proxy's tls VIP listeners route by the ClientHello.  Each tcp route's
+service's own cluster), which the proxy's tcp VIP listeners splice by; so do ``auto`` ports,
+whose sniffing listener splices what is neither HTTP/1.1 nor HTTP/2 by them.  Clusters of
+``auto`` ports carry ``"protocol": "auto"``: requests go upstream in the protocol the client
+spoke (Envoy's ``use_downstream_protocol_config``, as Istio sets it for sniffed ports).  Ports
+whose protocol is TLS or HTTPS get ``tls_routes`` (VirtualService ``tls`` rules matched on SNI,
+then the service's own cluster), which the proxy's tls VIP listeners route by the ClientHello.  Each tcp route's
 ``idle_timeout`` is the ``connectionPool.tcp.idleTimeout`` of the DestinationRule (with its
 subset and port-level settings) of the route's first destination, as Istio sets one
 tcp_proxy idle timeout per filter chain; without one the proxy uses Envoy's 1 hour.
@@ -61,8 +66,9 @@ from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import ROOT_NAMESPACE, compile_security
 from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
                                   translate_tcp_routes, translate_tls_routes)
-from mesh.compiler_services import HTTP_PROTOCOLS, Service, ServiceEndpoint, build_service_index, resources_by_kind
+from mesh.compiler_services import Service, ServiceEndpoint, build_service_index, resources_by_kind
 from mesh.durations import parse_duration
+from mesh.protocols import AUTO, HTTP_ROUTED, TCP_ROUTED
 from mesh.registry import NodeInfo, RegistryState
 from proxy_core.snapshot import HTTP2_PROTOCOLS
 from mesh.resources import DEFAULT_NAMESPACE, Resource
@@ -130,7 +136,7 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
                      clusters=clusters,
                      security=compile_security(resources), rate_limits=compile_rate_limits(resources),
                      caches=compile_caches(resources),
-                     tcp_routes=_l4_routes(services, mesh_vs, rules, ("tcp",), translate_tcp_routes),
+                     tcp_routes=_l4_routes(services, mesh_vs, rules, TCP_ROUTED, translate_tcp_routes),
                      tls_routes=_l4_routes(services, mesh_vs, rules, _TLS_PROTOCOLS, translate_tls_routes),
                      peer_authn=compile_peer_authentications(resources),
                      telemetry=compile_telemetry(resources, services, clusters),
@@ -184,7 +190,7 @@ def _virtual_hosts(services: Mapping[str, Service], mesh_vs: Sequence[Resource])
     for svc in services.values():
         vs = select_virtual_service(svc.host, mesh_vs)
         for p in svc.ports:
-            routes = translate_http_routes(vs, p.number, lookup) if vs and p.protocol in HTTP_PROTOCOLS else []
+            routes = translate_http_routes(vs, p.number, lookup) if vs and p.protocol in HTTP_ROUTED else []
             out.append({"name": f"{svc.host}:{p.number}", "host": svc.host, "port": p.number,
                         "domains": domains[(svc.host, p.number)],
                         "routes": routes or [default_route(svc.host, p.number)]})
@@ -259,7 +265,7 @@ def _cluster(plan: ClusterPlan, node_id: str, nodes: Mapping[str, NodeInfo],
         out["tls"] = copy.deepcopy(plan.tls)
     if plan.resilience:
         out.update(copy.deepcopy(dict(plan.resilience)))
-    if plan.protocol in HTTP2_PROTOCOLS:
+    if plan.protocol in HTTP2_PROTOCOLS or plan.protocol == AUTO:
         out["protocol"] = plan.protocol
     return out
 

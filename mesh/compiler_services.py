@@ -23,18 +23,16 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from mesh.protocols import port_protocol, service_entry_protocol
 from mesh.registry import RegistryState, WorkloadInstance, service_fqdn
 from mesh.resources import Resource
-
-# Istio protocols whose traffic is HTTP and therefore routed by VirtualService ``http`` rules.
-HTTP_PROTOCOLS = frozenset({"http", "http2", "grpc", "grpc-web"})
 
 
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     number: int
     name: str
-    protocol: str                      # Istio protocol name, lower case ("http", "tcp", "https", ...)
+    protocol: str                      # the selected protocol (mesh.protocols): "http", "grpc", "tcp", "auto", ...
     target_port: int | None = None     # ServiceEntry targetPort
 
 
@@ -68,11 +66,6 @@ class Service:
 
     def port(self, number: int) -> ServicePort | None:
         return next((p for p in self.ports if p.number == number), None)
-
-
-def normalize_protocol(protocol: str | None) -> str:
-    """Istio protocol names are case-insensitive; unset means auto-detect, which serves HTTP."""
-    return (protocol or "http").lower()
 
 
 def is_ip(text: str) -> bool:
@@ -124,7 +117,7 @@ def _registry_services(registry: RegistryState) -> list[Service]:
         host = service_fqdn(name, namespace)
         by_port: dict[int, set[tuple[str, str]]] = {}
         for i in insts:
-            by_port.setdefault(i.service_port, set()).add((i.port_name, normalize_protocol(i.protocol)))
+            by_port.setdefault(i.service_port, set()).add((i.port_name, port_protocol(i.port_name, i.protocol)))
         # Instances should agree on a port's name and protocol; if they do not, the smallest wins.
         ports = tuple(ServicePort(n, *min(by_port[n])) for n in sorted(by_port))
         endpoints = tuple(ServiceEndpoint(i.address, i.port, i.service_port, _sorted_labels(i.labels),
@@ -188,7 +181,7 @@ def _service_entry_services(entries: Sequence[Resource], workload_entries: Seque
     services = []
     for se in entries:
         spec = se.spec
-        ports = tuple(ServicePort(int(p["number"]), str(p.get("name") or ""), normalize_protocol(p.get("protocol")),
+        ports = tuple(ServicePort(int(p["number"]), str(p.get("name") or ""), service_entry_protocol(p.get("protocol")),
                                   int(p["targetPort"]) if p.get("targetPort") is not None else None)
                       for p in spec.get("ports") or ())
         resolution = str(spec.get("resolution") or "NONE").upper()

@@ -28,8 +28,8 @@ class WorkloadInstance(Record):
     service_port: int                 # the port clients address, e.g. 9080
     node_id: str                      # Ray node id hosting it
     labels: dict[str, str] = field(default_factory=dict)      # e.g. {"app": "reviews", "version": "v1"}
-    protocol: str = "http"            # http | tcp
-    port_name: str = "http"
+    protocol: str = ""                # the port's appProtocol ("grpc", "kubernetes.io/h2c", ...); "": none
+    port_name: str = "http"           # Istio selects the protocol by its prefix ("grpc-api") without one
     service_account: str = "default"
     actor_id: str | None = None       # Ray actor whose life the registration follows
     uid: str = ""                     # stable id of the registration

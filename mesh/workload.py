@@ -5,6 +5,12 @@ Call ``join`` inside a Ray actor (or task) once the server listens::
     from mesh import workload
     workload.join("reviews", port=bound_port, service_port=9080, labels={"version": "v2"})
 
+The port's protocol is chosen as Istio chooses it for a Kubernetes Service port
+(``mesh.protocols``): ``protocol`` is the port's appProtocol and wins; otherwise
+``port_name``'s prefix decides (``grpc-api``, ``http2``, ``tcp-db``...).  Without either the
+port is named ``http``; ``port_name=""`` (or a name naming no protocol) leaves it to
+protocol sniffing, with raw TCP as the fallback.
+
 The registration records the Ray node and actor, so it follows the actor's life: when the
 actor dies Pilot removes the endpoint.  ``local_proxy_url`` gives the node's HTTP proxy, for
 clients that use ``HTTP_PROXY``; ``service_vip`` gives a service's virtual address on
@@ -23,7 +29,7 @@ from mesh.registry import WorkloadInstance, service_fqdn
 
 
 def join(service: str, port: int, *, service_port: int | None = None, namespace: str = "default",
-         labels: dict[str, str] | None = None, protocol: str = "http", port_name: str | None = None,
+         labels: dict[str, str] | None = None, protocol: str = "", port_name: str | None = None,
          service_account: str = "default", address: str = "127.0.0.1") -> WorkloadInstance:
     """Register the calling actor as an endpoint of ``service`` and return the registration."""
     wl = _instance(service, port, service_port, namespace, labels, protocol, port_name, service_account, address)
@@ -32,7 +38,7 @@ def join(service: str, port: int, *, service_port: int | None = None, namespace:
 
 
 async def join_async(service: str, port: int, *, service_port: int | None = None, namespace: str = "default",
-                     labels: dict[str, str] | None = None, protocol: str = "http", port_name: str | None = None,
+                     labels: dict[str, str] | None = None, protocol: str = "", port_name: str | None = None,
                      service_account: str = "default", address: str = "127.0.0.1") -> WorkloadInstance:
     """``join`` for async actors: awaits the registration instead of blocking the event loop."""
     wl = _instance(service, port, service_port, namespace, labels, protocol, port_name, service_account, address)
@@ -47,7 +53,8 @@ def _instance(service: str, port: int, service_port: int | None, namespace: str,
     labels.setdefault("app", service)
     return WorkloadInstance(service=service, namespace=namespace, address=address, port=port,
                             service_port=service_port or port, node_id=ctx.get_node_id(), labels=labels,
-                            protocol=protocol, port_name=port_name or protocol, service_account=service_account,
+                            protocol=protocol, port_name=(protocol or "http") if port_name is None else port_name,
+                            service_account=service_account,
                             actor_id=ctx.get_actor_id())
 
 

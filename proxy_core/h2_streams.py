@@ -9,7 +9,7 @@ bounded buffering end to end.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import h2.connection
 
@@ -23,6 +23,23 @@ MAX_CONCURRENT_STREAMS = 1024
 # Connection-specific headers (RFC 9113 8.2.2) never cross into HTTP/2; ``te`` may only say trailers.
 CONNECTION_HEADERS = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                 b"upgrade", b"te", b"host", b"trailer"))
+
+
+class H2Connection(h2.connection.H2Connection):
+    """``h2``'s connection, except that receiving GOAWAY leaves open streams working.
+
+    RFC 9113 6.8: a GOAWAY's sender still completes the streams up to its last stream id, and
+    the receiver may still finish its own.  ``h2`` moves its connection state to CLOSED on
+    receipt, after which every frame of those streams (a response's HEADERS, DATA, trailers)
+    raises ProtocolError and the finished work is lost.  Here the state stays as it was; the
+    drivers open no new stream on a connection that received GOAWAY."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        if state is not h2.connection.ConnectionState.CLOSED:
+            self.state_machine.state = state
+        return result
 
 
 class Outbox:

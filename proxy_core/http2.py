@@ -23,7 +23,6 @@ import socket
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -31,8 +30,8 @@ import h2.settings
 
 from proxy_core import http1
 from proxy_core.grpc_wire import grpc_status_of, http_to_grpc_status, is_grpc, parse_grpc_timeout
-from proxy_core.h2_streams import (CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW, HeaderList, Outbox,
-                                   join_cookies, strip_connection_headers)
+from proxy_core.h2_streams import (CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW, H2Connection,
+                                   HeaderList, Outbox, join_cookies, strip_connection_headers)
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.server import HttpConnection, ProxyServer, _Listener
 
@@ -218,7 +217,7 @@ class H2ServerConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
         self.listener = listener
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.streams: dict[int, DownstreamStream] = {}
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = ""

@@ -12,7 +12,8 @@ the HTTP/1.1 parser would deliver them.
 Connections are dialled through the same ``Dialer`` as HTTP/1.1 ones, so a remote endpoint's
 HTTP/2 travels inside the CONNECT tunnel to its node (over mTLS when configured).  A
 connection that received GOAWAY takes no new streams; its streams above the last stream id
-are failed so that the exchange may retry them, the others finish.
+are failed as refused (``StreamRefused``: retried under ``refused-stream``, as is an
+RST_STREAM ``REFUSED_STREAM``), the others finish.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import asyncio
 from typing import Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -28,8 +28,8 @@ import h2.settings
 
 from proxy_core import http1
 from proxy_core.grpc_wire import grpc_status_of, is_grpc
-from proxy_core.h2_streams import (CONNECTION_WINDOW, STREAM_WINDOW, HeaderList, Outbox, join_cookies,
-                                   strip_connection_headers)
+from proxy_core.h2_streams import (CONNECTION_WINDOW, STREAM_WINDOW, H2Connection, HeaderList, Outbox,
+                                   join_cookies, strip_connection_headers)
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.snapshot import Endpoint
 from proxy_core.upstream import ConnectError, Dialer, PoolKey, UpstreamConnection
@@ -37,6 +37,11 @@ from proxy_core.upstream import ConnectError, Dialer, PoolKey, UpstreamConnectio
 
 class StreamReset(ConnectionError):
     """The upstream reset the stream (RST_STREAM) or refused it (GOAWAY)."""
+
+
+class StreamRefused(StreamReset):
+    """The upstream never processed the stream: RST_STREAM ``REFUSED_STREAM``, or a stream above
+    a GOAWAY's last stream id.  Safe to retry; Envoy's ``refused-stream`` retry condition."""
 
 
 class UpstreamStream:
@@ -178,7 +183,7 @@ class H2ClientConnection(asyncio.Protocol):
     def __init__(self, pool: "H2UpstreamPool", key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, UpstreamStream] = {}
         self.closed = False
@@ -214,6 +219,8 @@ class H2ClientConnection(asyncio.Protocol):
 
     def forget(self, stream: UpstreamStream) -> None:
         self.streams.pop(stream.out.stream_id, None)
+        if self.goaway and not self.streams and self.transport is not None:
+            self.transport.close()     # the last stream the GOAWAY let finish
 
     def fail(self, stream: UpstreamStream, exc: Exception) -> None:
         stream.close()
@@ -261,7 +268,8 @@ class H2ClientConnection(asyncio.Protocol):
             elif isinstance(ev, h2.events.StreamReset):
                 if s is not None:
                     streams.pop(ev.stream_id, None)
-                    s.lost(StreamReset(f"upstream reset stream: {ev.error_code!r}"))
+                    refused = ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+                    s.lost((StreamRefused if refused else StreamReset)(f"upstream reset stream: {ev.error_code!r}"))
             elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 if not self.write_blocked:
                     for st in list(streams.values()):
@@ -280,7 +288,7 @@ class H2ClientConnection(asyncio.Protocol):
         self.pool.forget(self)
         last = last_stream_id or 0
         for sid in [sid for sid in self.streams if sid > last]:
-            self.streams.pop(sid).lost(StreamReset("upstream sent GOAWAY"))
+            self.streams.pop(sid).lost(StreamRefused("upstream sent GOAWAY"))
         if not self.streams and self.transport is not None:
             self.transport.close()
 

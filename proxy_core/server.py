@@ -56,7 +56,7 @@ from typing import Any, Callable
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
 from proxy_core.grpc_wire import trailers_only
-from proxy_core.http2_upstream import H2UpstreamPool
+from proxy_core.http2_upstream import H2UpstreamPool, StreamRefused
 from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, cache_stats
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
@@ -1023,7 +1023,8 @@ class Exchange:
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
             return
-        pool = self.server.h2_pool if self.cluster.http2 else self.server.pool
+        pool = self.server.h2_pool if self.cluster.http2 or (
+            self.conn.h2_stream is not None and self.cluster.use_downstream_protocol) else self.server.pool
         conn = pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)
@@ -1319,7 +1320,7 @@ class Exchange:
             self.attempt -= 1
             self.guard(self._attempt)
             return
-        self._attempt_failed("reset")
+        self._attempt_failed("refused-stream" if isinstance(exc, StreamRefused) else "reset")
 
     def upstream_pause_writing(self) -> None:
         self.conn.pause(_PAUSE_UPSTREAM)

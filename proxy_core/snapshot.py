@@ -154,7 +154,8 @@ CLUSTER::
      "locality_lb": {"distribute": [{"from": "us-east/*", "to": {"us-east/z1/*": 80, "us-west/*": 20}}],
                      "failover": [{"from": "us-east", "to": "us-west"}],
                      "failover_priority": ["topology.kubernetes.io/region"]},
-     "protocol": "http2" | "grpc"}   # the port's protocol: these go upstream over HTTP/2; absent: HTTP/1.1
+     "protocol": "http2" | "grpc" | "auto"}   # the port's protocol: http2 / grpc go upstream over HTTP/2;
+                                              # auto (a sniffed port) in the client's protocol; absent: HTTP/1.1
 
 CLUSTER_TLS (a DestinationRule's trafficPolicy.tls, see proxy_core/mtls_client.py)::
 
@@ -698,6 +699,9 @@ class Cluster:
     retry_budget: RetryBudget | None = None
     locality_lb: LocalityLb | None = None
     http2: bool = False     # requests go upstream over HTTP/2 (port protocol http2 or grpc)
+    # A sniffed (auto) port: HTTP/2 requests go upstream over HTTP/2, HTTP/1.1 ones over HTTP/1.1
+    # (Envoy's use_downstream_protocol_config).
+    use_downstream_protocol: bool = False
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> "Cluster":
@@ -717,7 +721,8 @@ class Cluster:
                    outlier_detection=OutlierDetection.from_dict(d.get("outlier_detection")),
                    retry_budget=RetryBudget.from_dict(d.get("retry_budget")),
                    locality_lb=LocalityLb.from_dict(d.get("locality_lb")),
-                   http2=d.get("protocol") in HTTP2_PROTOCOLS)
+                   http2=d.get("protocol") in HTTP2_PROTOCOLS,
+                   use_downstream_protocol=d.get("protocol") == "auto")
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,9 +92,20 @@ def _hex_addr(address: str, port: int) -> str:
     return f"{struct.unpack('<I', packed)[0]:08X}:{port:04X}"
 
 
-def socket_inode(local: tuple[str, int], remote: tuple[str, int], table: str = "/proc/net/tcp") -> int | None:
-    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any."""
-    want_local, want_remote = _hex_addr(*local), _hex_addr(*remote)
+def _hex_addr_v4_mapped(address: str, port: int) -> str:
+    """``/proc/net/tcp6``'s form of ``::ffff:<address>``: clients such as grpcio open
+    dual-stack IPv6 sockets even for IPv4 destinations, and those are listed there."""
+    return "0000000000000000FFFF0000" + _hex_addr(address, port)
+
+
+def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any:
+    an IPv4 socket, else a dual-stack IPv6 one with those (v4-mapped) addresses."""
+    return (_table_inode("/proc/net/tcp", _hex_addr(*local), _hex_addr(*remote))
+            or _table_inode("/proc/net/tcp6", _hex_addr_v4_mapped(*local), _hex_addr_v4_mapped(*remote)))
+
+
+def _table_inode(table: str, want_local: str, want_remote: str) -> int | None:
     try:
         with open(table) as f:
             next(f, None)

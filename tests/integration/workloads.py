@@ -140,3 +140,48 @@ class TcpEchoWorkload:
             pass
         finally:
             writer.close()
+
+
+@ray.remote(num_cpus=0)
+class GrpcEchoWorkload:
+    """A grpcio server (``tests.grpc_echo.EchoService``: unary, streaming, trailing metadata)
+    that joins the mesh on a port named ``grpc``."""
+
+    def __init__(self, service: str, version: str, service_port: int, namespace: str = "default") -> None:
+        from tests.grpc_echo import EchoServer
+        self.service, self.version, self.service_port, self.namespace = service, version, service_port, namespace
+        self.server = EchoServer()
+        self.started = False
+
+    async def start(self) -> dict[str, Any]:
+        if not self.started:
+            self.server.start()
+            self.started = True
+            await workload.join_async(self.service, self.server.port, service_port=self.service_port,
+                                      namespace=self.namespace, port_name="grpc",
+                                      labels={"app": self.service, "version": self.version})
+        return {"service": self.service, "port": self.server.port, "node": ray.get_runtime_context().get_node_id()}
+
+    def calls(self) -> dict[str, int]:
+        return dict(self.server.service.calls)
+
+    async def call_vip(self, target: str, channels: int, words: list[bytes]) -> list[dict[str, Any]]:
+        """As a client from this workload's process: ``channels`` separate connections to
+        ``target`` (a service VIP), each making one unary call and one bidi stream; what came
+        back, with the trailing metadata."""
+        return await asyncio.to_thread(_grpc_calls, target, channels, words)
+
+
+def _grpc_calls(target: str, channels: int, words: list[bytes]) -> list[dict[str, Any]]:
+    import grpc
+
+    from tests.grpc_echo import method
+    out = []
+    for _ in range(channels):
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply, call = method(channel, "unary_unary", "Unary").with_call(b"hello", timeout=15)
+            bidi = method(channel, "stream_stream", "Bidi")(iter(words), timeout=15)
+            echoed = list(bidi)
+            out.append({"unary": reply, "unary_trailers": dict(call.trailing_metadata()),
+                        "unary_code": call.code().name, "bidi": echoed, "bidi_code": bidi.code().name})
+    return out

@@ -237,3 +237,26 @@ async def test_inbound_refusal_is_logged_with_the_rbac_flag(env, ca) -> None:
     assert line["response_flags"] == "RBAC" and line["downstream_peer_uri_san"] == Y
     assert line["listener"] == "inbound" and up.connections == 0
     assert b.stats()["security"]["rbac"]["denied_by"] == {"ns[foo]-policy[p]-rule[0]": 1}
+
+
+def test_socket_inode_finds_dual_stack_ipv6_clients() -> None:
+    """grpcio (and other dual-stack clients) connect to IPv4 addresses from IPv6 sockets: the
+    client socket is listed in /proc/net/tcp6 under v4-mapped addresses."""
+    import os
+    import socket as socketlib
+
+    from proxy_core.source_identity import socket_inode
+    server = socketlib.socket(socketlib.AF_INET)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socketlib.socket(socketlib.AF_INET6)
+    client.setsockopt(socketlib.IPPROTO_IPV6, socketlib.IPV6_V6ONLY, 0)
+    try:
+        client.connect(("::ffff:127.0.0.1", server.getsockname()[1]))
+        accepted, peer = server.accept()
+        with accepted:
+            # What the proxy sees on its side: an IPv4 peer; the socket found is the client's.
+            assert socket_inode((peer[0], peer[1]), accepted.getsockname()) == os.fstat(client.fileno()).st_ino
+    finally:
+        client.close()
+        server.close()
