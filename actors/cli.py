@@ -6,15 +6,24 @@ import sys
 from typing import Sequence, TextIO
 
 from mesh import cli
+from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS
 
 
 def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
     from actors.deploy import install
+    from actors.proxy_worker import AccessLogOptions
     from mesh.client import connect
 
+    access_log = {"parquet_dir": args.access_log_parquet, "rotate_rows": args.access_log_rotate_rows,
+                  "rotate_seconds": args.access_log_rotate_seconds} if args.access_log_parquet else {}
+    try:
+        AccessLogOptions.from_dict(access_log)
+    except ValueError as exc:
+        print(f"meshctl install: {exc}", file=sys.stderr)
+        return 2
     connect(args.address)
     install(replicas=args.replicas, options={"http_proxy_port": args.http_proxy_port,
-                                             "inbound_port": args.inbound_port})
+                                             "inbound_port": args.inbound_port, "access_log": access_log})
     print(f"raymesh installed: galley x{args.replicas}, pilot x{args.replicas}, one proxy per node", file=out)
     return 0
 
@@ -34,6 +43,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--http-proxy-port", type=int, default=15001)
     p.add_argument("--inbound-port", type=int, default=15006)
+    p.add_argument("--access-log-parquet", metavar="DIR", default=None,
+                   help="every node's proxy also writes its access log as Parquet files into DIR (on its node)")
+    p.add_argument("--access-log-rotate-rows", type=int, default=DEFAULT_ROTATE_ROWS, metavar="N",
+                   help="start a new Parquet file after N rows (default %(default)s)")
+    p.add_argument("--access-log-rotate-seconds", type=float, default=DEFAULT_ROTATE_SECONDS, metavar="S",
+                   help="start a new Parquet file once its oldest row is S seconds old (default %(default)s)")
     p.set_defaults(handler=cmd_install)
     p = sub.add_parser("uninstall", help="remove the mesh from the Ray cluster")
     p.add_argument("--purge", action="store_true", help="also delete stored configuration and registry")

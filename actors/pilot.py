@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.galley import config_store, resources_of
 from actors.replicaset import find_replicas
-from actors.proxy_worker import ProxyWorker, proxy_actor_name
+from actors.proxy_worker import AccessLogOptions, ProxyWorker, proxy_actor_name
 from actors.registry import allocate_vip, registry_state, registry_store
 from actors.store import NAMESPACE
 from mesh.compiler import compile_all
@@ -47,6 +47,10 @@ class PilotOptions(Record):
     inbound_port: int = 0
     proxy_env: dict[str, str] = field(default_factory=dict)
     workload_api: dict[str, Any] = field(default_factory=dict)   # WorkloadApiOptions for every node
+    access_log: dict[str, Any] = field(default_factory=dict)     # AccessLogOptions for every node's proxy
+
+    def __post_init__(self) -> None:
+        AccessLogOptions.from_dict(self.access_log)   # a bad value fails the install, naming the option
 
 
 

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -40,7 +41,9 @@ from actors.proxy_credentials import new_proxy_credentials
 from actors.replicaset import find_replicas
 from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
 from mesh.quota import owner_index
+from mesh.records import Record
 from mesh.registry import TOPOLOGY_LABELS, node_locality
+from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS
 from proxy_core.control import acall
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,35 @@ CONTROL_ERRORS = (OSError, asyncio.IncompleteReadError)
 
 def proxy_actor_name(node_id: str) -> str:
     return f"proxy-{node_id[:16]}"
+
+
+@dataclass(slots=True)
+class AccessLogOptions(Record):
+    """``options["access_log"]``: the proxy's Parquet access-log sink (``proxy_core.accesslog``),
+    off while ``parquet_dir`` is empty; the JSON lines go to the worker's stdout either way.
+
+    Checked when built (``install`` builds it before deploying anything), so a bad value is an
+    error naming the option, not a proxy process that exits during start."""
+
+    parquet_dir: str = ""                           # created if missing, on each node
+    rotate_rows: int = DEFAULT_ROTATE_ROWS          # a new file after this many rows
+    rotate_seconds: float = DEFAULT_ROTATE_SECONDS  # ... or once its oldest row is this old
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parquet_dir, str):
+            raise ValueError(f"access_log.parquet_dir must be a directory path, got {self.parquet_dir!r}")
+        if isinstance(self.rotate_rows, bool) or not isinstance(self.rotate_rows, int) or self.rotate_rows < 1:
+            raise ValueError(f"access_log.rotate_rows must be a positive integer, got {self.rotate_rows!r}")
+        if isinstance(self.rotate_seconds, bool) or not isinstance(self.rotate_seconds, (int, float)) \
+                or not self.rotate_seconds > 0:
+            raise ValueError(f"access_log.rotate_seconds must be a positive number, got {self.rotate_seconds!r}")
+
+    def args(self) -> list[str]:
+        """The ``python -m proxy_core`` flags for these options."""
+        if not self.parquet_dir:
+            return []
+        return ["--access-log-parquet", self.parquet_dir, "--access-log-rotate-rows", str(self.rotate_rows),
+                "--access-log-rotate-seconds", repr(float(self.rotate_seconds))]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -124,7 +156,8 @@ class ProxyWorker:
         env = dict(os.environ, **(self.options.get("proxy_env") or {}))
         # stdout is inherited: access-log lines go straight to this worker's log file.
         self._proc = subprocess.Popen([sys.executable, "-m", "proxy_core", "--snapshot", path,
-                                       "--control", self._control_path, *self._tracing_args()],
+                                       "--control", self._control_path, *self._tracing_args(),
+                                       *AccessLogOptions.from_dict(self.options.get("access_log")).args()],
                                       env=env, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while True:

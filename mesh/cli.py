@@ -10,6 +10,7 @@ Against a running cluster (``ray.init(address="auto")``, so it also works as
     meshctl apply -f FILE|DIR|-        meshctl delete -f FILE|DIR|-   |  meshctl delete KIND NAME [-n NS]
     meshctl get KIND [NAME] [-n NS] [-o yaml|json]
     meshctl proxy-status
+    meshctl telemetry query [--group-by COLS] [--where COL=V] [-o table|json|parquet --file F [--raw]]
 
 Exit status: 0 on success, 1 when the mesh rejected the request (invalid configuration,
 unknown kind), 2 on usage errors.
@@ -18,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from mesh.errors import MeshError
@@ -80,7 +85,12 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     q.add_argument("--group-by", default="destination_service", help="comma-separated columns ('' = all requests)")
     q.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]", help="filter, repeatable")
     q.add_argument("--since", type=float, default=60.0, help="seconds back (default 60)")
-    q.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    q.add_argument("-o", "--output", choices=("table", "json", "parquet"), default="table",
+                   help="parquet: written to --file")
+    q.add_argument("--file", default=None, metavar="PATH", help="with -o parquet: the Parquet file to write")
+    q.add_argument("--raw", action="store_true",
+                   help="with -o parquet: the window's rows (one per request, every label) instead of "
+                        "the summary; --group-by does not apply")
     q.set_defaults(handler=cmd_telemetry_query)
 
     p = sub.add_parser("ca", help="the mesh's root CA (Citadel)")
@@ -235,11 +245,37 @@ def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_telemetry_query(args: argparse.Namespace, out: TextIO) -> int:
     keys = [k for k in args.group_by.split(",") if k]
+    parquet = args.output == "parquet"
+    usage = ("-o parquet writes a file: give --file PATH" if parquet and not args.file
+             else "--file is for -o parquet" if args.file and not parquet
+             else "--raw is for -o parquet" if args.raw and not parquet else None)
+    if usage is not None:
+        print(f"meshctl telemetry query: {usage}", file=sys.stderr)
+        return 2
+    filters = _parse_where(args.where)
+    client = _client(args)
     try:
-        rows = _client(args).telemetry_query(_parse_where(args.where), keys, args.since)
+        table = (client.telemetry_rows(filters, args.since) if args.raw
+                 else client.telemetry_summary(filters, keys, args.since))
     except ValueError as exc:  # an unknown column, named by mesh.metrics
         raise MeshError([str(exc)]) from None
-    return _emit(args, out, keys, rows)
+    if parquet:
+        _write_parquet(table, args.file)
+        print(f"wrote {table.num_rows} rows to {args.file}", file=out)
+        return 0
+    return _emit(args, out, keys, table.to_pylist())
+
+
+def _write_parquet(table: pa.Table, path: str) -> None:
+    """Write ``table`` next to ``path`` and rename it into place, so a reader never sees half a file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MeshError([f"cannot write {path}: {exc.strerror or exc}"]) from None
 
 
 def cmd_ca_info(args: argparse.Namespace, out: TextIO) -> int:

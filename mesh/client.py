@@ -118,19 +118,25 @@ class MeshClient:
     def ca_rotate(self, expected: str | None = None) -> dict[str, Any]:
         return call_any("citadel", "rotate_root", expected)
 
-    def _telemetry_rows(self, filters: dict[str, Any] | None, columns: Sequence[str], since_s: float) -> pa.Table:
+    def _telemetry_rows(self, filters: dict[str, Any] | None, columns: Sequence[str] | None,
+                        since_s: float) -> pa.Table:
         """Window rows from every Mixer replica: each holds its shard of nodes, and percentiles
-        only add up over the rows themselves."""
+        only add up over the rows themselves.  ``columns=None``: every column a replica keeps
+        (replicas may differ in captured ``attr:...`` columns; a missing one reads null)."""
         handles = find_replicas("mixer")
         if not handles:
             raise RuntimeError("no mixer replica is running: is the mesh installed? (meshctl install)")
+        wanted = None if columns is None else list(columns)
         tables = []
         for handle in handles:
             try:
-                tables.append(ray.get(handle.rows.remote(filters, list(columns), since_s), timeout=30))
+                tables.append(ray.get(handle.rows.remote(filters, wanted, since_s), timeout=30))
             except FAILOVER_ERRORS as exc:
                 log.warning("a mixer replica did not answer (%s); its shard is missing", exc)
-        return pa.concat_tables(tables) if tables else TELEMETRY_SCHEMA.empty_table().select(list(columns))
+        if not tables:
+            empty = TELEMETRY_SCHEMA.empty_table()
+            return empty if wanted is None else empty.select(wanted)
+        return pa.concat_tables(tables, promote_options="default")
 
     def top(self, since_s: float = 60.0) -> list[dict[str, Any]]:
         rows = self._telemetry_rows(None, ["destination_service", "response_code", "duration_ms"], since_s)
@@ -138,8 +144,18 @@ class MeshClient:
 
     def telemetry_query(self, filters: dict[str, Any] | None = None,
                         group_by: Sequence[str] = ("destination_service",), since_s: float = 60.0) -> list[dict[str, Any]]:
+        return self.telemetry_summary(filters, group_by, since_s).to_pylist()
+
+    def telemetry_summary(self, filters: dict[str, Any] | None = None,
+                          group_by: Sequence[str] = ("destination_service",), since_s: float = 60.0) -> pa.Table:
+        """``telemetry_query`` as an Arrow table (``mesh.metrics.summarize``'s schema)."""
         columns = list(dict.fromkeys([*group_by, "response_code", "duration_ms"]))
-        return summarize(self._telemetry_rows(filters, columns, since_s), group_by, since_s).to_pylist()
+        return summarize(self._telemetry_rows(filters, columns, since_s), group_by, since_s)
+
+    def telemetry_rows(self, filters: dict[str, Any] | None = None, since_s: float = 60.0) -> pa.Table:
+        """The requests of the last ``since_s`` seconds that match ``filters``, one row each with
+        every column of ``raymesh.telemetry.v1`` (and captured ``attr:...`` columns), unsummarized."""
+        return self._telemetry_rows(filters, None, since_s)
 
     def mixer_stats(self) -> list[dict[str, Any]]:
         return ray.get([h.stats.remote() for h in find_replicas("mixer")], timeout=30)

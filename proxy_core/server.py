@@ -1397,6 +1397,7 @@ class Exchange:
         self.server.counters.tunnels_total += 1
         timeout = self.cluster.connect_timeout if self.cluster is not None else 10.0
         tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) if listener.kind != "inbound" else None
+        self.up_tls = tls
         task = self.loop.create_task(self.server.dialer.open(ep, Pipe, timeout, tls))
         self.connecting = task
         task.add_done_callback(self._on_tunnel_connected)

@@ -246,9 +246,10 @@ class TcpSession(_Half):
         self.idle_timeout = route.idle_timeout
         self.owner.tcp.destination(wc.cluster).connections_opened += 1
         balancer.on_start(ep)
-        if self.owner.tcp_telemetry is not None:
-            open_session(self.owner.tcp_telemetry, self, state.snapshot, route, wc, cluster, ep, vip.host)
         tls = upstream_tls(self.owner.mtls, ep, cluster, self) if ep.via is not None or cluster.tls is not None else None
+        if self.owner.tcp_telemetry is not None:
+            open_session(self.owner.tcp_telemetry, self, state.snapshot, route, wc, cluster, ep, vip.host,
+                         self.owner.mtls.workload_of(self), tls is not None and tls.mesh)
         task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout,
                                                             tls))
         self.dialing = task
@@ -264,7 +265,7 @@ class TcpSession(_Half):
         if self.owner.tcp_telemetry is not None:
             vip = self.listener.vip
             refuse_session(self.owner.tcp_telemetry, self.owner.state.snapshot, route, wc, cluster,
-                           vip.host if vip is not None else "", flag)
+                           vip.host if vip is not None else "", flag, self.owner.mtls.workload_of(self))
         assert self.transport is not None
         self.transport.close()
 
@@ -293,7 +294,8 @@ class TcpSession(_Half):
             up.transport.close()
             return
         if self.eof:
-            up.transport.write_eof()
+            if up.transport.can_write_eof():   # a TLS tunnel cannot half-close (as Pipe.eof_received)
+                up.transport.write_eof()
         elif up.eof:
             self.transport.write_eof()
         self.last_active = self.loop.time()

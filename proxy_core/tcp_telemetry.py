@@ -10,8 +10,10 @@ Nothing runs per byte or per read: the counters are the ones the splices keep an
 
 A drain yields one RecordBatch in ``SCHEMA`` (``raymesh.telemetry.tcp.v1``), a separate
 batch kind so the per-request HTTP rows stay as they are.  One row per label set that moved:
-the report time, the destination labels (the same dimension values the HTTP rows carry, with
-``request_protocol`` ``tcp``), ``response_flags``, and the deltas ``connections_opened``,
+the report time, the labels (the same dimension values the HTTP rows carry, with
+``request_protocol`` ``tcp``: the source workload that opened the connection, as the proxy
+finds it through ``/proc``, and ``connection_security_policy`` ``mutual_tls`` when the
+connection went to the destination's node over an mTLS tunnel), ``response_flags``, and the deltas ``connections_opened``,
 ``connections_closed``, ``received_bytes`` (client to upstream) and ``sent_bytes`` (upstream
 to client), as Istio's ``istio_tcp_received_bytes_total`` / ``istio_tcp_sent_bytes_total``
 count them at the server side.
@@ -36,6 +38,7 @@ import pyarrow as pa
 
 from proxy_core import flags
 from proxy_core.snapshot import Cluster, Endpoint, Route, Snapshot, WeightedCluster
+from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
 from proxy_core.telemetry import DIMENSION_FIELDS, destination_attributes
 
 SCHEMA_NAME = "raymesh.telemetry.tcp.v1"
@@ -59,9 +62,12 @@ Meter = Callable[[], tuple[int, int]]
 
 
 def tcp_dimensions(snapshot: Snapshot, route: Route | None, wc: WeightedCluster | None, cluster: Cluster | None,
-                   endpoint: Endpoint | None, authority: str) -> tuple[str, ...]:
-    """The label values (``TCP_DIMENSIONS`` order) of a connection to this destination."""
-    full = destination_attributes(snapshot.node_id, route, wc, cluster, endpoint, authority)
+                   endpoint: Endpoint | None, authority: str, source: SourceWorkload = UNIDENTIFIED,
+                   mutual_tls: bool = False) -> tuple[str, ...]:
+    """The label values (``TCP_DIMENSIONS`` order) of a connection from ``source`` to this
+    destination, carried to the destination's node over an mTLS tunnel or not: the same
+    ``source_*`` and ``connection_security_policy`` values an HTTP request's row carries."""
+    full = destination_attributes(snapshot.node_id, route, wc, cluster, endpoint, authority, source, mutual_tls)
     dims = [full[i] for i in _PICK]
     dims[_PROTOCOL_AT] = PROTOCOL
     return tuple(dims)
@@ -154,10 +160,13 @@ class TcpTelemetry:
 def open_tunnel(telemetry: TcpTelemetry, ex: Any) -> None:
     """A CONNECT tunnel on the HTTP proxy listener was spliced (``server.Exchange``): report it
     until ``close_tunnel``.  Client bytes are counted in ``bytes_received``, the upstream's in
-    its pipe."""
+    its pipe.  The source is the workload that opened the downstream connection; the tunnel
+    is ``mutual_tls`` when its upstream leg (``ex.up_tls``) is a mesh mTLS tunnel."""
     req = ex.req
+    up_tls = ex.up_tls
     dims = tcp_dimensions(ex.state.snapshot, ex.route, ex.wc, ex.cluster, ex.endpoint,
-                          req.authority if req is not None else "")
+                          req.authority if req is not None else "", ex.server.mtls.workload_of(ex.conn),
+                          up_tls is not None and up_tls.mesh)
     telemetry.open(ex, dims, lambda: (ex.bytes_received, ex.pipe.bytes_in if ex.pipe is not None else 0))
 
 
@@ -166,15 +175,17 @@ def close_tunnel(telemetry: TcpTelemetry, ex: Any) -> None:
 
 
 def open_session(telemetry: TcpTelemetry, session: Any, snapshot: Snapshot, route: Any, wc: WeightedCluster,
-                 cluster: Cluster, endpoint: Endpoint, authority: str) -> None:
+                 cluster: Cluster, endpoint: Endpoint, authority: str, source: SourceWorkload,
+                 mutual_tls: bool) -> None:
     """A tcp VIP session (``tcp.TcpSession``) picked its destination: report it until ``close``.
     The session's downstream half counts client bytes, its upstream half the server's."""
-    dims = tcp_dimensions(snapshot, route, wc, cluster, endpoint, authority)
+    dims = tcp_dimensions(snapshot, route, wc, cluster, endpoint, authority, source, mutual_tls)
     telemetry.open(session, dims, lambda: (session.bytes_in,
                                            session.upstream.bytes_in if session.upstream is not None else 0))
 
 
 def refuse_session(telemetry: TcpTelemetry, snapshot: Snapshot, route: Any, wc: WeightedCluster | None,
-                   cluster: Cluster | None, authority: str, response_flag: str) -> None:
-    """A tcp VIP session closed before it reached an upstream (no route, no endpoint, denied)."""
-    telemetry.refused(tcp_dimensions(snapshot, route, wc, cluster, None, authority), response_flag)
+                   cluster: Cluster | None, authority: str, response_flag: str, source: SourceWorkload) -> None:
+    """A tcp VIP session closed before it reached an upstream (no route, no endpoint, denied):
+    no tunnel was opened, so never ``mutual_tls``."""
+    telemetry.refused(tcp_dimensions(snapshot, route, wc, cluster, None, authority, source), response_flag)

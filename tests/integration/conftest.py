@@ -117,14 +117,28 @@ class Mesh:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The proxies' Parquet access log (test_accesslog_parquet): files cut small and often, so a
+# test sees rotation by rows and by age within seconds.
+ACCESS_LOG_ROTATE_ROWS = 25
+ACCESS_LOG_ROTATE_SECONDS = 1.0
+
+
 @pytest.fixture(scope="session")
-def mesh_cluster() -> Iterator[LocalCluster]:
+def access_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every node's proxy writes its Parquet access log (both nodes share this machine)."""
+    return tmp_path_factory.mktemp("access-log")
+
+
+@pytest.fixture(scope="session")
+def mesh_cluster(access_log_dir: Path) -> Iterator[LocalCluster]:
     # Ray workers import the test workload classes by module path: the cluster's processes
     # inherit this environment, so they find ``tests.integration.workloads``.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     cluster = LocalCluster(nodes=2)
     try:
-        install(replicas=2)
+        install(replicas=2, options={"access_log": {"parquet_dir": str(access_log_dir),
+                                                    "rotate_rows": ACCESS_LOG_ROTATE_ROWS,
+                                                    "rotate_seconds": ACCESS_LOG_ROTATE_SECONDS}})
         yield cluster
     finally:
         try:

@@ -7,8 +7,10 @@ source ``unknown``) and from a workload (``sleep-v1``: mTLS, source named); then
 reads only the HTTP metrics Mixer exports is evaluated the way Grafana does: template variables
 resolved from their own queries (``query_result``, ``label_values``), ``$__rate_interval``
 replaced, and the expression run as a range query over the traffic's time span. The service
-also has a raw TCP port, and TCP traffic (a long-lived connection and short ones) flows at the
-same time, so the TCP panels (``istio_tcp_*``) are evaluated too.
+also has a raw TCP port, and TCP traffic flows at the same time, so the TCP panels
+(``istio_tcp_*``) are evaluated too: from the driver (a long-lived connection and short ones,
+plaintext, source ``unknown``) and from the client workload (a short connection a round; those
+the node 0 proxy takes cross to the echo's node over mTLS, source named).
 
 A defined core set of panels must show the traffic with the right labels and plausible values;
 every other evaluated panel must show data too, unless a known, stated reason says why not
@@ -213,8 +215,6 @@ def why_empty(expr: str, values: Mapping[str, str]) -> str | None:
     flat = expr.replace(" ", "")
     if re.search(r'source_workload=~?"\$workload"', flat) and values.get("workload", WORKLOAD) == WORKLOAD:
         return f"outbound: {WORKLOAD} sends no requests"
-    if "istio_tcp_" in flat and 'connection_security_policy="mutual_tls"' in flat:
-        return "mTLS half of a TCP panel: the test's TCP connections come from the driver, in plaintext"
     as_client = 'reporter="source"' in flat or ('reporter=~"$qrep"' in flat and values.get("qrep") == "source")
     if 'connection_security_policy="mutual_tls"' in flat and as_client:
         return "mTLS half as the client reports it: Istio's source reporter says connection_security_policy unknown"
@@ -307,13 +307,17 @@ CORE: list[tuple[str, str, int, str, Check]] = [
     ]],
     *[(SERVICE_DASHBOARD, rep, pid, "A", positive) for rep in ("destination", "source")
       for pid in (84, 100)],                                              # TCP Received / Sent Bytes
-    (SERVICE_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_DRIVER)),   # Bytes from incoming TCP
-    (SERVICE_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_DRIVER)),   # Bytes to incoming TCP
-    (SERVICE_DASHBOARD, "destination", 92, "B", labelled(positive, **BY_DEST_WL)),
-    (SERVICE_DASHBOARD, "destination", 93, "B", labelled(positive, **BY_DEST_WL)),
+    # TCP by source and mTLS (refs A: mutual_tls, B: not), as the destination reports them: the
+    # client workload's connections that crossed nodes over mTLS; the driver's in plaintext
+    # (and the client workload's that the echo node's proxy took, which cannot name their
+    # source: an unknown peer to that node).
+    *[(dash, "destination", pid, "A", labelled(positive, **BY_CLIENT))
+      for dash in (SERVICE_DASHBOARD, WORKLOAD_DASHBOARD) for pid in (80, 82)],  # Bytes from / to incoming TCP
+    *[(dash, "destination", pid, "B", labelled(positive, **BY_DRIVER))
+      for dash in (SERVICE_DASHBOARD, WORKLOAD_DASHBOARD) for pid in (80, 82)],
+    (SERVICE_DASHBOARD, "destination", 92, "AB", labelled(positive, **BY_DEST_WL)),   # by destination workload
+    (SERVICE_DASHBOARD, "destination", 93, "AB", labelled(positive, **BY_DEST_WL)),
     (WORKLOAD_DASHBOARD, "destination", 84, "A", positive),              # TCP Server Traffic
-    (WORKLOAD_DASHBOARD, "destination", 80, "B", labelled(positive, **BY_DRIVER)),
-    (WORKLOAD_DASHBOARD, "destination", 82, "B", labelled(positive, **BY_DRIVER)),
     (MESH_DASHBOARD, "mesh", 2, "", positive),                            # Traffic Volume
     (MESH_DASHBOARD, "mesh", 3, "", lambda o: None),                      # Success Rate (whole mesh: any value)
     (MESH_DASHBOARD, "mesh", 4, "", positive),                            # 4xxs
@@ -373,8 +377,9 @@ def _echo(conn: socket.socket, data: bytes) -> None:
 def send_traffic(mesh, client: Any, vip: str) -> tuple[int, int]:
     """A bounded mix of 200, 503 and 404 answers, spread over a few scrape intervals, from the
     driver and from the client workload, both on node 0; with TCP bytes through the service's
-    tcp port alongside: a connection open the whole time (its bytes are reported while it is
-    open) and a short connection every few rounds.
+    tcp port alongside: from the driver a connection open the whole time (its bytes are
+    reported while it is open) and a short connection every few rounds, from the client
+    workload a short connection every round.
 
     Returns (requests, TCP bytes each way)."""
     sent, tcp_bytes, deadline = 0, 0, time.monotonic() + TRAFFIC_S
@@ -388,7 +393,8 @@ def send_traffic(mesh, client: Any, vip: str) -> tuple[int, int]:
             assert ray.get(client.fetch_all.remote(mesh.proxy_port(0), urls), timeout=30) == expected
             sent += 2 * len(urls)
             _echo(long_lived, TCP_CHUNK)
-            tcp_bytes += len(TCP_CHUNK)
+            assert ray.get(client.tcp_echo.remote(vip, TCP_PORT, TCP_CHUNK), timeout=30) == TCP_CHUNK
+            tcp_bytes += 2 * len(TCP_CHUNK)
             if rnd % SHORT_TCP_EVERY == 0:
                 with socket.create_connection((vip, TCP_PORT), timeout=10) as short:
                     _echo(short, TCP_CHUNK)

@@ -8,11 +8,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.client import find_replicas
+from mesh.metrics import TELEMETRY_SCHEMA
 
 pytestmark = pytest.mark.ray
 
@@ -66,3 +68,62 @@ def test_traffic_shows_up_in_metrics_and_top(mesh):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert SERVICE in out.stdout and out.stdout.splitlines()[0].split()[:2] == ["DESTINATION_SERVICE", "REQUESTS"]
+
+
+PQ_SERVICE = "telepq"
+PQ_FQDN = f"{PQ_SERVICE}.default.svc.cluster.local"
+
+
+def _meshctl(mesh, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=mesh.cluster.address)
+    return subprocess.run([str(Path(sys.executable).parent / "meshctl"), *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_telemetry_query_writes_parquet_summaries_and_raw_rows(mesh, tmp_path):
+    mesh.deploy(PQ_SERVICE, "v1", node_index=1)
+    mesh.wait_endpoints(PQ_SERVICE, 1)
+    paths = ["/ok"] * 6 + ["/status/503"] * 2 + ["/status/404"]
+    for path in paths:
+        mesh.get(f"http://{PQ_SERVICE}:8000{path}")
+    where = f"destination_service={PQ_FQDN}"
+    deadline, seen = time.monotonic() + 20, 0
+    while time.monotonic() < deadline:     # rows reach the window within a flush interval or two
+        seen = sum(r["requests"] for r in mesh.client.telemetry_query({"destination_service": PQ_FQDN}, (), 120))
+        if seen >= len(paths):
+            break
+        time.sleep(0.5)
+    assert seen == len(paths)
+
+    summary = tmp_path / "summary.parquet"
+    r = _meshctl(mesh, "telemetry", "query", "--since", "120", "--where", where,
+                 "--group-by", "destination_service,response_code", "-o", "parquet", "--file", str(summary))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote 3 rows to {summary}"
+    table = pq.read_table(summary)
+    assert table.column_names == ["destination_service", "response_code", "requests", "rps", "success_rate",
+                                  "p50_ms", "p90_ms", "p99_ms"]
+    got = {row["response_code"]: row for row in table.to_pylist()}
+    assert {code: row["requests"] for code, row in got.items()} == {200: 6, 503: 2, 404: 1}
+    assert {row["destination_service"] for row in got.values()} == {PQ_FQDN}
+    assert got[503]["success_rate"] == 0.0 and got[404]["success_rate"] == 100.0
+    assert all(0 < row["p50_ms"] <= row["p99_ms"] < 15000 for row in got.values())
+
+    raw = tmp_path / "raw.parquet"
+    r = _meshctl(mesh, "telemetry", "query", "--since", "120", "--where", where, "--where", "response_code=200,503",
+                 "-o", "parquet", "--file", str(raw), "--raw")
+    assert r.returncode == 0, r.stderr
+    rows = pq.read_table(raw)
+    assert rows.num_rows == 8 and r.stdout.strip() == f"wrote 8 rows to {raw}"
+    assert set(TELEMETRY_SCHEMA.names) <= set(rows.column_names)
+    assert rows.schema.field("start_time").type == TELEMETRY_SCHEMA.field("start_time").type
+    data = rows.to_pylist()
+    assert sorted(row["response_code"] for row in data) == [200] * 6 + [503] * 2
+    assert {(row["destination_workload"], row["destination_app"], row["destination_version"], row["request_protocol"])
+            for row in data} == {(f"{PQ_SERVICE}-v1", PQ_SERVICE, "v1", "http")}
+    assert all(row["duration_ms"] > 0 and row["request_bytes"] > 0 and row["response_bytes"] > 0 for row in data)
+
+    r = _meshctl(mesh, "telemetry", "query", "--where", "no_such_column=1", "-o", "parquet",
+                 "--file", str(tmp_path / "bad.parquet"), "--raw")
+    assert r.returncode == 1 and "no_such_column" in r.stderr and not (tmp_path / "bad.parquet").exists()
+    assert not list(tmp_path.glob(".*.tmp"))

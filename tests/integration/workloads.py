@@ -72,6 +72,23 @@ class EchoWorkload:
         """``fetch`` for each URL in turn, each on its own connection; the statuses."""
         return [(await self.fetch(proxy_port, url))[0] for url in urls]
 
+    async def tcp_echo(self, host: str, port: int, payload: bytes) -> bytes:
+        """One TCP connection from this workload's process to ``host:port`` (a tcp service's
+        VIP): send ``payload``, read until as many bytes came back or the peer closed, close.
+        The proxy on the VIP recognises the workload by the socket's owning process."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 15)
+        try:
+            writer.write(payload)
+            out = b""
+            while len(out) < len(payload):
+                chunk = await asyncio.wait_for(reader.read(65536), 15)
+                if not chunk:
+                    break
+                out += chunk
+            return out
+        finally:
+            writer.close()
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.seen[request.path] += 1
         body = await request.read()

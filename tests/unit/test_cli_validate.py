@@ -46,3 +46,13 @@ def test_broken_yaml_and_missing_file(tmp_path):
     assert r.returncode == 1 and "broken.yaml" in r.stderr and "line" in r.stderr
     r = meshctl("validate", "-f", str(tmp_path / "absent.yaml"))
     assert r.returncode == 1 and "absent.yaml" in r.stderr
+
+
+def test_telemetry_query_parquet_flags_are_checked_before_any_cluster_call(tmp_path):
+    out = tmp_path / "q.parquet"
+    cases = [(("-o", "parquet"), "give --file PATH"), (("--file", str(out)), "--file is for -o parquet"),
+             (("--raw", "-o", "json"), "--raw is for -o parquet")]
+    for args, message in cases:
+        r = meshctl("telemetry", "query", *args)
+        assert (r.returncode, message in r.stderr) == (2, True), (args, r.stderr)
+    assert not out.exists()
