@@ -1101,6 +1101,10 @@ def _validate_traffic_policy(policy: dict[str, Any], path: str, out: _Issues) ->
             for field in ("clientCertificate", "privateKey"):
                 if not tls.get(field):
                     out.append((f"{path}.tls.{field}", "Required value: needed for MUTUAL tls without credentialName"))
+        if tls.get("credentialName"):
+            out.append((f"{path}.tls.credentialName", "Unsupported value: credentialName names a Kubernetes Secret, "
+                                                      "which raymesh does not have: give caCertificates, "
+                                                      "clientCertificate and privateKey as files"))
     if "tunnel" in policy:
         _check_port(policy["tunnel"]["targetPort"], f"{path}.tunnel.targetPort", out)
     ports: set[int] = set()

@@ -26,6 +26,7 @@ import hashlib
 import os
 import ssl
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -34,10 +35,12 @@ from cryptography import x509
 
 from proxy_core.snapshot import Endpoint, Snapshot
 from proxy_core.source_identity import UNIDENTIFIED, SourceResolver, SourceWorkload
+from proxy_core.tls_session import SessionCache, harden
 
 TLS_HANDSHAKE_BYTE = 0x16      # first byte of a TLS record carrying a ClientHello
 SNI_SUFFIX = ".svid.mesh"
 HANDSHAKE_TIMEOUT = 10.0
+PEER_CACHE_SIZE = 1024         # parsed peer certificates kept (cleared when full)
 
 # Refusal reasons, as counted in ``stats()["mtls"]["refused"]``.
 PLAINTEXT = "plaintext"                         # STRICT destination, no TLS
@@ -128,7 +131,7 @@ def _context(purpose: int, bundle: str, svid: Svid | None, directory: str) -> ss
     ctx.load_verify_locations(cadata=bundle)
     if svid is not None:
         _load_chain(ctx, svid, directory)
-    return ctx
+    return harden(ctx)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,11 @@ def handshake_refusal(exc: BaseException) -> str:
 def peer_spiffe_id(der: bytes | None, trust_domain: str) -> str:
     """The SPIFFE id of a verified peer certificate; raises ``PeerRejected`` unless it carries
     exactly one URI SAN, ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``, and is not a CA."""
+    return _peer(der, trust_domain)[0]
+
+
+def _peer(der: bytes | None, trust_domain: str) -> tuple[str, float]:
+    """``peer_spiffe_id`` and the certificate's notAfter (epoch seconds)."""
     if not der:
         raise PeerRejected(NO_CLIENT_CERT, "no peer certificate")
     cert = x509.load_der_x509_certificate(der)
@@ -207,7 +215,7 @@ def peer_spiffe_id(der: bytes | None, trust_domain: str) -> str:
     parts = uri[len(prefix):].split("/") if uri.startswith(prefix) else []
     if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa" or not parts[1] or not parts[3]:
         raise PeerRejected(BAD_IDENTITY, f"peer identity {uri!r} is not a SPIFFE id of trust domain {trust_domain}")
-    return uri
+    return uri, cert.not_valid_after_utc.timestamp()
 
 
 class Mtls:
@@ -220,17 +228,45 @@ class Mtls:
         self.client_refused: Counter[str] = Counter()  # tunnels this proxy gave up on, by reason
         self.peers: Counter[str] = Counter()          # accepted inbound tunnels by peer principal
         self.handshakes = 0
+        self.resumed = 0                              # ... of which resumed a TLS session
         self.updates = 0
+        self.sessions = SessionCache()                # client side: sessions to offer on new tunnels
+        self.tunnel_tls: dict[tuple[Any, ...], Any] = {}   # mtls_client.upstream_tls answers, per material
+        self._peers: dict[tuple[bytes, str], tuple[str, float]] = {}
+        self._pushed: tuple[Any, ...] | None = None
         self._modes: tuple[Snapshot | None, dict[tuple[str, int], str]] = (None, {})
 
     # credentials
 
     def update(self, creds: Credentials) -> None:
-        """Install a credentials push; contexts are built first, so a bad push changes nothing."""
-        material = _Material.build(creds)
-        self.material = material
+        """Install a credentials push; contexts are built first, so a bad push changes nothing.
+
+        A push that only changes the workload pids keeps the contexts, and with them the
+        server's ticket key and the client's saved sessions: resumption survives it.  New
+        certificates or roots replace both, so no handshake resumes a session made with them."""
+        pushed = (creds.trust_domain, creds.roots, creds.svids)
+        if pushed != self._pushed:
+            self.material = _Material.build(creds)
+            self._pushed = pushed
+            self.sessions = SessionCache()
+            self.tunnel_tls = {}
         self.sources = SourceResolver(creds.pids)
         self.updates += 1
+
+    def peer_identity(self, der: bytes | None) -> str:
+        """``peer_spiffe_id`` of a peer certificate the handshake verified, cached by its bytes:
+        a peer presents the same certificate on every tunnel until it renews it.  A resumed
+        handshake does not verify the certificate again, so its expiry is checked here."""
+        key = (der or b"", self.trust_domain or "")
+        found = self._peers.get(key)
+        if found is None:
+            found = _peer(der, key[1])
+            if len(self._peers) >= PEER_CACHE_SIZE:
+                self._peers.clear()
+            self._peers[key] = found
+        if time.time() > found[1]:
+            raise PeerRejected(EXPIRED, f"peer certificate of {found[0]} has expired")
+        return found[0]
 
     @property
     def trust_domain(self) -> str | None:
@@ -309,7 +345,8 @@ class Mtls:
         m = self.material
         return {"enabled": m is not None, "trust_domain": m.trust_domain if m else None,
                 "identities": sorted(m.client) if m else [], "expires": dict(m.expires) if m else {},
-                "updates": self.updates, "handshakes": self.handshakes,
+                "updates": self.updates, "handshakes": self.handshakes, "resumed": self.resumed,
+                "client_sessions": self.sessions.stats(),
                 "refused": dict(self.refused), "refused_total": sum(self.refused.values()),
                 "client_refused": dict(self.client_refused), "peers": dict(self.peers),
                 "source_lookups": self.sources.lookups, "source_unknown": self.sources.unknown}

@@ -15,22 +15,31 @@ Which security a new upstream connection gets (``upstream_tls``), as Istio decid
 
 The answer's ``key`` joins the pool key, so a connection is only reused by requests that
 would have opened the same one: one source identity's tunnel never carries another's traffic.
+The answer for a tunnel is cached per (endpoint, source) until the next credentials push,
+since it is asked for on every request.
+
+A new connection offers the last TLS session saved for its (key, peer address, SNI)
+(``proxy_core.tls_session``): a tunnel resumes the session of the one before it, which costs
+the two proxies a fraction of a full handshake.
 """
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from cryptography import x509
 
-from proxy_core.mtls import HANDSHAKE_TIMEOUT, Mtls, PeerRejected, peer_spiffe_id, sni_for
+from proxy_core.mtls import HANDSHAKE_TIMEOUT, Mtls, PeerRejected, sni_for
 from proxy_core.snapshot import Cluster, ClusterTls, Endpoint
+from proxy_core.tls_session import harden
 from proxy_core.upstream import ConnectError, Dialer, _TunnelHandshake
 
 P = TypeVar("P", bound=asyncio.Protocol)
+log = logging.getLogger("proxy_core.mtls")
 
 SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
 SAN_MISMATCH = "subject_alt_name_mismatch"
@@ -58,14 +67,24 @@ def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any) -
         source = mtls.tunnel_source(ep, conn)
     else:  # ISTIO_MUTUAL: mTLS whatever the endpoint's mode says
         source = mtls.source_of(conn) if mtls.material is not None else None
-    ctx = mtls.client_context(source) if source else None
-    if ctx is None:
+    if not source:
         return None
-    expected = mtls.expected_peer(ep)
-    return UpstreamTls(source, ctx, sni_for(expected) if expected else None,  # type: ignore[arg-type]
-                       (expected,) if expected else ())
+    key = (ep.pool_key, ep.namespace, ep.service_account, source)
+    found: UpstreamTls | None = mtls.tunnel_tls.get(key)
+    if found is None:
+        ctx = mtls.client_context(source)
+        if ctx is None:
+            return None
+        expected = mtls.expected_peer(ep)
+        found = UpstreamTls(source, ctx, sni_for(expected) if expected else None,
+                            (expected,) if expected else ())
+        if len(mtls.tunnel_tls) >= _TUNNEL_TLS_CACHE:
+            mtls.tunnel_tls.clear()
+        mtls.tunnel_tls[key] = found
+    return found
 
 
+_TUNNEL_TLS_CACHE = 4096       # cached upstream_tls answers (cleared when full)
 _ORIGINATE: dict[ClusterTls, ssl.SSLContext] = {}
 
 
@@ -73,7 +92,7 @@ def mtls_originate(tls: ClusterTls, ep: Endpoint) -> UpstreamTls:
     """SIMPLE / MUTUAL TLS to the endpoint itself; contexts are built once per setting."""
     ctx = _ORIGINATE.get(tls)
     if ctx is None:
-        ctx = ssl.create_default_context(cafile=tls.ca_certificates)
+        ctx = harden(ssl.create_default_context(cafile=tls.ca_certificates))
         ctx.check_hostname = False           # SNI and SANs are checked below, as Envoy's SAN matcher does
         if tls.insecure_skip_verify:
             ctx.verify_mode = ssl.CERT_NONE
@@ -128,40 +147,47 @@ class MtlsDialer(Dialer):
         via = endpoint.via
         first: asyncio.Protocol = proto if via is None else _TunnelHandshake(endpoint.key, proto)
         host, port = (endpoint.address, endpoint.port) if via is None else (via.address, via.port)
+        sessions = self.mtls.sessions
+        session_key = (tls.key, host, port, tls.server_hostname or "")
         try:
             async with asyncio.timeout(timeout):
                 transport, _ = await loop.create_connection(
-                    lambda: first, host, port, ssl=tls.context, server_hostname=tls.server_hostname or "",
-                    ssl_handshake_timeout=min(timeout, HANDSHAKE_TIMEOUT))
+                    lambda: first, host, port, ssl=sessions.wrap(tls.context, session_key),
+                    server_hostname=tls.server_hostname or "", ssl_handshake_timeout=min(timeout, HANDSHAKE_TIMEOUT))
                 try:
-                    self._check_server(transport, tls)
+                    self._check_server(transport, tls, f"{host}:{port}")
                     if isinstance(first, _TunnelHandshake):
-                        await first.done
+                        await first.done     # the server's session tickets came before its answer
                 except BaseException:
                     transport.close()
                     raise
+                sessions.save(session_key, transport.get_extra_info("ssl_object"))
                 return proto
         except ssl.SSLError as exc:
-            self.mtls.client_refused["handshake_failed"] += 1
-            raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc}") from None
+            raise self._refuse("handshake_failed", f"TLS handshake with {host}:{port} failed: {exc}") from None
         except (OSError, TimeoutError) as exc:
             raise ConnectError(f"{type(exc).__name__}: {exc}") from None
 
-    def _check_server(self, transport: asyncio.BaseTransport, tls: UpstreamTls) -> None:
+    def _refuse(self, reason: str, message: str) -> ConnectError:
+        """Count and log a connection this proxy will not use; the request fails with 503 UF."""
+        self.mtls.client_refused[reason] += 1
+        log.warning("upstream TLS refused (%s): %s", reason, message)
+        return ConnectError(message)
+
+    def _check_server(self, transport: asyncio.BaseTransport, tls: UpstreamTls, peer_address: str) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(True) if ssl_object is not None else None
         if tls.mesh:
             try:
-                peer = peer_spiffe_id(der, self.mtls.trust_domain or "")
+                peer = self.mtls.peer_identity(der)
             except PeerRejected as exc:
-                self.mtls.client_refused[exc.reason] += 1
-                raise ConnectError(f"peer proxy refused: {exc}") from None
+                raise self._refuse(exc.reason, f"peer proxy {peer_address} refused: {exc}") from None
             if tls.expected and peer not in tls.expected:
-                self.mtls.client_refused[SERVER_IDENTITY_MISMATCH] += 1
-                raise ConnectError(f"peer presented {peer}, expected {tls.expected[0]}")
+                raise self._refuse(SERVER_IDENTITY_MISMATCH,
+                                   f"peer proxy {peer_address} presented {peer}, expected {tls.expected[0]}")
             return
         if tls.expected and der is not None:
             names = _server_names(der)
             if not any(_san_matches(e, names) for e in tls.expected):
-                self.mtls.client_refused[SAN_MISMATCH] += 1
-                raise ConnectError(f"server certificate names {sorted(names)}, none of {list(tls.expected)}")
+                raise self._refuse(SAN_MISMATCH, f"{peer_address} (SNI {tls.server_hostname}): server certificate "
+                                                 f"names {sorted(names)}, none of subjectAltNames {list(tls.expected)}")

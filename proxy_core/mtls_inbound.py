@@ -8,7 +8,8 @@ listener; the PeerAuthentication mode of the tunnel's target decides there wheth
 plaintext tunnel may pass (``Mtls.admit``), since the target is only known then.
 
 TLS runs in an ``SSLProtocol`` layered on the accepted transport (uvloop's when the loop is
-uvloop, asyncio's otherwise), fed the bytes already read.  The handshake requires a client
+uvloop, asyncio's otherwise), fed the bytes already read; its context is a ``TlsWrap``, so the
+record calls skip ``SSLObject``'s Python frames (``proxy_core.tls_session``).  The handshake requires a client
 certificate chaining to the trust bundle; once it completes, ``_Gate`` checks the SPIFFE id
 in it and hands the decrypted stream to the driver with ``peer_principal`` set.  Every
 refusal is counted by reason in ``Mtls.refused``.
@@ -19,8 +20,8 @@ import asyncio
 import logging
 from typing import Any, Callable
 
-from proxy_core.mtls import (HANDSHAKE_TIMEOUT, NO_SERVER_CERT, TLS_HANDSHAKE_BYTE, Mtls, PeerRejected,
-                             handshake_refusal, peer_spiffe_id)
+from proxy_core.mtls import HANDSHAKE_TIMEOUT, NO_SERVER_CERT, TLS_HANDSHAKE_BYTE, Mtls, PeerRejected, handshake_refusal
+from proxy_core.tls_session import TlsWrap
 
 try:
     import uvloop
@@ -70,8 +71,8 @@ class InboundSniffer(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         waiter.add_done_callback(self._handshake_done)
-        tls = _ssl_protocol_class(loop)(loop, _Gate(self.mtls, self.connection), ctx, waiter, server_side=True,
-                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        tls = _ssl_protocol_class(loop)(loop, _Gate(self.mtls, self.connection), TlsWrap(ctx), waiter,
+                                        server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
         transport.set_protocol(tls)
         tls.connection_made(transport)
         buf = tls.get_buffer(len(data))
@@ -112,14 +113,15 @@ class _Gate(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         ssl_object = transport.get_extra_info("ssl_object")
-        trust_domain = self.mtls.trust_domain or ""
         try:
-            principal = peer_spiffe_id(ssl_object.getpeercert(True) if ssl_object else None, trust_domain)
+            principal = self.mtls.peer_identity(ssl_object.getpeercert(True) if ssl_object else None)
         except (PeerRejected, ValueError) as exc:
             self.mtls.refused[getattr(exc, "reason", "bad_identity")] += 1
             log.debug("inbound mTLS peer refused: %s", exc)
             transport.abort()
             return
+        if ssl_object.session_reused:
+            self.mtls.resumed += 1
         conn = self.connection()
         conn.peer_principal = principal
         transport.set_protocol(conn)  # type: ignore[attr-defined]

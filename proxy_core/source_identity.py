@@ -4,8 +4,9 @@ The node proxy is shared by every workload of its node and clients reach it over
 so the source identity cannot come from the connection itself.  As Istio ambient's ztunnel
 asks the kernel which pod a connection came from, the proxy asks ``/proc``:
 
-1. ``/proc/net/tcp`` holds the client's socket (local = the connection's peer address,
-   remote = the listener address it reached) and its inode;
+1. the kernel's socket table (one ``sock_diag`` netlink lookup, ``/proc/net/tcp`` as the
+   fallback) holds the client's socket (local = the connection's peer address, remote = the
+   listener address it reached) and its inode;
 2. the process holding ``socket:[inode]`` among its file descriptors is the client;
 3. that pid, or its nearest ancestor, is a workload process the proxy worker named in its
    credentials push (pid -> SPIFFE id of the identity the actor registered).
@@ -98,25 +99,60 @@ def _hex_addr_v4_mapped(address: str, port: int) -> str:
     return "0000000000000000FFFF0000" + _hex_addr(address, port)
 
 
+_SOCK_DIAG_BY_FAMILY = 20          # netlink message type of an inet_diag request
+_NLM_F_REQUEST = 1                 # without NLM_F_DUMP: one socket, looked up by its 4-tuple
+_NLMSG_ERROR = 2
+_NETLINK_SOCK_DIAG = 4
+_INODE_AT = 16 + 68                # nlmsghdr, then inet_diag_msg's idiag_inode
+_TABLES = (("/proc/net/tcp", _hex_addr), ("/proc/net/tcp6", _hex_addr_v4_mapped))
+
+
 def socket_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any:
-    an IPv4 socket, else a dual-stack IPv6 one with those (v4-mapped) addresses."""
-    return (_table_inode("/proc/net/tcp", _hex_addr(*local), _hex_addr(*remote))
-            or _table_inode("/proc/net/tcp6", _hex_addr_v4_mapped(*local), _hex_addr_v4_mapped(*remote)))
+    """The inode of the TCP socket bound to ``local`` and connected to ``remote``, if any: an
+    IPv4 socket, else a dual-stack IPv6 one with those (v4-mapped) addresses.
+
+    Asks the kernel for that one socket (``sock_diag`` netlink, an exact hash lookup);
+    reading ``/proc/net/tcp`` instead walks every socket of the host, TIME_WAIT ones
+    included, which costs milliseconds on a busy node.  The tables are the fallback where
+    netlink is unavailable."""
+    try:
+        return _diag_inode(local, remote) or _diag_inode(local, remote, socket.AF_INET6)
+    except OSError:
+        return next((inode for table, _ in _TABLES if (inode := _table_inode(local, remote, table))), None)
 
 
-def _table_inode(table: str, want_local: str, want_remote: str) -> int | None:
+def _diag_inode(local: tuple[str, int], remote: tuple[str, int], family: int = socket.AF_INET) -> int | None:
+    if family == socket.AF_INET:
+        src, dst = socket.inet_aton(local[0]), socket.inet_aton(remote[0])
+    else:
+        src, dst = (socket.inet_pton(socket.AF_INET6, "::ffff:" + a[0]) for a in (local, remote))
+    sockid = struct.pack("!HH16s16s", local[1], remote[1], src, dst) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
+    body = struct.pack("=BBBxI", family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+    request = struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(request, (0, 0))
+        reply = nl.recv(8192)
+    if len(reply) < _INODE_AT + 4 or struct.unpack_from("=H", reply, 4)[0] == _NLMSG_ERROR:
+        return None        # no such socket (the client is gone), or not a socket this host holds
+    return struct.unpack_from("=I", reply, _INODE_AT)[0] or None
+
+
+def _table_inode(local: tuple[str, int], remote: tuple[str, int], table: str) -> int | None:
+    hex_addr = dict(_TABLES)[table]
+    needle = f": {hex_addr(*local)} {hex_addr(*remote)} "
     try:
         with open(table) as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if len(fields) > 9 and fields[1] == want_local and fields[2] == want_remote:
-                    inode = int(fields[9])
-                    return inode or None
+            text = f.read()
     except OSError:
         return None
-    return None
+    at = text.find(needle)
+    if at < 0:
+        return None
+    end = text.find("\n", at)
+    fields = text[at + 2:end if end >= 0 else len(text)].split()
+    if len(fields) < 9:
+        return None
+    return int(fields[8]) or None
 
 
 def holds_socket(pid: int, inode: int) -> bool:

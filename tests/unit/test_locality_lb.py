@@ -11,7 +11,7 @@ from proxy_core.lb import make_balancer
 from proxy_core.locality import HealthAwareBalancer, locality_matches, priorities
 from proxy_core.outlier import OutlierDetector
 from proxy_core.router import RequestInfo
-from proxy_core.snapshot import Cluster, Endpoint, LocalityLb, OutlierDetection
+from proxy_core.snapshot import Cluster, LocalityLb, OutlierDetection
 from tests.unit.conftest import Reply, cluster as cluster_dict, snapshot, vhost
 from tests.unit.test_proxy_server import aget
 

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import socket
 import ssl
 import sys
 import tempfile
@@ -60,6 +61,13 @@ def node_a_snapshot(port: int, inbound: int, mode: str, tls: dict[str, Any] | No
                     clusters={CL: c})
 
 
+def one_request_per_connection(snap: dict[str, Any]) -> dict[str, Any]:
+    """Istio's ``maxRequestsPerConnection: 1``: every request opens a new tunnel."""
+    for c in snap["clusters"].values():
+        c["connection_pool"] = {"max_requests_per_connection": 1}
+    return snap
+
+
 async def get(port: int, path: str = "/", host: str = "httpbin:8000", n: int = 1) -> list[tuple[int, bytes]]:
     """``n`` keep-alive requests on one connection to a proxy; (status, body) each."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -77,11 +85,13 @@ async def get(port: int, path: str = "/", host: str = "httpbin:8000", n: int = 1
 
 
 async def two_nodes(env, ca: CAKeyPair, mode: str, *, client_creds: bool = True, log: AccessLog | None = None,
-                    tls: dict[str, Any] | None = None) -> tuple[Any, ProxyServer, ProxyServer]:
+                    tls: dict[str, Any] | None = None, tunnel_per_request: bool = False,
+                    ) -> tuple[Any, ProxyServer, ProxyServer]:
     up = await env.upstream(name="httpbin")
     b = await env.proxy(node_b_snapshot(up.port, mode), log)
     push(b, [ca], [issue(ca, HTTPBIN)])
-    a = await env.proxy(node_a_snapshot(up.port, b.ports["inbound"], mode, tls))
+    snap_a = node_a_snapshot(up.port, b.ports["inbound"], mode, tls)
+    a = await env.proxy(one_request_per_connection(snap_a) if tunnel_per_request else snap_a)
     if client_creds:
         push(a, [ca], [issue(ca, SLEEP)], {os.getpid(): SLEEP})
     return up, a, b
@@ -296,3 +306,67 @@ async def test_credentials_over_the_control_channel(env, ca, tmp_path) -> None:
         await server.close()
     assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
     assert b.stats()["mtls"]["peers"] == {SLEEP: 1}
+
+
+# -- session resumption ---------------------------------------------------------------------------
+
+
+async def test_new_tunnels_resume_the_previous_tls_session(env, ca) -> None:
+    """One request per tunnel (maxRequestsPerConnection: 1): the first tunnel makes a full
+    handshake, the next ones offer its session and B resumes them, still learning the peer."""
+    up, a, b = await two_nodes(env, ca, "STRICT", tunnel_per_request=True)
+    for _ in range(3):
+        assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
+    mb, ma = b.stats()["mtls"], a.stats()["mtls"]
+    assert mb["handshakes"] == 3 and mb["resumed"] == 2 and mb["peers"] == {SLEEP: 3}
+    assert ma["client_sessions"] == {"sessions": 1, "offered": 2, "resumed": 2}
+    assert a.stats()["upstream_connects"] == 3
+
+
+async def test_new_certificates_end_resumption(env, ca) -> None:
+    """A push with a renewed SVID replaces the contexts: the next tunnel makes a full
+    handshake and presents the new certificate; a push of workload pids alone keeps them."""
+    up, a, b = await two_nodes(env, ca, "STRICT", tunnel_per_request=True)
+    client_svid = issue(ca, SLEEP)
+    push(a, [ca], [client_svid], {os.getpid(): SLEEP})
+    assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
+    push(a, [ca], [client_svid], {os.getpid(): SLEEP, 1: OTHER})      # pids only: contexts kept
+    assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
+    assert b.stats()["mtls"]["resumed"] == 1
+    push(b, [ca], [issue(ca, HTTPBIN)])                                 # B renews: its ticket key goes
+    assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
+    push(a, [ca], [issue(ca, SLEEP)], {os.getpid(): SLEEP})             # A renews: its sessions go
+    assert await get(a.ports["http_proxy"]) == [(200, b"httpbin")]
+    mb = b.stats()["mtls"]
+    assert mb["handshakes"] == 4 and mb["resumed"] == 1
+
+
+async def test_a_resumed_session_with_an_expired_peer_certificate_is_refused(env, ca) -> None:
+    """Resumption skips certificate verification, so the proxy checks the cached expiry."""
+    up, a, b = await two_nodes(env, ca, "STRICT")
+    now = datetime.now(timezone.utc)
+    short = issue(ca, SLEEP, timedelta(seconds=2), now - timedelta(seconds=1))   # 1 s of life left
+    ctx = client_context(ca.cert_pem, short)
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.ports["inbound"], ssl=ctx,
+                                                   server_hostname=sni_for(HTTPBIN))
+    writer.write(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % up.port)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200 ")
+    session = writer.get_extra_info("ssl_object").session
+    writer.close()
+    assert session is not None and session.has_ticket
+    await asyncio.sleep(1.2)
+
+    def resume() -> tuple[bool, bytes]:
+        """Resume the session with a blocking socket, as any TLS client can."""
+        with socket.create_connection(("127.0.0.1", b.ports["inbound"]), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=sni_for(HTTPBIN), session=session) as tls:
+            tls.sendall(b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: x\r\n\r\n" % up.port)
+            try:
+                answer = tls.recv(1024)
+            except (ssl.SSLError, ConnectionError):
+                answer = b""
+            return tls.session_reused, answer
+
+    assert await asyncio.to_thread(resume) == (True, b"")
+    await asyncio.sleep(0.05)
+    assert b.stats()["mtls"]["refused"].get("expired_certificate", 0) >= 1

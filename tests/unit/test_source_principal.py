@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import socket
 import sys
 from typing import Any
 
@@ -18,7 +20,8 @@ import pytest
 from mesh.identity import CAKeyPair, create_root_ca, spiffe_id
 from proxy_core.accesslog import AccessLog
 from proxy_core.server import ProxyServer
-from tests.unit.secured import CL, HOST, PORT, URL, authz, endpoint, httpbin
+from proxy_core.source_identity import _diag_inode, _table_inode, socket_inode
+from tests.unit.secured import HOST, PORT, URL, authz, endpoint, httpbin
 from tests.unit.test_mtls import client_context, issue, push, tls_connect
 
 pytestmark = pytest.mark.timeout(60)
@@ -260,3 +263,17 @@ def test_socket_inode_finds_dual_stack_ipv6_clients() -> None:
     finally:
         client.close()
         server.close()
+
+
+def test_socket_inode_finds_the_client_socket_by_netlink_and_by_the_table() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as client:
+            server, _ = listener.accept()
+            with server:
+                want = os.fstat(client.fileno()).st_ino
+                local, remote = client.getsockname(), client.getpeername()
+                assert socket_inode(local, remote) == _diag_inode(local, remote) == want
+                assert _table_inode(local, remote, "/proc/net/tcp") == want
+                assert socket_inode(("127.0.0.1", 1), remote) is None

@@ -19,7 +19,7 @@ from mesh.validation import validate_document
 from proxy_core.telemetry_expr import Attribute, ExpressionError, Literal, evaluate, parse, parse_filter, parse_value
 from proxy_core.snapshot import Snapshot
 from tests.unit.test_compiler import NODE_A, bookinfo_registry, compile_checked, wl
-from tests.unit.test_metrics import DEFAULTS, make_batch
+from tests.unit.test_metrics import make_batch
 from tests.unit.test_tcp_telemetry import tcp_batch
 
 

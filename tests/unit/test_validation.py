@@ -341,6 +341,14 @@ def test_traffic_policy_rules() -> None:
         ("spec.trafficPolicy.portLevelSettings[1]", "traffic policy must have at least one field")]
 
 
+def test_destination_rule_tls_credential_name_is_refused() -> None:
+    """A Kubernetes Secret has no equivalent here: the files must be given instead."""
+    policy = {"tls": {"mode": "MUTUAL", "credentialName": "client-secret"}}
+    assert problems("DestinationRule", dr(trafficPolicy=policy)) == [
+        ("spec.trafficPolicy.tls.credentialName", "Unsupported value: credentialName names a Kubernetes Secret, "
+         "which raymesh does not have: give caCertificates, clientCertificate and privateKey as files")]
+
+
 # ------------------------------------------------------------------ Gateway, ServiceEntry, WorkloadEntry
 
 def test_gateway_rules() -> None:
