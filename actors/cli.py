@@ -16,14 +16,18 @@ def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
 
     access_log = {"parquet_dir": args.access_log_parquet, "rotate_rows": args.access_log_rotate_rows,
                   "rotate_seconds": args.access_log_rotate_seconds} if args.access_log_parquet else {}
+    tracing = {"file": args.trace_file, "sampling": args.trace_sampling} if args.trace_file else {}
     try:
         AccessLogOptions.from_dict(access_log)
+        if not 0.0 <= args.trace_sampling <= 100.0:
+            raise ValueError(f"--trace-sampling must be a percentage (0-100), got {args.trace_sampling}")
     except ValueError as exc:
         print(f"meshctl install: {exc}", file=sys.stderr)
         return 2
     connect(args.address)
     install(replicas=args.replicas, options={"http_proxy_port": args.http_proxy_port,
-                                             "inbound_port": args.inbound_port, "access_log": access_log})
+                                             "inbound_port": args.inbound_port, "access_log": access_log,
+                                             "tracing": tracing})
     print(f"raymesh installed: galley x{args.replicas}, pilot x{args.replicas}, one proxy per node", file=out)
     return 0
 
@@ -49,6 +53,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="start a new Parquet file after N rows (default %(default)s)")
     p.add_argument("--access-log-rotate-seconds", type=float, default=DEFAULT_ROTATE_SECONDS, metavar="S",
                    help="start a new Parquet file once its oldest row is S seconds old (default %(default)s)")
+    p.add_argument("--trace-file", metavar="FILE", default=None,
+                   help="every node's proxy records spans as Zipkin JSON lines into FILE (on its node)")
+    p.add_argument("--trace-sampling", type=float, default=1.0, metavar="PERCENT",
+                   help="percent of requests without a trace context that start one (default %(default)s; "
+                        "a Telemetry resource's randomSamplingPercentage overrides it)")
     p.set_defaults(handler=cmd_install)
     p = sub.add_parser("uninstall", help="remove the mesh from the Ray cluster")
     p.add_argument("--purge", action="store_true", help="also delete stored configuration and registry")

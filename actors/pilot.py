@@ -48,9 +48,13 @@ class PilotOptions(Record):
     proxy_env: dict[str, str] = field(default_factory=dict)
     workload_api: dict[str, Any] = field(default_factory=dict)   # WorkloadApiOptions for every node
     access_log: dict[str, Any] = field(default_factory=dict)     # AccessLogOptions for every node's proxy
+    tracing: dict[str, Any] = field(default_factory=dict)        # {"file": spans path, "sampling": percent}
 
     def __post_init__(self) -> None:
         AccessLogOptions.from_dict(self.access_log)   # a bad value fails the install, naming the option
+        sampling = self.tracing.get("sampling")
+        if sampling is not None and not 0.0 <= float(sampling) <= 100.0:
+            raise ValueError(f"tracing.sampling: must be a percentage (0-100), got {sampling}")
 
 
 

@@ -130,7 +130,14 @@ def access_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mesh_cluster(access_log_dir: Path) -> Iterator[LocalCluster]:
+def trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every node's proxy writes its spans (``spans-<node>.jsonl``); sampling is 0, so
+    only requests whose caller asked for a trace are recorded (test_tracing)."""
+    return tmp_path_factory.mktemp("traces")
+
+
+@pytest.fixture(scope="session")
+def mesh_cluster(access_log_dir: Path, trace_dir: Path) -> Iterator[LocalCluster]:
     # Ray workers import the test workload classes by module path: the cluster's processes
     # inherit this environment, so they find ``tests.integration.workloads``.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -138,7 +145,8 @@ def mesh_cluster(access_log_dir: Path) -> Iterator[LocalCluster]:
     try:
         install(replicas=2, options={"access_log": {"parquet_dir": str(access_log_dir),
                                                     "rotate_rows": ACCESS_LOG_ROTATE_ROWS,
-                                                    "rotate_seconds": ACCESS_LOG_ROTATE_SECONDS}})
+                                                    "rotate_seconds": ACCESS_LOG_ROTATE_SECONDS},
+                                     "tracing": {"file": str(trace_dir / "spans-{node}.jsonl"), "sampling": 0}})
         yield cluster
     finally:
         try:
