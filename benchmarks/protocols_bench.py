@@ -120,8 +120,12 @@ def snapshot(ports: dict[str, int], origin_h2: int, origin_h1: int, peers: dict[
 
 
 def h2load(tools: Tools, url: str, seconds: float, workdir: Path) -> dict[str, Any]:
-    """``h2load -c10 -m10`` for ``seconds``; percentiles from its per-request log (µs durations)."""
+    """``h2load -c10 -m10`` for ``seconds``; percentiles from its per-request log (µs durations).
+
+    h2load appends to an existing log file: each run starts from none, or the percentiles of
+    a run would be those of every run before it too."""
     log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)
     out = subprocess.run([tools.h2load, "-c10", "-m10", "-t1", "-D", str(int(seconds)), f"--log-file={log}", url],
                          capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)

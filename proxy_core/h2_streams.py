@@ -9,8 +9,10 @@ bounded buffering end to end.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable
 
+import h2.config
 import h2.connection
 
 HeaderList = list[tuple[bytes, bytes]]
@@ -40,6 +42,56 @@ class H2Connection(h2.connection.H2Connection):
         if state is not h2.connection.ConnectionState.CLOSED:
             self.state_machine.state = state
         return result
+
+
+def h2_config(client_side: bool) -> h2.config.H2Configuration:
+    """``h2``'s settings for both drivers.  Received headers are validated (they come from a
+    peer); sent ones are not re-checked: every header this proxy sends has been through its
+    HTTP/1.1 parser (names lower-cased, CR/LF/NUL refused) and ``strip_connection_headers``,
+    so ``h2``'s outbound pass would only repeat that, at a quarter of its per-message cost."""
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None,
+                                     validate_outbound_headers=False, normalize_outbound_headers=False)
+
+
+class FrameWriter(asyncio.Protocol):
+    """The write side both HTTP/2 drivers share: frames leave once per event-loop pass.
+
+    uvloop sends on every ``transport.write``.  Written per stream, ten requests that arrived
+    in one read would leave as ten segments, each waking the peer for one frame, and the
+    peer's answers would come back as many small reads: the connection's cost per request
+    is then dominated by segments and wake-ups.  A stream therefore only asks for a flush
+    (``flush_soon``); all frames queued during the pass go out in one write when it ends.
+    Frames a connection's own read produced are flushed at the end of that read."""
+
+    h2: H2Connection
+    transport: asyncio.Transport | None
+    loop: asyncio.AbstractEventLoop
+    flush_scheduled: bool
+
+    def flush(self) -> None:
+        """Hand everything ``h2`` has queued to the socket, now."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Flush when the event loop finishes its current pass (one write for many streams)."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self.flush_scheduled = False
+        self.flush()
+
+    def close_transport(self) -> None:
+        """Close after sending what is queued (a stream's last frames, a GOAWAY)."""
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
 
 
 class Outbox:

@@ -193,6 +193,12 @@ class _Parser:
         self._expect = False
         self._switched = False
 
+    def release(self) -> None:
+        """Done with this parser for good: drop llhttp's parser, whose callbacks point back
+        here (a cycle only the garbage collector would free; HTTP/2 makes parsers per stream)."""
+        self._parser = None
+        self.sink = None  # type: ignore[assignment]
+
     # llhttp callbacks: they run once per header of every message, so they do the least
     # they can: framing headers are the rare case and are handled out of line, and the
     # size and count limits are checked once per head (``_end_head``) and once per feed

@@ -22,7 +22,6 @@ import asyncio
 import socket
 from typing import Any
 
-import h2.config
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -30,12 +29,17 @@ import h2.settings
 
 from proxy_core import http1
 from proxy_core.grpc_wire import grpc_status_of, http_to_grpc_status, is_grpc, parse_grpc_timeout
-from proxy_core.h2_streams import (CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW, H2Connection,
-                                   HeaderList, Outbox, join_cookies, strip_connection_headers)
+from proxy_core.h2_streams import (CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, STREAM_WINDOW, FrameWriter,
+                                   H2Connection, HeaderList, Outbox, h2_config, join_cookies,
+                                   strip_connection_headers)
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.server import HttpConnection, ProxyServer, _Listener
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _ignore() -> None:
+    """A released stream's outbox has no producer left to pause or resume."""
 
 
 class DownstreamStream:
@@ -116,6 +120,18 @@ class DownstreamStream:
         if self.out.ended and self.request_ended:
             self.conn.forget(self.stream_id)
 
+    def release(self) -> None:
+        """The stream left its connection: cut the references that tie it, its parsers, its
+        outbox and its ``HttpConnection`` into cycles.  Freed by reference counting at once,
+        they do not pile up (dozens of objects per request) for the cyclic garbage collector,
+        whose passes over them would pause every stream of the process."""
+        self.closed = True
+        self.parser.release()
+        self.out.pause = self.out.resume = _ignore
+        http, self.http = self.http, None   # type: ignore[assignment]
+        if http is not None:
+            http.parser.release()           # never fed: a stream's requests arrive as parts
+
     def reset_by_peer(self) -> None:
         """RST_STREAM from the client, or its connection gone: the exchange sees a disconnect."""
         self.closed = True
@@ -134,7 +150,7 @@ class DownstreamStream:
             self.close()
             return
         self.out.pump()
-        self.conn.flush()
+        self.conn.flush_soon()
         self._maybe_done()
 
     def on_head(self, rh: ResponseHead) -> None:
@@ -194,7 +210,7 @@ class DownstreamStream:
             if self.unacked and not self.closed:
                 n, self.unacked = self.unacked, 0
                 self.conn.h2.acknowledge_received_data(n, self.stream_id)
-                self.conn.flush()
+                self.conn.flush_soon()
 
     def can_write_eof(self) -> bool:
         return False
@@ -211,13 +227,13 @@ class DownstreamStream:
         self.http.resume_writing()
 
 
-class H2ServerConnection(asyncio.Protocol):
+class H2ServerConnection(FrameWriter):
     """One downstream HTTP/2 connection (h2c with prior knowledge, or after a sniffed preface)."""
 
     def __init__(self, server: ProxyServer, listener: _Listener) -> None:
         self.server = server
         self.listener = listener
-        self.h2 = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = H2Connection(h2_config(client_side=False))
         self.streams: dict[int, DownstreamStream] = {}
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = ""
@@ -226,6 +242,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.peer_principal: str | None = None
         self.goaway = False
         self.write_blocked = False
+        self.loop = asyncio.get_running_loop()
+        self.flush_scheduled = False
         self.tunnel = None   # never a tunnel; with ``active``, what ProxyServer.close looks at
 
     @property
@@ -286,6 +304,7 @@ class H2ServerConnection(asyncio.Protocol):
                 s = streams.pop(ev.stream_id, None)
                 if s is not None:
                     s.reset_by_peer()
+                    s.release()
             elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 self._window_opened()
             elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -300,20 +319,19 @@ class H2ServerConnection(asyncio.Protocol):
         for s in list(self.streams.values()):
             s.window_opened()
 
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.transport.is_closing():
-            self.transport.write(data)
-
     def refuse(self, stream_id: int, status: int, body: bytes) -> None:
         """Answer a stream the exchange cannot take (malformed, CONNECT) without routing it."""
-        self.streams.pop(stream_id, None)
+        s = self.streams.pop(stream_id, None)
+        if s is not None:
+            s.release()
         self.h2.send_headers(stream_id, [(b":status", b"%d" % status), (b"content-type", b"text/plain"),
                                          (b"content-length", b"%d" % len(body))])
         self.h2.send_data(stream_id, body, end_stream=True)
 
     def reset(self, stream_id: int, code: int) -> None:
-        self.streams.pop(stream_id, None)
+        s = self.streams.pop(stream_id, None)
+        if s is not None:
+            s.release()
         try:
             self.h2.reset_stream(stream_id, code)
         except h2.exceptions.StreamClosedError:
@@ -321,9 +339,11 @@ class H2ServerConnection(asyncio.Protocol):
         self.flush()
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        s = self.streams.pop(stream_id, None)
+        if s is not None:
+            s.release()
         if self.goaway and not self.streams:
-            self.transport.close()
+            self.close_transport()
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -345,6 +365,7 @@ class H2ServerConnection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for s in streams.values():
             s.reset_by_peer()
+            s.release()
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import h2.config
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -28,8 +27,8 @@ import h2.settings
 
 from proxy_core import http1
 from proxy_core.grpc_wire import grpc_status_of, is_grpc
-from proxy_core.h2_streams import (CONNECTION_WINDOW, STREAM_WINDOW, H2Connection, HeaderList, Outbox,
-                                   join_cookies, strip_connection_headers)
+from proxy_core.h2_streams import (CONNECTION_WINDOW, STREAM_WINDOW, FrameWriter, H2Connection, HeaderList,
+                                   Outbox, h2_config, join_cookies, strip_connection_headers)
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.snapshot import Endpoint
 from proxy_core.upstream import ConnectError, Dialer, PoolKey, UpstreamConnection
@@ -42,6 +41,10 @@ class StreamReset(ConnectionError):
 class StreamRefused(StreamReset):
     """The upstream never processed the stream: RST_STREAM ``REFUSED_STREAM``, or a stream above
     a GOAWAY's last stream id.  Safe to retry; Envoy's ``refused-stream`` retry condition."""
+
+
+def _ignore() -> None:
+    """A released stream's outbox has no producer left to pause or resume."""
 
 
 class UpstreamStream:
@@ -71,7 +74,7 @@ class UpstreamStream:
             self.conn.fail(self, StreamReset(f"request not translatable: {exc.reason}"))
             return
         self.out.pump()
-        self.conn.flush()
+        self.conn.flush_soon()
 
     def on_head(self, head: RequestHead) -> None:
         headers = strip_connection_headers(join_cookies(head.headers))
@@ -131,13 +134,31 @@ class UpstreamStream:
     def ended(self) -> None:
         self.closed = True
         self.conn.forget(self)
-        sink = self.owner.sink
+        owner = self.owner
+        owner.closed = True      # a stream is used once: never parked in the HTTP/1.1 idle pool
+        sink = owner.sink
         if sink is not None:
             sink.on_end(self.trailers)
+        self.release()
 
     def lost(self, exc: Exception) -> None:
         self.closed = True
         self.owner.connection_lost(exc)
+        self.release()
+
+    def release(self) -> None:
+        """The stream is over: cut the references that tie it, its parser, its outbox and its
+        ``UpstreamConnection`` into cycles, so reference counting frees them at once instead
+        of leaving dozens of objects per request to the cyclic garbage collector (whose passes
+        pause every stream of the process)."""
+        owner = self.owner
+        if owner is None:
+            return
+        self.closed = True
+        self.parser.release()
+        owner.parser.release()   # never fed: the response arrives as frames
+        self.out.pause = self.out.resume = _ignore
+        self.owner = None        # type: ignore[assignment]
 
     # transport interface for UpstreamConnection / Exchange
 
@@ -148,6 +169,7 @@ class UpstreamStream:
         self.closed = True
         if self.out.stream_id:
             self.conn.cancel(self)
+        self.release()
 
     def is_closing(self) -> bool:
         return self.closed
@@ -164,7 +186,7 @@ class UpstreamStream:
             if self.unacked and not self.closed:
                 n, self.unacked = self.unacked, 0
                 self.conn.h2.acknowledge_received_data(n, self.out.stream_id)
-                self.conn.flush()
+                self.conn.flush_soon()
 
     def _pause_producer(self) -> None:
         sink = self.owner.sink
@@ -177,18 +199,20 @@ class UpstreamStream:
             sink.upstream_resume_writing()
 
 
-class H2ClientConnection(asyncio.Protocol):
+class H2ClientConnection(FrameWriter):
     """One HTTP/2 connection to an endpoint, shared by all requests to it."""
 
     def __init__(self, pool: "H2UpstreamPool", key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.h2 = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = H2Connection(h2_config(client_side=True))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, UpstreamStream] = {}
         self.closed = False
         self.goaway = False
         self.write_blocked = False
+        self.loop = asyncio.get_running_loop()
+        self.flush_scheduled = False
 
     @property
     def available(self) -> bool:
@@ -219,11 +243,12 @@ class H2ClientConnection(asyncio.Protocol):
 
     def forget(self, stream: UpstreamStream) -> None:
         self.streams.pop(stream.out.stream_id, None)
-        if self.goaway and not self.streams and self.transport is not None:
-            self.transport.close()     # the last stream the GOAWAY let finish
+        if self.goaway and not self.streams:
+            self.close_transport()     # the last stream the GOAWAY let finish
 
     def fail(self, stream: UpstreamStream, exc: Exception) -> None:
-        stream.close()
+        if stream.out.stream_id:
+            self.cancel(stream)
         stream.lost(exc)
 
     # asyncio callbacks
@@ -278,9 +303,9 @@ class H2ClientConnection(asyncio.Protocol):
                 self._goaway(ev.last_stream_id)
         self.flush()
         for s in touched:
-            sink = s.owner.sink
-            if sink is not None:
-                sink.flush()
+            owner = s.owner           # None once the stream ended (its sink got everything)
+            if owner is not None and owner.sink is not None:
+                owner.sink.flush()
 
     def _goaway(self, last_stream_id: int | None) -> None:
         """Streams above ``last_stream_id`` were never processed: fail them (retriable)."""
@@ -289,15 +314,8 @@ class H2ClientConnection(asyncio.Protocol):
         last = last_stream_id or 0
         for sid in [sid for sid in self.streams if sid > last]:
             self.streams.pop(sid).lost(StreamRefused("upstream sent GOAWAY"))
-        if not self.streams and self.transport is not None:
-            self.transport.close()
-
-    def flush(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        data = self.h2.data_to_send()
-        if data:
-            self.transport.write(data)
+        if not self.streams:
+            self.close_transport()
 
     def pause_writing(self) -> None:
         self.write_blocked = True
