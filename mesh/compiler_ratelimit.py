@@ -100,7 +100,8 @@ def _compile_policy(policy: Resource) -> dict[str, Any]:
 
 
 # RateLimitPolicy entry field -> the snapshot's descriptor source.
-_SOURCES = {"path": "path", "header": "header", "remoteAddress": "remote_address", "destination": "destination"}
+_SOURCES = {"path": "path", "header": "header", "remoteAddress": "remote_address",
+            "sourcePrincipal": "source_principal", "destination": "destination"}
 
 
 def _global(glob: Mapping[str, Any], domain: str) -> dict[str, Any]:

@@ -1647,7 +1647,7 @@ def _validate_local_rate_limit(local: dict[str, Any], out: _Issues) -> None:
 
 
 # A global descriptor entry's sources (Envoy rate limit actions); exactly one per entry.
-_DESCRIPTOR_SOURCES = ("path", "header", "remoteAddress", "destination")
+_DESCRIPTOR_SOURCES = ("path", "header", "remoteAddress", "sourcePrincipal", "destination")
 
 
 def _validate_global_rate_limit(glob: dict[str, Any], out: _Issues) -> None:

@@ -287,6 +287,8 @@ def _value(entry: DescriptorEntry, host: str, req: RequestInfo) -> str | None:
         return req.headers.get(entry.header)
     if source == "remote_address":
         return req.source_ip or None
+    if source == "source_principal":
+        return req.source_principal   # set by the proxy when a descriptor asks (uses_principal)
     return host   # "destination"
 
 
@@ -346,12 +348,15 @@ RLS_ERROR_STATUS = 500   # Envoy's ratelimit filter ``status_on_error`` default
 class HostRateLimiter:
     """What the proxy asks per request of a limited host: local buckets, the global counter, or both."""
 
-    __slots__ = ("spec", "local", "glob")
+    __slots__ = ("spec", "local", "glob", "uses_principal")
 
     def __init__(self, spec: LocalRateLimit, local: ServiceRateLimiter, glob: GlobalRateLimiter | None) -> None:
         self.spec = spec
         self.local = local
         self.glob = glob
+        # Whether a descriptor counts by source principal: only then does the proxy look it up.
+        self.uses_principal = glob is not None and any(e.source == "source_principal" for d in glob.spec.descriptors
+                                                       for e in d.entries)
 
     def bucket_for(self, route_name: str, req: RequestInfo) -> Bucket | None:
         local = self.local.bucket_for(route_name, req)

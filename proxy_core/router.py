@@ -56,7 +56,7 @@ class RequestInfo:
     """
 
     __slots__ = ("method", "path", "authority", "headers", "scheme", "port", "source_ip", "generated_cookie",
-                 "_path_only", "_query", "_host")
+                 "source_principal", "_path_only", "_query", "_host")
 
     def __init__(self, method: str, path: str, authority: str, headers: Mapping[str, str], scheme: str = "http",
                  port: int = 0, source_ip: str = "", generated_cookie: str | None = None) -> None:
@@ -68,6 +68,9 @@ class RequestInfo:
         self.port = port
         self.source_ip = source_ip
         self.generated_cookie = generated_cookie
+        # The sending workload's principal (cluster.local/ns/NS/sa/SA), set by the proxy only
+        # where a rate limit descriptor counts by it; None otherwise or when unidentified.
+        self.source_principal: str | None = None
         self._path_only: str | None = None
         self._query: dict[str, str] | None = None
         self._host: str | None = None

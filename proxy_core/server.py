@@ -71,7 +71,7 @@ from proxy_core.quota import Bucket, HostRateLimiter, QuotaBook, build_host_limi
 from proxy_core.resilience import ClusterResilience, build_resilience
 from proxy_core.ratelimit import Clock
 from proxy_core.security_filter import (DENIED_BODY, ClusterSecurity, RequestAuthorization, SecurityRuntime,
-                                        build_security)
+                                        build_security, source_principal)
 from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
@@ -787,6 +787,8 @@ class Exchange:
         It runs after routing (a route may have a bucket of its own) and before fault
         injection, direct responses and the upstream, as the filter precedes the router.
         """
+        if limiter.uses_principal:
+            req.source_principal = source_principal(self.server.mtls, self.conn) or None   # "": anonymous
         bucket = limiter.bucket_for(route.name, req)
         if bucket is None:
             return True

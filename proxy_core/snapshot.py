@@ -184,6 +184,7 @@ GLOBAL (a RateLimitPolicy's ``global`` part: mesh-wide counters kept by Mixer, s
        {"entries": [{"source": "path", "match": STRING_MATCH},          # path without the query
                     {"source": "header", "header": "x-user", "match": {}},
                     {"source": "remote_address", "match": {}},        # the downstream peer's IP
+                    {"source": "source_principal", "match": {}},      # cluster.local/ns/NS/sa/SA
                     {"source": "destination", "match": {}}],          # the service host
         "requests_per_unit": 100, "unit": 60.0}]}    # a fixed window of ``unit`` seconds
 
@@ -926,7 +927,7 @@ class LocalRateLimit:
 class DescriptorEntry:
     """One part of a global rate limit descriptor: where its value comes from and what it must match."""
 
-    source: str                   # "path" | "header" | "remote_address" | "destination"
+    source: str                   # "path" | "header" | "remote_address" | "source_principal" | "destination"
     match: StringMatch
     header: str = ""              # the header's name (lower case) when source is "header"
 
@@ -944,7 +945,7 @@ class GlobalDescriptor:
     unit: float                   # seconds: 1, 60, 3600 or 86400
 
 
-GLOBAL_SOURCES = frozenset({"path", "header", "remote_address", "destination"})
+GLOBAL_SOURCES = frozenset({"path", "header", "remote_address", "source_principal", "destination"})
 FAILURE_MODES = frozenset({"FAIL_OPEN", "FAIL_CLOSED"})
 
 

@@ -265,6 +265,29 @@ def test_descriptor_keys_per_value_and_shared() -> None:
     assert key("/other") is None                                        # no descriptor applies
 
 
+def test_source_principal_entries_count_each_workload_apart() -> None:
+    from proxy_core.quota import GlobalRateLimiter, HostRateLimiter
+
+    limiter = GlobalRateLimiter("reviews.default.svc.cluster.local", descriptors(
+        [{"source": "source_principal", "match": {"prefix": "cluster.local/ns/shop/"}}],
+        [{"source": "source_principal", "match": {}}]), QuotaBook(FakeClock()))
+
+    def key(principal: str | None) -> str | None:
+        req = RequestInfo("GET", "/", "reviews", {})
+        req.source_principal = principal
+        b = limiter.bucket_for(req)
+        return b.key if b is not None else None
+
+    shop_a, shop_b = "cluster.local/ns/shop/sa/a", "cluster.local/ns/shop/sa/b"
+    assert key(shop_a) == key(shop_b)                      # a prefix: the namespace shares one counter
+    assert key("cluster.local/ns/web/sa/x") != key("cluster.local/ns/web/sa/y")   # one counter per workload
+    assert key("cluster.local/ns/web/sa/x").endswith("cluster.local/ns/web/sa/x")
+    assert key(None) is None                                # an unidentified client matches no entry
+    assert HostRateLimiter(None, None, limiter).uses_principal  # type: ignore[arg-type]
+    assert not HostRateLimiter(None, None, GlobalRateLimiter("r", descriptors(  # type: ignore[arg-type]
+        [{"source": "path", "match": {}}]), QuotaBook(FakeClock()))).uses_principal
+
+
 def test_sample_compiles_to_the_snapshot_form() -> None:
     rl = compile_rate_limits(to_resources(load_documents([str(SAMPLE)])))
     entry = rl["productpage.default.svc.cluster.local"]

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mesh.identity import CAKeyPair, create_root_ca, spiffe_id
+from mesh.resources import Resource
 from proxy_core.accesslog import AccessLog
 from proxy_core.server import ProxyServer
 from proxy_core.source_identity import _diag_inode, _table_inode, socket_inode
@@ -277,3 +278,24 @@ def test_socket_inode_finds_the_client_socket_by_netlink_and_by_the_table() -> N
                 assert socket_inode(local, remote) == _diag_inode(local, remote) == want
                 assert _table_inode(local, remote, "/proc/net/tcp") == want
                 assert socket_inode(("127.0.0.1", 1), remote) is None
+
+
+async def test_global_rate_limit_descriptor_counts_by_the_sending_workload(env, ca) -> None:
+    """A ``sourcePrincipal`` descriptor sees the local workload that sent the request: no Mixer
+    grants this standalone proxy a lease, so X's requests (the descriptor applies) get the one
+    request of credit a proxy has before its first lease, then 429; Y's and an unidentified
+    client's (it does not apply) all pass."""
+    from mesh.compiler_ratelimit import compile_rate_limits
+
+    up = await env.upstream()
+    snap = httpbin(endpoint(up.port))
+    policy = {"apiVersion": "policy.raymesh.io/v1alpha1", "kind": "RateLimitPolicy",
+              "metadata": {"name": "per-workload", "namespace": "foo"},
+              "spec": {"hosts": ["httpbin"], "global": {"failureMode": "FAIL_CLOSED", "descriptors": [
+                  {"entries": [{"sourcePrincipal": {"exact": X_P}}],
+                   "limit": {"requestsPerUnit": 1, "unit": "minute"}}]}}}
+    snap["rate_limits"] = compile_rate_limits([Resource.from_dict(policy)])
+    p = await env.proxy(snap)
+    got = await from_each(p, ca, p.ports["http_proxy"], [f"GET {URL}/a", f"GET {URL}/b", f"GET {URL}/c"])
+    assert got == {"X": ["200", "429", "429"], "Y": ["200"] * 3, "anonymous": ["200"] * 3}
+    assert len(up.seen) == 7

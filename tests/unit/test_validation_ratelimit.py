@@ -104,6 +104,8 @@ def test_valid_global_policies() -> None:
                                   failureMode="FAIL_CLOSED")) == []
     assert problems(global_policy([{"header": {"name": "x-user"}}, {"destination": {}}],
                                   [{"remoteAddress": {"exact": "127.0.0.1"}}, {"path": {"regex": "/api/.*"}}])) == []
+    assert problems(global_policy([{"sourcePrincipal": {"prefix": "cluster.local/ns/shop/"}}],
+                                  [{"sourcePrincipal": {}}, {"path": {"exact": "/checkout"}}])) == []
     both = global_policy([{"path": {"prefix": "/"}}])
     both["local"] = {"tokenBucket": BUCKET}
     assert problems(both) == []
@@ -130,10 +132,10 @@ def test_global_entries() -> None:
                          [{"remoteAddress": {"exact": "not-an-ip"}}, {"path": {"regex": "a(?=b)"}}],
                          [{"path": {}}], [{"path": {}}])
     assert problems(spec) == [
-        ("spec.global.descriptors[0].entries[0]", "exactly one of path, header, remoteAddress, destination must be "
-                                                  "set; found path, header"),
-        ("spec.global.descriptors[0].entries[1]", "exactly one of path, header, remoteAddress, destination must be "
-                                                  "set"),
+        ("spec.global.descriptors[0].entries[0]", "exactly one of path, header, remoteAddress, sourcePrincipal, "
+                                                  "destination must be set; found path, header"),
+        ("spec.global.descriptors[0].entries[1]", "exactly one of path, header, remoteAddress, sourcePrincipal, "
+                                                  "destination must be set"),
         ("spec.global.descriptors[1].entries[0].header.prefix", "prefix string match should not be empty"),
         ("spec.global.descriptors[1].entries[0].header.name", "invalid header name 'bad header'"),
         ("spec.global.descriptors[2].entries[0].remoteAddress.exact", "Invalid value: 'not-an-ip': not an IP address"),
