@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
@@ -77,6 +78,9 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("top", help="per destination service: requests/s, success rate, latency percentiles")
     p.add_argument("--since", type=float, default=60.0, help="seconds back (default 60)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("-w", "--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="live: redraw the table every SECONDS (default 2) until interrupted, like linkerd viz top")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N tables")
     p.set_defaults(handler=cmd_top)
 
     p = sub.add_parser("telemetry", help="query recent requests (Mixer's window)")
@@ -240,7 +244,27 @@ def _parse_where(items: Sequence[str]) -> dict[str, list[Any]]:
 
 
 def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
-    return _emit(args, out, ["destination_service"], _client(args).top(args.since))
+    if args.watch is None:
+        return _emit(args, out, ["destination_service"], _client(args).top(args.since))
+    if args.watch <= 0 or (args.count is not None and args.count < 1):
+        print("meshctl top: --watch takes a positive interval and --count a positive number", file=sys.stderr)
+        return 2
+    client = _client(args)
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            rows = client.top(args.since)
+            if out.isatty():
+                out.write("\x1b[H\x1b[2J")   # redraw in place on a terminal; a pipe gets one table after another
+            out.write(f"{time.strftime('%H:%M:%S')}  last {args.since:g} s, every {args.watch:g} s\n")
+            _emit(args, out, ["destination_service"], rows)
+            out.flush()
+            shown += 1
+            if args.count is None or shown < args.count:
+                time.sleep(args.watch)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_telemetry_query(args: argparse.Namespace, out: TextIO) -> int:

@@ -69,6 +69,15 @@ def test_traffic_shows_up_in_metrics_and_top(mesh):
     assert out.returncode == 0, out.stderr
     assert SERVICE in out.stdout and out.stdout.splitlines()[0].split()[:2] == ["DESTINATION_SERVICE", "REQUESTS"]
 
+    # Live, as linkerd viz top: a fresh table every interval (here two, then it stops).
+    live = subprocess.run([str(Path(sys.executable).parent / "meshctl"), "top", "--since", "120", "--watch", "0.5",
+                           "--count", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert live.returncode == 0, live.stderr
+    lines = live.stdout.splitlines()
+    stamps = [i for i, line in enumerate(lines) if line.endswith("last 120 s, every 0.5 s")]
+    assert len(stamps) == 2 and all(lines[i + 1].startswith("DESTINATION_SERVICE") for i in stamps)
+    assert sum(SERVICE in line for line in lines) == 2
+
 
 PQ_SERVICE = "telepq"
 PQ_FQDN = f"{PQ_SERVICE}.default.svc.cluster.local"
