@@ -206,10 +206,11 @@ class MtlsDialer(Dialer):
             if not any(_san_matches(e, names) for e in tls.expected):
                 raise self._refuse(SAN_MISMATCH, f"{peer_address} (SNI {tls.server_hostname}): server certificate "
                                                  f"names {sorted(names)}, none of subjectAltNames {list(tls.expected)}")
-        if tls.alpn == ALPN_H2:
+        if tls.alpn is not None:
+            selected = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+            self.mtls.client_alpn[selected or "none"] += 1
             # HTTP/2 frames to a server that did not agree to h2 would be read as a broken
             # HTTP/1.1 request: refuse the connection (503 UF) rather than guess.
-            selected = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-            if selected != ALPN_H2:
+            if tls.alpn == ALPN_H2 and selected != ALPN_H2:
                 raise self._refuse(ALPN_MISMATCH, f"{peer_address} (SNI {tls.server_hostname}): the cluster speaks "
                                                   f"HTTP/2 but the server selected ALPN {selected or 'nothing'}, not h2")

@@ -1,8 +1,9 @@
 """HTTP/2 over TLS with ALPN where the proxy originates TLS (DestinationRule ``tls`` SIMPLE /
 MUTUAL on an HTTP/2 cluster): a grpcio client calls the proxy's VIP in cleartext (prior
 knowledge) and the proxy reaches a grpcio server over TLS, offering ALPN ``h2`` and checking
-the server's certificate and its ALPN answer.  grpcio's server refuses a handshake that does
-not offer ``h2``, so a passing call is itself proof of the ALPN offer."""
+the server's certificate and its ALPN answer (``stats()["mtls"]["client_alpn"]`` counts what
+each originated handshake selected; grpcio's server also drops a TLS connection without
+``h2``)."""
 from __future__ import annotations
 
 import asyncio
@@ -81,6 +82,7 @@ async def test_simple_tls_with_alpn_h2_carries_unary_and_streaming_grpc_with_tra
         ("/test.Echo/Unary", 0, 200, "-"), ("/test.Echo/ServerStream", 0, 200, "-")]
     stats = p.stats()
     assert stats["upstream_h2"]["connects"] == 1 and stats["mtls"]["client_refused"] == {}
+    assert stats["mtls"]["client_alpn"] == {"h2": 1}
 
 
 async def test_mutual_tls_with_alpn_h2_presents_the_client_certificate(env, pki) -> None:
@@ -90,6 +92,7 @@ async def test_mutual_tls_with_alpn_h2_presents_the_client_certificate(env, pki)
         "mode": "MUTUAL", "sni": HOST, "ca_certificates": pki.ca, "client_certificate": cert, "private_key": key}))
     out = await asyncio.to_thread(unary_and_stream, target(p))
     assert out["unary"] == b"olleh" and out["stream_trailers"]["x-parts"] == "3"
+    assert p.stats()["mtls"]["client_alpn"] == {"h2": 1}
 
 
 async def test_server_certificate_outside_subject_alt_names_is_refused_503_uf(env, pki, caplog) -> None:
@@ -119,4 +122,5 @@ async def test_a_server_that_does_not_select_h2_is_refused_503_uf(env, pki, capl
     log.flush()
     assert [(x["response_code"], x["response_flags"]) for x in lines.lines] == [(503, "UF")]
     assert p.stats()["mtls"]["client_refused"] == {"alpn_mismatch": 1}
+    assert p.stats()["mtls"]["client_alpn"] == {"none": 1}
     assert any("selected ALPN nothing, not h2" in r.getMessage() for r in caplog.records)

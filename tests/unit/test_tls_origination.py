@@ -149,6 +149,7 @@ async def test_simple_sends_the_sni_and_verifies_against_ca_certificates(env, pk
     assert status == 200 and json.loads(body) == {"sni": HOST, "client": "-"}
     assert proxy.stats()["mtls"]["client_refused"] == {}
     assert up.alpns == ["http/1.1"]     # an HTTP/1.1 cluster offers http/1.1 only, though h2 was on offer
+    assert proxy.stats()["mtls"]["client_alpn"] == {"http/1.1": 1}
 
 
 async def test_simple_default_sni_is_the_endpoint_host_and_wildcards_match_one_label(env, pki) -> None:
