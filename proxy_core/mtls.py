@@ -226,6 +226,7 @@ class Mtls:
         self.sources = SourceResolver()
         self.refused: Counter[str] = Counter()        # inbound refusals by reason
         self.client_refused: Counter[str] = Counter()  # tunnels this proxy gave up on, by reason
+        self.client_alpn: Counter[str] = Counter()    # originated TLS handshakes by ALPN selected ("none")
         self.peers: Counter[str] = Counter()          # accepted inbound tunnels by peer principal
         self.handshakes = 0
         self.resumed = 0                              # ... of which resumed a TLS session
@@ -348,5 +349,6 @@ class Mtls:
                 "updates": self.updates, "handshakes": self.handshakes, "resumed": self.resumed,
                 "client_sessions": self.sessions.stats(),
                 "refused": dict(self.refused), "refused_total": sum(self.refused.values()),
-                "client_refused": dict(self.client_refused), "peers": dict(self.peers),
+                "client_refused": dict(self.client_refused), "client_alpn": dict(self.client_alpn),
+                "peers": dict(self.peers),
                 "source_lookups": self.sources.lookups, "source_unknown": self.sources.unknown}

@@ -9,7 +9,9 @@ Which security a new upstream connection gets (``upstream_tls``), as Istio decid
   side is this very proxy); ``SIMPLE`` / ``MUTUAL`` -> TLS originated to the endpoint itself
   (a ServiceEntry host), with ``sni``, ``caCertificates`` (system roots without it),
   ``clientCertificate`` + ``privateKey`` (MUTUAL) and ``subjectAltNames`` checked on the
-  server certificate (its DNS names and URIs);
+  server certificate (its DNS names and URIs);  the ClientHello offers the ALPN protocol of
+  the pool the request travels on (``h2`` for an HTTP/2 cluster, ``http/1.1`` otherwise,
+  none for TCP), and an ``h2`` connection is only used when the server selected ``h2``;
 * otherwise auto mTLS: a tunnel to another node's endpoint uses mTLS unless the endpoint's
   PeerAuthentication mode is DISABLE (``Mtls.tunnel_source``).
 
@@ -43,6 +45,10 @@ log = logging.getLogger("proxy_core.mtls")
 
 SERVER_IDENTITY_MISMATCH = "server_identity_mismatch"
 SAN_MISMATCH = "subject_alt_name_mismatch"
+ALPN_MISMATCH = "alpn_mismatch"
+
+ALPN_H2 = "h2"              # what an HTTP/2 cluster offers, and needs the server to select
+ALPN_HTTP11 = "http/1.1"    # what an HTTP/1.1 cluster offers (a server may select nothing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +60,19 @@ class UpstreamTls:
     server_hostname: str | None
     expected: tuple[str, ...] = ()      # acceptable server SANs; empty: any certificate the context trusts
     mesh: bool = True                   # mesh mTLS (SPIFFE id check) or originated TLS (SAN check)
+    alpn: str | None = None             # the ALPN protocol offered (originated TLS only)
 
 
-def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any) -> UpstreamTls | None:
-    """The security of a new connection to ``ep`` for downstream ``conn``; None: plaintext."""
+def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any,
+                 alpn: str | None = None) -> UpstreamTls | None:
+    """The security of a new connection to ``ep`` for downstream ``conn``; None: plaintext.
+
+    ``alpn`` is the protocol the connection will speak (``ALPN_H2`` or ``ALPN_HTTP11``; None
+    for bytes, as on TCP and CONNECT tunnels); only originated TLS offers it, since a mesh
+    tunnel carries whatever its client speaks to the peer proxy."""
     tls = cluster.tls if cluster is not None else None
     if tls is not None and tls.mode in ("SIMPLE", "MUTUAL"):
-        return mtls_originate(tls, ep)
+        return mtls_originate(tls, ep, alpn)
     if ep.via is None or (tls is not None and tls.mode == "DISABLE"):
         return None
     if tls is None:
@@ -85,12 +97,13 @@ def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any) -
 
 
 _TUNNEL_TLS_CACHE = 4096       # cached upstream_tls answers (cleared when full)
-_ORIGINATE: dict[ClusterTls, ssl.SSLContext] = {}
+_ORIGINATE: dict[tuple[ClusterTls, str | None], ssl.SSLContext] = {}
 
 
-def mtls_originate(tls: ClusterTls, ep: Endpoint) -> UpstreamTls:
-    """SIMPLE / MUTUAL TLS to the endpoint itself; contexts are built once per setting."""
-    ctx = _ORIGINATE.get(tls)
+def mtls_originate(tls: ClusterTls, ep: Endpoint, alpn: str | None = None) -> UpstreamTls:
+    """SIMPLE / MUTUAL TLS to the endpoint itself; contexts are built once per setting and
+    ALPN protocol (ALPN is a context option, and each context's id keys its own pools)."""
+    ctx = _ORIGINATE.get((tls, alpn))
     if ctx is None:
         ctx = harden(ssl.create_default_context(cafile=tls.ca_certificates))
         ctx.check_hostname = False           # SNI and SANs are checked below, as Envoy's SAN matcher does
@@ -100,10 +113,12 @@ def mtls_originate(tls: ClusterTls, ep: Endpoint) -> UpstreamTls:
             if not (tls.client_certificate and tls.private_key):
                 raise ConnectError("tls mode MUTUAL needs clientCertificate and privateKey")
             ctx.load_cert_chain(tls.client_certificate, tls.private_key)
-        _ORIGINATE[tls] = ctx
+        if alpn is not None:
+            ctx.set_alpn_protocols([alpn])
+        _ORIGINATE[(tls, alpn)] = ctx
     sni = tls.sni or (None if _is_ip(ep.address) else ep.address)
     expected = tls.subject_alt_names or ((sni,) if sni and not tls.insecure_skip_verify else ())
-    return UpstreamTls(f"{tls.mode}:{id(ctx)}", ctx, sni, expected, mesh=False)
+    return UpstreamTls(f"{tls.mode}:{id(ctx)}", ctx, sni, expected, mesh=False, alpn=alpn)
 
 
 def _is_ip(host: str) -> bool:
@@ -191,3 +206,11 @@ class MtlsDialer(Dialer):
             if not any(_san_matches(e, names) for e in tls.expected):
                 raise self._refuse(SAN_MISMATCH, f"{peer_address} (SNI {tls.server_hostname}): server certificate "
                                                  f"names {sorted(names)}, none of subjectAltNames {list(tls.expected)}")
+        if tls.alpn is not None:
+            selected = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+            self.mtls.client_alpn[selected or "none"] += 1
+            # HTTP/2 frames to a server that did not agree to h2 would be read as a broken
+            # HTTP/1.1 request: refuse the connection (503 UF) rather than guess.
+            if tls.alpn == ALPN_H2 and selected != ALPN_H2:
+                raise self._refuse(ALPN_MISMATCH, f"{peer_address} (SNI {tls.server_hostname}): the cluster speaks "
+                                                  f"HTTP/2 but the server selected ALPN {selected or 'nothing'}, not h2")

@@ -62,7 +62,7 @@ from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.mtls import Mtls
-from proxy_core.mtls_client import MtlsDialer, UpstreamTls, upstream_tls
+from proxy_core.mtls_client import ALPN_H2, ALPN_HTTP11, MtlsDialer, UpstreamTls, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, FaultDecision, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_grpc_status,
@@ -1019,14 +1019,15 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn) \
+        h2 = self.resilience is None and (self.cluster.http2 or (   # circuit breakers dispatch HTTP/1.1
+            self.conn.h2_stream is not None and self.cluster.use_downstream_protocol))
+        tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn, ALPN_H2 if h2 else ALPN_HTTP11) \
             if ep.via is not None or self.cluster.tls is not None else None
         self.up_tls = tls
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
             return
-        pool = self.server.h2_pool if self.cluster.http2 or (
-            self.conn.h2_stream is not None and self.cluster.use_downstream_protocol) else self.server.pool
+        pool = self.server.h2_pool if h2 else self.server.pool
         conn = pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:
             self._send(conn)

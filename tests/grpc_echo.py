@@ -76,13 +76,15 @@ class EchoService:
 
 
 class EchoServer:
-    """``EchoService`` on 127.0.0.1 (an ephemeral port), closed with ``close``."""
+    """``EchoService`` on 127.0.0.1 (an ephemeral port), closed with ``close``; over TLS when
+    given ``credentials`` (``grpc.ssl_server_credentials``)."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, credentials: grpc.ServerCredentials | None = None) -> None:
         self.service = EchoService(failures)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         self.server.add_generic_rpc_handlers((self.service.handler(),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = (self.server.add_insecure_port("127.0.0.1:0") if credentials is None
+                     else self.server.add_secure_port("127.0.0.1:0", credentials))
 
     def start(self) -> "EchoServer":
         self.server.start()

@@ -1232,3 +1232,28 @@ def test_fault_abort_grpc_status_is_translated() -> None:
     assert vhost(snap, FQDN("ratings"))["routes"][0]["fault"] == {"abort": {"grpc_status": 14, "percentage": 50.0}}
     fault = next(v for v in Snapshot.from_dict(snap).virtual_hosts if v.host == FQDN("ratings")).routes[0].fault
     assert fault is not None and fault.abort_grpc_status == 14 and fault.abort_status is None
+
+
+def test_grpc_service_entry_with_simple_tls_compiles_to_an_http2_cluster_originating_tls() -> None:
+    """The proxy offers ALPN h2 on this cluster's TLS (tests/unit/test_h2_tls_origination.py)."""
+    docs = load("""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: grpc-api}
+spec:
+  hosts: [grpc.example.com]
+  ports: [{number: 443, name: grpc, protocol: GRPC}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: grpc-api-tls}
+spec:
+  host: grpc.example.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, sni: grpc.example.com, subjectAltNames: [grpc.example.com], caCertificates: /etc/ca.pem}
+""")
+    c = compile_checked(docs)["clusters"]["outbound|443||grpc.example.com"]
+    assert c["protocol"] == "grpc"
+    assert c["tls"]["mode"] == "SIMPLE" and c["tls"]["sni"] == "grpc.example.com"
+    assert c["tls"]["subject_alt_names"] == ["grpc.example.com"] and c["tls"]["ca_certificates"] == "/etc/ca.pem"

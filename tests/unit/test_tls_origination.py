@@ -74,16 +74,20 @@ class Pki:
 
 
 class TlsOrigin:
-    """An HTTPS origin: answers every request with what it saw (SNI, client certificate CN)."""
+    """An HTTPS origin: answers every request with what it saw (SNI, client certificate CN), and
+    keeps the ALPN protocol each connection selected from those it supports (``alpn``)."""
 
-    def __init__(self, cert: tuple[str, str], client_ca: str | None = None) -> None:
+    def __init__(self, cert: tuple[str, str], client_ca: str | None = None,
+                 alpn: tuple[str, ...] = ("h2", "http/1.1")) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(*cert)
         if client_ca is not None:
             self.ctx.verify_mode = ssl.CERT_REQUIRED
             self.ctx.load_verify_locations(client_ca)
         self.ctx.sni_callback = self._sni
+        self.ctx.set_alpn_protocols(list(alpn))
         self.snis: list[str | None] = []
+        self.alpns: list[str | None] = []    # the ALPN protocol selected on each connection
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -96,6 +100,7 @@ class TlsOrigin:
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.alpns.append(writer.get_extra_info("ssl_object").selected_alpn_protocol())
         peer = writer.get_extra_info("peercert") or {}
         cn = next((v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"), "-")
         try:
@@ -143,6 +148,8 @@ async def test_simple_sends_the_sni_and_verifies_against_ca_certificates(env, pk
     [(status, body)] = await get(proxy.ports["http_proxy"], host=f"{HOST}:443")
     assert status == 200 and json.loads(body) == {"sni": HOST, "client": "-"}
     assert proxy.stats()["mtls"]["client_refused"] == {}
+    assert up.alpns == ["http/1.1"]     # an HTTP/1.1 cluster offers http/1.1 only, though h2 was on offer
+    assert proxy.stats()["mtls"]["client_alpn"] == {"http/1.1": 1}
 
 
 async def test_simple_default_sni_is_the_endpoint_host_and_wildcards_match_one_label(env, pki) -> None:
