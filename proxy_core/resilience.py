@@ -91,6 +91,16 @@ class ClusterResilience:
             self.counters["upstream_cx_overflow"] += 1
             self.pending[ex] = (ep, ckey, tls)
 
+    def admit_stream(self, ex: Any) -> bool:
+        """An HTTP/2 attempt: its stream shares the endpoint's one connection, so of the pool
+        limits only ``http2MaxRequests`` (requests in flight) applies, as Envoy's HTTP/2 circuit
+        breaker; beyond it, 503 UO.  False when it answered."""
+        if len(self.requests) >= self.limits.max_requests:
+            self._overflow(ex, "upstream_rq_overflow")
+            return False
+        self.requests.add(ex)
+        return True
+
     def _dial(self, ex: Any, ep: Endpoint, ckey: Hashable, tls: Any) -> None:
         self.pending[ex] = None
         # Counted from now, not when the task first runs: requests dispatched meanwhile must see it.

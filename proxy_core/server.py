@@ -1019,14 +1019,16 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        h2 = self.resilience is None and (self.cluster.http2 or (   # circuit breakers dispatch HTTP/1.1
-            self.conn.h2_stream is not None and self.cluster.use_downstream_protocol))
+        h2 = self.cluster.http2 or (self.conn.h2_stream is not None and self.cluster.use_downstream_protocol)
         tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn, ALPN_H2 if h2 else ALPN_HTTP11) \
             if ep.via is not None or self.cluster.tls is not None else None
         self.up_tls = tls
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
-            self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
-            return
+            if not h2:
+                self.resilience.dispatch(self, ep, ep.pool_key if tls is None else (ep.pool_key, tls.key), tls)
+                return
+            if not self.resilience.admit_stream(self):
+                return    # answered 503 UO
         pool = self.server.h2_pool if h2 else self.server.pool
         conn = pool.take_idle(ep.pool_key if tls is None else (ep.pool_key, tls.key))
         if conn is not None:

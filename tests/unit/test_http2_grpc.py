@@ -317,3 +317,31 @@ async def test_sniffed_port_serves_http1_http2_and_tcp(env) -> None:
     writer.close()
     log.flush()
     assert [x["protocol"] for x in lines.lines] == ["HTTP/1.1", "HTTP/2"]
+
+
+async def test_circuit_breakers_keep_grpc_on_http2_and_bound_streams(env) -> None:
+    """A gRPC cluster with connectionPool limits still goes upstream over HTTP/2 (one connection,
+    many streams); http2MaxRequests bounds the calls in flight: one more is 503 UO (UNAVAILABLE)."""
+    server = env.track(EchoServer().start())
+    snap = grpc_snapshot(server.port)
+    snap["clusters"][GRPC_CLUSTER]["connection_pool"] = {"max_requests": 2}
+    p, lines, log = await proxy_with_log(env, snap)
+
+    def calls() -> list[str]:
+        with grpc.insecure_channel(target(p)) as ch:
+            slow = [method(ch, "unary_unary", "Slow").future(b"1", timeout=10) for _ in range(2)]
+            time.sleep(0.3)                          # both are in flight at the proxy
+            try:
+                method(ch, "unary_unary", "Unary")(b"x", timeout=5)
+                third = "OK"
+            except grpc.RpcError as exc:
+                third = exc.code().name
+            return [f.result() and "OK" for f in slow] + [third, method(ch, "unary_unary", "Unary")(b"ab", timeout=5)
+                                                          .decode()]
+
+    assert await asyncio.to_thread(calls) == ["OK", "OK", "UNAVAILABLE", "ba"]
+    stats = p.stats()
+    assert stats["upstream_h2"]["connects"] == 1             # HTTP/2 upstream, multiplexed, despite the limits
+    assert stats["clusters"][GRPC_CLUSTER]["upstream_rq_overflow"] == 1
+    log.flush()
+    assert [x["response_flags"] for x in lines.lines if x["path"] == "/test.Echo/Unary"] == ["UO", "-"]
