@@ -23,6 +23,8 @@ import h2.events
 import h2.exceptions
 from hyperframe.frame import GoAwayFrame
 
+from tests.loopback import LoopbackServer
+
 
 def grpc_frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
@@ -36,21 +38,10 @@ class H2Log:
     big_bytes_sent: int = 0
 
 
-class ScriptedH2Server:
+class ScriptedH2Server(LoopbackServer):
     def __init__(self, goaway_after: int = 0, goaway_keep: int = 0) -> None:
         self.goaway_after, self.goaway_keep = goaway_after, goaway_keep
         self.log = H2Log()
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> "ScriptedH2Server":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.log.connections += 1

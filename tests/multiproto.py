@@ -11,25 +11,16 @@ import h2.config
 import h2.connection
 import h2.events
 
+from tests.loopback import LoopbackServer
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
-class MultiProtocolServer:
+class MultiProtocolServer(LoopbackServer):
     """On 127.0.0.1 (an ephemeral port): replies ``h2 <path>``, ``h1 <path>`` or ``raw <bytes>``."""
 
     def __init__(self) -> None:
-        self.port = 0
         self.served: list[str] = []          # "h2" / "h1" / "raw", one per request or connection
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> "MultiProtocolServer":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -13,6 +13,7 @@ from proxy_core import http1
 from proxy_core.accesslog import AccessLog
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
+from tests.loopback import LoopbackServer
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Reply:
 Handler = Callable[[Seen], Reply | Awaitable[Reply]]
 
 
-class Upstream:
+class Upstream(LoopbackServer):
     """An HTTP/1.1 server on 127.0.0.1 that records what it receives and answers via ``handler``."""
 
     def __init__(self, handler: Handler | None = None, name: str = "up") -> None:
@@ -48,18 +49,7 @@ class Upstream:
         self.name = name
         self.seen: list[Seen] = []
         self.connections = 0
-        self.port = 0
         self.first_body_bytes = asyncio.Event()
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> "Upstream":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
