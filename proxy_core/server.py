@@ -55,7 +55,7 @@ from typing import Any, Callable
 
 from proxy_core import flags, http1
 from proxy_core.accesslog import AccessLog
-from proxy_core.grpc_wire import trailers_only
+from proxy_core.grpc_wire import http_to_grpc_status, trailers_only
 from proxy_core.http2_upstream import H2UpstreamPool, StreamRefused
 from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, cache_stats
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
@@ -1486,6 +1486,14 @@ class Exchange:
         """Answer from the proxy itself (errors, direct responses, redirects)."""
         if self.done:
             return
+        wire_status = status
+        stream = self.conn.h2_stream
+        if stream is not None and stream.grpc and status != 200 and not any(n == b"grpc-status" for n, _ in extra or ()):
+            # Envoy's local replies to gRPC callers: HTTP 200, trailers-only, the status mapped to a
+            # gRPC code; the access log and metrics keep the HTTP status (Envoy's response code).
+            message = body.decode("utf-8", "replace") or http1.reason_phrase(status).decode()
+            extra = [*(extra or ()), *trailers_only(http_to_grpc_status(status), message)]
+            wire_status, body = 200, b""
         headers: list[tuple[bytes, bytes]] = list(extra) if extra else []
         if body:
             headers.append((b"content-type", b"text/plain"))
@@ -1509,7 +1517,7 @@ class Exchange:
         if self.conn.transport.is_closing():
             self._complete(False)
             return
-        resp_head = http1.response_head(status, None, headers)
+        resp_head = http1.response_head(wire_status, None, headers)
         self.resp_head_bytes = len(resp_head)
         self.conn.transport.write(resp_head + (body if head.method != b"HEAD" else b""))
         self.bytes_sent = len(body)
