@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
-import shutil
 import subprocess
 import time
 from typing import Any, Iterator
@@ -165,7 +164,6 @@ async def test_grpc_code_not_in_retry_on_is_not_retried(env) -> None:
     assert server.service.calls["Flaky"] == 1
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_grpc_timeout_header_bounds_the_call(env) -> None:
     server = env.track(EchoServer().start())
     p, lines, log = await proxy_with_log(env, grpc_snapshot(server.port))   # no route timeout
@@ -210,7 +208,6 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-s", "--max-time", "20", *args], capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_h2_prior_knowledge_to_http1_upstream(env) -> None:
     up = await env.upstream(lambda seen: Reply(body=b"len=%d" % len(seen.body),
                                                headers=[("x-method", seen.method)]))
@@ -230,7 +227,6 @@ async def test_curl_h2_prior_knowledge_to_http1_upstream(env) -> None:
     assert [x["protocol"] for x in lines.lines] == ["HTTP/2", "HTTP/2", "HTTP/1.1"]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_large_bodies_stream_both_ways_under_flow_control(env) -> None:
     size = 8 * 1024 * 1024
     chunk = b"z" * (256 * 1024)
@@ -246,7 +242,6 @@ async def test_large_bodies_stream_both_ways_under_flow_control(env) -> None:
     assert upload.stdout == b"got=%d" % size
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 async def test_many_concurrent_streams_on_one_connection(env) -> None:
     up = await env.upstream(lambda seen: Reply(body=b"x" * 100))
     p, _, _ = await proxy_with_log(env, grpc_snapshot(up.port, protocol="", vip_protocol="http2"))
@@ -256,7 +251,6 @@ async def test_many_concurrent_streams_on_one_connection(env) -> None:
     assert "400 succeeded, 0 failed, 0 errored" in text and "status codes: 400 2xx" in text
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 async def test_multiplexed_streams_never_stall(env, tmp_path) -> None:
     """2000 requests, 10 streams at a time on one connection, HTTP/2 on both hops: every one
     completes and none waits long.  Writes queued per stream but never flushed, a window
@@ -305,7 +299,6 @@ def test_classify_first_bytes() -> None:
     assert classify(b"anything", "h2") == HTTP1                      # http2 ports: HTTP/1.1 unless preface
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_sniffed_port_serves_http1_http2_and_tcp(env) -> None:
     up = await env.upstream(lambda seen: Reply(body=b"http"))
     echo = env.track(await Echo("raw").start())

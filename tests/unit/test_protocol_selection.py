@@ -3,7 +3,6 @@ snapshots, and a compiled unnamed port serving HTTP/1.1, h2c and raw TCP through
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 from typing import Any
@@ -142,7 +141,6 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["curl", "-s", "--max-time", "20", *args], capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_unnamed_port_serves_http1_h2c_and_raw_tcp_through_the_proxy(env) -> None:
     """A workload joins with an unnamed port: the compiled VIP sniffs each connection, and each
     protocol reaches the workload as the client spoke it (h2c upstream as HTTP/2, raw bytes spliced)."""
