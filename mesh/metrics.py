@@ -157,19 +157,26 @@ def conform(table: pa.Table | pa.RecordBatch, keep_attributes: bool = False) -> 
             base = base.append_column(name, pc.dictionary_encode(col.cast(pa.string())) if not
                                       pa.types.is_dictionary(col.type) else col)
         return base
-    if table.schema.equals(TELEMETRY_SCHEMA, check_metadata=False):
+    return conform_to(table, TELEMETRY_SCHEMA, f"telemetry batch lacks column(s) {{}} of {SCHEMA_NAME}")
+
+
+def conform_to(table: pa.Table, schema: pa.Schema, missing_message: str) -> pa.Table:
+    """``table`` in ``schema``: its columns in order, extra ones dropped, plain strings
+    dictionary-encoded, other types cast; a missing column is a ValueError (``missing_message``
+    with ``{}`` for the names)."""
+    if table.schema.equals(schema, check_metadata=False):
         return table
-    missing = [f.name for f in TELEMETRY_SCHEMA if f.name not in table.column_names]
+    missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
-        raise ValueError(f"telemetry batch lacks column(s) {', '.join(missing)} of {SCHEMA_NAME}")
+        raise ValueError(missing_message.format(", ".join(missing)))
     columns = []
-    for f in TELEMETRY_SCHEMA:
+    for f in schema:
         col = table[f.name]
         if col.type != f.type:
             col = pc.dictionary_encode(col) if pa.types.is_dictionary(f.type) and pa.types.is_string(col.type) \
                 else col.cast(f.type)
         columns.append(col)
-    return pa.table(columns, schema=TELEMETRY_SCHEMA)
+    return pa.table(columns, schema=schema)
 
 
 # -- aggregation ---------------------------------------------------------------------------------

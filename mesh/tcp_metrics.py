@@ -11,12 +11,11 @@ group-by into the four counters ``istio_tcp_connections_opened_total``,
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from typing import TYPE_CHECKING
 
 from mesh.metrics import (DEFAULT_CLUSTER_ID, REPORTERS, SOURCE_SECURITY_POLICY, TCP_COUNTERS, TCP_LABEL_NAMES,
-                          MetricUpdate, apply_tag_overrides)
+                          MetricUpdate, apply_tag_overrides, conform_to)
 from proxy_core.tcp_telemetry import SCHEMA as TCP_SCHEMA
 from proxy_core.tcp_telemetry import SCHEMA_NAME as TCP_SCHEMA_NAME
 
@@ -36,19 +35,7 @@ def conform_tcp(table: pa.Table | pa.RecordBatch) -> pa.Table:
     """``table`` in the TCP batch schema; raises ValueError naming a missing column."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    if table.schema.equals(TCP_SCHEMA, check_metadata=False):
-        return table
-    missing = [f.name for f in TCP_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise ValueError(f"TCP telemetry batch lacks column(s) {', '.join(missing)} of {TCP_SCHEMA_NAME}")
-    columns = []
-    for f in TCP_SCHEMA:
-        col = table[f.name]
-        if col.type != f.type:
-            col = pc.dictionary_encode(col) if pa.types.is_dictionary(f.type) and pa.types.is_string(col.type) \
-                else col.cast(f.type)
-        columns.append(col)
-    return pa.table(columns, schema=TCP_SCHEMA)
+    return conform_to(table, TCP_SCHEMA, f"TCP telemetry batch lacks column(s) {{}} of {TCP_SCHEMA_NAME}")
 
 
 def aggregate_tcp(batch: pa.Table | pa.RecordBatch, cluster_id: str = DEFAULT_CLUSTER_ID,
