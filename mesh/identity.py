@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy_core.mtls import svid_facts
+
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_SVID_TTL = timedelta(hours=24)          # Istio's DEFAULT_WORKLOAD_CERT_TTL
 MAX_SVID_TTL = timedelta(days=90)               # Istio's MAX_WORKLOAD_CERT_TTL
@@ -378,16 +380,9 @@ class TrustBundle:
 
 
 def _leaf_spiffe_id(leaf: x509.Certificate, trust_domain: str) -> str:
-    try:
-        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise IdentityError("an SVID must not be a CA certificate")
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+    is_ca, uris = svid_facts(leaf)
+    if is_ca:
+        raise IdentityError("an SVID must not be a CA certificate")
     if len(uris) != 1:
         raise IdentityError(f"an SVID carries exactly one URI SAN, this one has {len(uris)}")
     sid = SpiffeId.parse(uris[0])

@@ -193,21 +193,28 @@ def peer_spiffe_id(der: bytes | None, trust_domain: str) -> str:
     return _peer(der, trust_domain)[0]
 
 
-def _peer(der: bytes | None, trust_domain: str) -> tuple[str, float]:
-    """``peer_spiffe_id`` and the certificate's notAfter (epoch seconds)."""
-    if not der:
-        raise PeerRejected(NO_CLIENT_CERT, "no peer certificate")
-    cert = x509.load_der_x509_certificate(der)
+def svid_facts(cert: x509.Certificate) -> tuple[bool, list[str]]:
+    """What an X509-SVID check reads first: whether ``cert`` is a CA, and its URI SANs."""
     try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise PeerRejected(BAD_IDENTITY, "peer certificate is a CA")
+        is_ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
-        pass
+        is_ca = False
     try:
         uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
             x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
+    return is_ca, uris
+
+
+def _peer(der: bytes | None, trust_domain: str) -> tuple[str, float]:
+    """``peer_spiffe_id`` and the certificate's notAfter (epoch seconds)."""
+    if not der:
+        raise PeerRejected(NO_CLIENT_CERT, "no peer certificate")
+    cert = x509.load_der_x509_certificate(der)
+    is_ca, uris = svid_facts(cert)
+    if is_ca:
+        raise PeerRejected(BAD_IDENTITY, "peer certificate is a CA")
     if len(uris) != 1:
         raise PeerRejected(BAD_IDENTITY, f"peer certificate carries {len(uris)} URI SANs, want exactly one")
     uri = uris[0]
