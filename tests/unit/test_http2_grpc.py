@@ -166,8 +166,12 @@ async def test_grpc_code_not_in_retry_on_is_not_retried(env) -> None:
 
 async def test_grpc_timeout_header_bounds_the_call(env) -> None:
     server = env.track(EchoServer().start())
-    p, lines, log = await proxy_with_log(env, grpc_snapshot(server.port))   # no route timeout
-    # A raw HTTP/2 client with no deadline of its own: only the proxy can stop the call at 300 ms.
+    # No route timeout, and the route removes grpc-timeout from the upstream request: a grpcio
+    # server that received it would end the call itself (DEADLINE_EXCEEDED) at the same 300 ms,
+    # racing the proxy's timer.  With a raw HTTP/2 client that has no deadline of its own either,
+    # only the proxy can stop the call.
+    no_deadline_upstream = {"headers": {"request": {"remove": ["grpc-timeout"]}}}
+    p, lines, log = await proxy_with_log(env, grpc_snapshot(server.port, no_deadline_upstream))
     start = time.monotonic()
     out = await asyncio.to_thread(subprocess.run, [
         "curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-D", "-", "--max-time", "10",
