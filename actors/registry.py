@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.store import GcsKV, RevisionedStore
-from mesh.registry import NodeInfo, RegistryState, WorkloadInstance
+from mesh.registry import RegistryState
 
 REGISTRY_COLLECTION = "registry"
 VIP_BASE = (127, 10)  # services get 127.10.x.y
@@ -19,11 +19,7 @@ def registry_store() -> RevisionedStore:
 
 
 def registry_state(state: dict[str, Any]) -> RegistryState:
-    return RegistryState(
-        workloads=[WorkloadInstance.from_dict(w) for _, w in sorted((state.get("workloads") or {}).items())],
-        nodes={k: NodeInfo.from_dict(v) for k, v in (state.get("nodes") or {}).items()},
-        vips=dict(state.get("vips") or {}),
-    )
+    return RegistryState.from_state(state)
 
 
 def allocate_vip(state: dict[str, Any], host: str) -> None:

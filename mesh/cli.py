@@ -3,6 +3,7 @@
 Offline (no cluster needed)::
 
     meshctl validate -f FILE|DIR|-
+    meshctl analyze --offline -f FILE|DIR|-
 
 Against a running cluster (``ray.init(address="auto")``, so it also works as
 ``ray job submit -- meshctl apply -f x.yaml``)::
@@ -10,10 +11,12 @@ Against a running cluster (``ray.init(address="auto")``, so it also works as
     meshctl apply -f FILE|DIR|-        meshctl delete -f FILE|DIR|-   |  meshctl delete KIND NAME [-n NS]
     meshctl get KIND [NAME] [-n NS] [-o yaml|json]
     meshctl proxy-status
+    meshctl analyze [-f FILE|DIR|-] [-n NS | -A]    (the stored configuration, plus files as if applied)
     meshctl telemetry query [--group-by COLS] [--where COL=V] [-o table|json|parquet --file F [--raw]]
 
 Exit status: 0 on success, 1 when the mesh rejected the request (invalid configuration,
-unknown kind), 2 on usage errors.
+unknown kind), 2 on usage errors; ``analyze`` exits 79 (as istioctl does) when it finds
+an issue at or above ``--failure-threshold``.
 """
 from __future__ import annotations
 
@@ -29,10 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from mesh.analyze import LEVELS, MESSAGE_TYPES, SCHEMA_VALIDATION_ERROR, Message, analyze, at_least, with_references
+from mesh.compiler_services import build_service_index, resources_by_kind
 from mesh.errors import MeshError
 from mesh.identity import IdentityError, load_certs
 from mesh.loader import LoadError, load_documents
-from mesh.validation import validate_document, validate_documents
+from mesh.registry import RegistryState
+from mesh.resources import Resource, ResourceKey
+from mesh.validation import json_shaped, validate_document, validate_documents
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
 
@@ -51,6 +58,20 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("validate", help="validate configuration offline")
     _add_files(p)
     p.set_defaults(handler=cmd_validate)
+
+    p = sub.add_parser("analyze", help="find configuration that is valid but probably wrong (istioctl analyze)")
+    _add_files(p, required=False)
+    p.add_argument("--offline", action="store_true",
+                   help="analyze only the files, without a cluster (checks needing the registry are skipped)")
+    p.add_argument("-n", "--namespace", default=None, help="namespace to report on (default: default)")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=("log", "json", "yaml"), default="log")
+    p.add_argument("--failure-threshold", choices=LEVELS, default="Error",
+                   help="the level at which the exit status becomes 79 (default Error)")
+    p.add_argument("--output-threshold", choices=LEVELS, default="Info",
+                   help="the lowest level printed (default Info)")
+    p.add_argument("-L", "--list-analyzers", action="store_true", help="list the messages analysis can report")
+    p.set_defaults(handler=cmd_analyze)
 
     p = sub.add_parser("apply", help="validate and store configuration (atomically)")
     _add_files(p)
@@ -139,6 +160,64 @@ def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
         meta = d.body.get("metadata") or {}
         print(f'"{d.source}" document {d.index} ({d.body.get("kind")} {meta.get("name")}) is valid', file=out)
     return 0
+
+
+ANALYZE_FOUND_ISSUES = 79   # istioctl's exit status when analysis finds issues
+
+
+def cmd_analyze(args: argparse.Namespace, out: TextIO) -> int:
+    """``istioctl analyze``: the stored configuration with the files applied over it (or the
+    files alone with ``--offline``), against the service registry."""
+    if args.list_analyzers:
+        _table(out, ["CODE", "LEVEL", "NAME"], [[t.code, t.level, t.name] for t in MESSAGE_TYPES])
+        return 0
+    if args.offline and not args.filename:
+        print("meshctl analyze: --offline needs -f FILE", file=sys.stderr)
+        return 2
+    docs = _load(args, out) if args.filename else []
+    # Each document on its own, as validate does; an invalid one is reported, not analysed.
+    messages: list[Message] = []
+    files: dict[ResourceKey, Resource] = {}
+    references: dict[ResourceKey, str] = {}
+    for d in docs:
+        errors = validate_document(d)
+        meta = d.body.get("metadata") if isinstance(d.body.get("metadata"), dict) else {}
+        ref = f"{d.source}:{d.index}"
+        if errors:
+            messages += [Message(SCHEMA_VALIDATION_ERROR, str(d.body.get("kind") or ""),
+                                 str(meta.get("namespace") or "default"), str(meta.get("name") or ""),
+                                 (f"{e.path}: {e.reason}" if e.path else e.reason,), ref) for e in errors]
+            continue
+        r = Resource.from_dict(json_shaped(d.body))
+        files[r.key] = r
+        references[r.key] = ref
+    services = workloads = None
+    resources = dict(files)
+    if not args.offline:
+        client = _client(args)
+        stored = [Resource.from_dict(i) for i in client.get()["items"]]
+        resources = {**{r.key: r for r in stored}, **files}
+        registry = RegistryState.from_state(client.registry())
+        services = build_service_index(resources_by_kind(resources.values()), registry)
+        workloads = registry.workloads
+    messages += with_references(analyze(resources.values(), services, workloads), references)
+    namespace = None if args.all_namespaces else (args.namespace or "default")
+    shown = [m for m in messages if (namespace is None or m.namespace == namespace)
+             and at_least(m.level, args.output_threshold)]
+    if args.output == "log":
+        for m in shown:
+            print(m, file=out)
+        if not shown:
+            where = "all namespaces" if namespace is None else f"namespace: {namespace}"
+            print(f"\u2714 No validation issues found when analyzing {where}.", file=out)
+    elif args.output == "json":
+        json.dump([m.to_dict() for m in shown], out, indent=2)
+        out.write("\n")
+    else:
+        yaml.safe_dump([m.to_dict() for m in shown], out, sort_keys=False)
+    failed = any(at_least(m.level, args.failure_threshold) for m in messages
+                 if namespace is None or m.namespace == namespace)
+    return ANALYZE_FOUND_ISSUES if failed else 0
 
 
 def _client(args: argparse.Namespace):

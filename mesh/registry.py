@@ -8,6 +8,8 @@ those).  Proxies on every node learn about nodes (their inbound tunnel address) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
 from mesh.records import Record
 
 CLUSTER_DOMAIN = "cluster.local"
@@ -80,3 +82,12 @@ class RegistryState:
     workloads: list[WorkloadInstance] = field(default_factory=list)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     vips: dict[str, str] = field(default_factory=dict)        # service FQDN -> VIP (127.x.y.z)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "RegistryState":
+        """From the shared store's state (``workloads`` and ``nodes`` keyed by id, ``vips``)."""
+        return cls(
+            workloads=[WorkloadInstance.from_dict(w) for _, w in sorted((state.get("workloads") or {}).items())],
+            nodes={k: NodeInfo.from_dict(v) for k, v in (state.get("nodes") or {}).items()},
+            vips=dict(state.get("vips") or {}),
+        )

@@ -110,3 +110,37 @@ def test_ca_import_bundle_and_info(mesh, tmp_path):
     (tmp_path / "bad.pem").write_text("not a certificate")
     r = meshctl(mesh, "ca", "import", "--cert", str(tmp_path / "bad.pem"), "--key", str(tmp_path / "ca-key.pem"))
     assert r.returncode == 1 and "error" in r.stderr
+
+
+def test_analyze_live_configuration_with_files_applied_over_it(mesh, tmp_path):
+    mesh.deploy("inventory", "v1", 0)
+    mesh.wait_endpoints("inventory", 1)
+    stored_rule = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                   "metadata": {"name": "inventory"},
+                   "spec": {"host": "inventory", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                                            {"name": "v2", "labels": {"version": "v2"}}]}}
+    mesh.apply(stored_rule)
+    # The registry knows inventory and its v1 workload only: v2 selects nothing.
+    r = meshctl(mesh, "analyze", "-o", "json")
+    assert r.returncode == 0, r.stderr   # warnings only
+    assert [(m["code"], m["origin"]) for m in json.loads(r.stdout)] == [
+        ("IST0173", "DestinationRule default/inventory")]
+
+    # Files are analysed as if applied over the stored configuration; nothing is applied.
+    extra = tmp_path / "routes.yaml"
+    extra.write_text(yaml.safe_dump_all([
+        {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "inventory"},
+         "spec": {"hosts": ["inventory"], "http": [{"route": [
+             {"destination": {"host": "inventory", "subset": "v1"}, "weight": 90},
+             {"destination": {"host": "invetnory"}, "weight": 10}]}]}},
+        {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "inv"},
+         "spec": {"selector": {"matchLabels": {"app": "inventory", "version": "v3"}}, "action": "ALLOW"}},
+        {**stored_rule, "spec": {"host": "inventory", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}},
+    ]))
+    r = meshctl(mesh, "analyze", "-f", str(extra))
+    assert r.returncode == 79, r.stderr
+    assert r.stdout.splitlines() == [
+        f"Warning [IST0127] (AuthorizationPolicy default/inv {extra}:1) No matching workloads for this resource "
+        "with the following labels: app=inventory,version=v3",
+        f'Error [IST0101] (VirtualService default/inventory {extra}:0) Referenced host not found: "invetnory"']
+    assert meshctl(mesh, "get", "vs").stdout.strip().count("\n") == 0   # still nothing stored
