@@ -4,7 +4,9 @@ optionally Parquet files rotated by row count and age.
 A proxy answering tens of thousands of requests per second cannot afford a syscall or a
 ``json.dumps`` of a dict per request: lines are built with one f-string (strings escaped
 by the C JSON encoder) and appended to a list; the list is written when it is large or
-on a periodic flush.  Field names follow Envoy's default JSON access log format
+on a periodic flush.  Most string fields repeat from request to request (method, host,
+route, cluster, endpoint, listener, user agent, client address), so their quoted JSON form
+is remembered (``_quote``, a bounded table) instead of escaped again every time.  Field names follow Envoy's default JSON access log format
 (``%START_TIME%`` -> ``start_time`` ...), so existing Envoy log tooling reads them.
 
 The Parquet sink keeps the same fields for analytics (pyarrow, DuckDB, Spark read the
@@ -30,6 +32,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 _FLUSH_LINES = 512
+_QUOTED_MAX = 4096          # remembered quoted strings; the table starts over when full
+_QUOTED: dict[str, str] = {}
+
+
+def _quote(text: str) -> str:
+    """``text`` as a JSON string literal, remembered: for fields whose values repeat."""
+    quoted = _QUOTED.get(text)
+    if quoted is None:
+        if len(_QUOTED) >= _QUOTED_MAX:
+            _QUOTED.clear()
+        quoted = _QUOTED[text] = _q(text)
+    return quoted
 _FLUSH_INTERVAL = 1.0
 DEFAULT_ROTATE_ROWS = 100_000
 DEFAULT_ROTATE_SECONDS = 60.0
@@ -181,19 +195,19 @@ class AccessLog:
         sec = int(start_time)
         day_time = self._sec_text if sec == self._sec else self._second(sec)
         self._lines.append(
-            f'{{"start_time":"{day_time}.{int((start_time - sec) * 1000):03d}Z","method":{_q(method)},'
-            f'"path":{_q(path)},"protocol":"{protocol}","response_code":{response_code},'
+            f'{{"start_time":"{day_time}.{int((start_time - sec) * 1000):03d}Z","method":{_quote(method)},'
+            f'"path":{_quote(path)},"protocol":"{protocol}","response_code":{response_code},'
             f'"response_flags":"{response_flags}","bytes_received":{bytes_received},"bytes_sent":{bytes_sent},'
             f'"duration":{duration_ms},'
             f'"upstream_service_time":{"null" if upstream_service_time is None else upstream_service_time},'
             f'"x_forwarded_for":{"null" if x_forwarded_for is None else _q(x_forwarded_for)},'
-            f'"user_agent":{"null" if user_agent is None else _q(user_agent)},'
-            f'"request_id":{"null" if request_id is None else _q(request_id)},"authority":{_q(authority)},'
-            f'"upstream_host":{"null" if upstream_host is None else _q(upstream_host)},'
-            f'"upstream_cluster":{"null" if upstream_cluster is None else _q(upstream_cluster)},'
-            f'"route_name":{"null" if route_name is None else _q(route_name)},'
-            f'"downstream_remote_address":{_q(downstream_remote_address)},"listener":{_q(listener)},'
-            f'"downstream_peer_uri_san":{"null" if downstream_peer_uri_san is None else _q(downstream_peer_uri_san)},'
+            f'"user_agent":{"null" if user_agent is None else _quote(user_agent)},'
+            f'"request_id":{"null" if request_id is None else _q(request_id)},"authority":{_quote(authority)},'
+            f'"upstream_host":{"null" if upstream_host is None else _quote(upstream_host)},'
+            f'"upstream_cluster":{"null" if upstream_cluster is None else _quote(upstream_cluster)},'
+            f'"route_name":{"null" if route_name is None else _quote(route_name)},'
+            f'"downstream_remote_address":{_quote(downstream_remote_address)},"listener":{_quote(listener)},'
+            f'"downstream_peer_uri_san":{"null" if downstream_peer_uri_san is None else _quote(downstream_peer_uri_san)},'
             f'"grpc_status":{"null" if grpc_status is None else grpc_status}}}\n')
         parquet = self.parquet
         if parquet is not None:

@@ -7,6 +7,19 @@ from proxy_core.upstream cimport UpstreamConnection
 
 
 @cython.final
+cdef class _State:
+    cdef public object snapshot
+    cdef public object router
+    cdef public dict balancers
+    cdef public object local_endpoints
+    cdef public dict rate_limits
+    cdef public dict security
+    cdef public dict resilience
+    cdef public dict caches
+    cdef public dict _ops
+
+
+@cython.final
 cdef class HttpConnection:
     cdef public object server
     cdef public object listener
@@ -37,7 +50,7 @@ cdef class HttpConnection:
 cdef class Exchange:
     cdef public HttpConnection conn
     cdef public object server
-    cdef public object state
+    cdef public _State state
     cdef public RequestHead head
     cdef public object loop
     cdef public double t0

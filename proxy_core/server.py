@@ -49,7 +49,7 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -126,19 +126,25 @@ def _no_body(method: bytes, status: int) -> bool:
 # -- configuration state -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _State:
-    """Everything derived from one snapshot; replaced as a whole on swap."""
+    """Everything derived from one snapshot; replaced as a whole on swap.
 
-    snapshot: Snapshot
-    router: Router
-    balancers: dict[str, LoadBalancer]
-    local_endpoints: frozenset[tuple[str, int]]
-    rate_limits: dict[str, HostRateLimiter]      # by service host; empty when no policy applies
-    security: dict[str, ClusterSecurity]         # by cluster; empty when no policy applies
-    resilience: dict[str, ClusterResilience]     # by cluster; only clusters with limits or outlier detection
-    caches: dict[str, HttpCache]                 # by destination service; empty when no policy applies
-    _ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = field(default_factory=dict)
+    Compiled, an extension type (``server.pxd``): every request reads several of its fields.
+    """
+
+    def __init__(self, snapshot: Snapshot, router: Router, balancers: dict[str, LoadBalancer],
+                 local_endpoints: frozenset[tuple[str, int]], rate_limits: dict[str, HostRateLimiter],
+                 security: dict[str, ClusterSecurity], resilience: dict[str, ClusterResilience],
+                 caches: dict[str, HttpCache]) -> None:
+        self.snapshot = snapshot
+        self.router = router
+        self.balancers = balancers
+        self.local_endpoints = local_endpoints
+        self.rate_limits = rate_limits      # by service host; empty when no policy applies
+        self.security = security            # by cluster; empty when no policy applies
+        self.resilience = resilience        # by cluster; only clusters with limits or outlier detection
+        self.caches = caches                # by destination service; empty when no policy applies
+        self._ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = {}
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
         """Non-empty (request, response) header operations of a destination, computed once per snapshot.
@@ -617,7 +623,7 @@ class Exchange:
         self.body: list[bytes] = []
         self.tried: list[str] = []
         self.out: list[bytes] = []
-        self.tunnel_pending: list[bytes] = []
+        self.tunnel_pending: list[bytes] | None = None    # early tunnel bytes, CONNECT only
         self.req: RequestInfo | None = None
         self.route: Route | None = None
         self.match: Any = None
@@ -1145,7 +1151,7 @@ class Exchange:
         if self.done:
             return  # answered already: the rest of the body is read and dropped
         if self.head.upgrade and self.request_complete:
-            self.tunnel_pending.append(data)  # early tunnel bytes, before the pipe exists
+            self._early_tunnel_bytes(data)
             return
         if self.body_retriable:
             self.body_size += len(data)
@@ -1178,7 +1184,13 @@ class Exchange:
         """The parser switched to raw bytes (CONNECT, or an Upgrade request)."""
         self.request_complete = True
         if rest:
-            self.tunnel_pending.append(rest)
+            self._early_tunnel_bytes(rest)
+
+    def _early_tunnel_bytes(self, data: bytes) -> None:
+        """Bytes for a tunnel that has no pipe yet: kept until it is connected."""
+        if self.tunnel_pending is None:
+            self.tunnel_pending = []
+        self.tunnel_pending.append(data)
 
     # responses from upstream: the exchange is the sink of its upstream's response parser
 
@@ -1461,7 +1473,7 @@ class Exchange:
     def _splice(self, pipe: Pipe, up: asyncio.Transport) -> None:
         self.pipe = pipe
         conn = self.conn
-        pending, self.tunnel_pending = self.tunnel_pending, []
+        pending, self.tunnel_pending = self.tunnel_pending or [], None
         if pending:
             up.write(b"".join(pending))
         conn.tunnel = up
