@@ -33,7 +33,8 @@ import asyncio
 import ssl
 from typing import Any
 
-READ_SIZE = 256 * 1024          # plaintext read from the SSLObject at once
+RECORD_SIZE = 16 * 1024         # the most plaintext one TLS record holds (one SSLObject.read)
+DELIVER_SIZE = 256 * 1024       # plaintext gathered into one data_received: one write downstream
 
 
 class TlsStream(asyncio.Protocol, asyncio.Transport):
@@ -149,26 +150,38 @@ class TlsStream(asyncio.Protocol, asyncio.Transport):
     # -- reading -----------------------------------------------------------------------------------
 
     def _read(self) -> None:
-        """Decrypt and deliver what the incoming BIO holds, until it is empty or reading pauses."""
+        """Decrypt and deliver what the incoming BIO holds, until it is empty or reading pauses.
+
+        ``SSLObject.read`` returns one record at most; the records of one socket read are
+        delivered together, so a splice writes them to the other side at once."""
         self._read_scheduled = False
         ssl_object = self._ssl
-        try:
-            while not (self._paused or self._closing):
-                try:
-                    chunk = ssl_object.read(READ_SIZE)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    chunk = b""
-                if not chunk:
-                    self._flush()
-                    self._peer_eof()
-                    return
-                self._app.data_received(chunk)
-        except ssl.SSLError as exc:
-            self._fatal(exc)
-            return
+        eof = False
+        while not (self._paused or self._closing):
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                while size < DELIVER_SIZE:
+                    chunk = ssl_object.read(RECORD_SIZE)
+                    if not chunk:
+                        eof = True
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                eof = True
+            except ssl.SSLError as exc:
+                self._fatal(exc)
+                return
+            if chunks:
+                self._app.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if eof or size < DELIVER_SIZE:
+                break
         self._flush()                   # post-handshake messages (tickets, key updates) may answer
+        if eof:
+            self._peer_eof()
 
     def _peer_eof(self) -> None:
         if self._eof_received or self._closing:
