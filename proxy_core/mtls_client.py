@@ -96,8 +96,8 @@ def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any,
             return None
         expected = mtls.expected_peer(ep)
         # Sessions belong to the context that made them: the stream context keeps its own.
-        found = UpstreamTls(f"{source}|{ALPN_ISTIO}" if stream else source, ctx, sni_for(expected) if expected else None,
-                            (expected,) if expected else (), stream=stream)
+        found = UpstreamTls(f"{source}|{ALPN_ISTIO}" if stream else source, ctx,
+                            sni_for(expected) if expected else None, (expected,) if expected else (), stream=stream)
         if len(mtls.tunnel_tls) >= _TUNNEL_TLS_CACHE:
             mtls.tunnel_tls.clear()
         mtls.tunnel_tls[key] = found

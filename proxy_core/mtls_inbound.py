@@ -12,9 +12,10 @@ listener; the PeerAuthentication mode of the tunnel's target decides there wheth
 plaintext tunnel may pass (``Mtls.admit``), since the target is only known then.
 
 TLS runs in a protocol layered on the accepted transport (``TlsStream``, or uvloop's
-``SSLProtocol`` when the loop is uvloop, asyncio's otherwise), fed the bytes already read; its context is a ``TlsWrap``, so the
-record calls skip ``SSLObject``'s Python frames (``proxy_core.tls_session``).  The handshake requires a client
-certificate chaining to the trust bundle; once it completes, ``_Gate`` checks the SPIFFE id
+``SSLProtocol`` when the loop is uvloop, asyncio's otherwise), fed the bytes already read;
+its context is a ``TlsWrap``, so the record calls skip ``SSLObject``'s Python frames
+(``proxy_core.tls_session``).  The handshake requires a client certificate chaining to the
+trust bundle; once it completes, ``_Gate`` checks the SPIFFE id
 in it and hands the decrypted stream to the driver with ``peer_principal`` set.  Every
 refusal is counted by reason in ``Mtls.refused``.
 """

@@ -49,7 +49,8 @@ def ca() -> CAKeyPair:
 
 @pytest.fixture(scope="module")
 def contexts(ca: CAKeyPair) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    return context(ssl.PROTOCOL_TLS_SERVER, ca, issue(ca, SERVER)), context(ssl.PROTOCOL_TLS_CLIENT, ca, issue(ca, CLIENT))
+    return (context(ssl.PROTOCOL_TLS_SERVER, ca, issue(ca, SERVER)),
+            context(ssl.PROTOCOL_TLS_CLIENT, ca, issue(ca, CLIENT)))
 
 
 class App(asyncio.Protocol):
