@@ -19,6 +19,12 @@ Who is who on a node-to-node hop:
 
 SVIDs are found by SNI because one node proxy serves many identities; the SNI is a digest of
 the SPIFFE id, so it is a valid DNS name whatever the namespace and service account hold.
+
+Byte tunnels (TCP sessions, TLS passthrough, ``CONNECT``) offer the ALPN protocol ``istio``,
+as Istio's sidecars do for TCP over mesh mTLS, from a sibling client context per source (ALPN
+is a context option); the inbound side selects it, and both ends then run the tunnel over
+``proxy_core.tls_stream``, which carries half-close.  HTTP tunnels offer nothing and keep the
+event loop's TLS transport.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ UNTRUSTED = "untrusted_certificate"             # does not chain to the trust bu
 BAD_IDENTITY = "bad_identity"                   # not one SPIFFE id of the trust domain
 NO_SERVER_CERT = "no_server_certificate"        # this node holds no SVID to present
 HANDSHAKE_FAILED = "handshake_failed"
+
+ALPN_ISTIO = "istio"           # what a byte tunnel offers (Istio's ALPN for TCP over mesh mTLS)
 
 
 class PeerRejected(Exception):
@@ -123,7 +131,8 @@ def _load_chain(ctx: ssl.SSLContext, svid: Svid, directory: str) -> None:
                 os.unlink(path)
 
 
-def _context(purpose: int, bundle: str, svid: Svid | None, directory: str) -> ssl.SSLContext:
+def _context(purpose: int, bundle: str, svid: Svid | None, directory: str, alpn: str | None = None) -> ssl.SSLContext:
+    """A mesh context; ``alpn``: offered by a client, selected when offered by a server."""
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False            # peers are named by URI SAN, checked after the handshake
@@ -131,6 +140,8 @@ def _context(purpose: int, bundle: str, svid: Svid | None, directory: str) -> ss
     ctx.load_verify_locations(cadata=bundle)
     if svid is not None:
         _load_chain(ctx, svid, directory)
+    if alpn is not None:
+        ctx.set_alpn_protocols([alpn])
     return harden(ctx)
 
 
@@ -140,6 +151,7 @@ class _Material:
 
     trust_domain: str
     client: Mapping[str, ssl.SSLContext]          # by source SPIFFE id
+    client_stream: Mapping[str, ssl.SSLContext]   # the same, offering ALPN istio (byte tunnels)
     server: ssl.SSLContext | None                 # entry context: SNI picks the identity
     server_by_sni: Mapping[str, ssl.SSLContext]
     expires: Mapping[str, float]
@@ -148,11 +160,14 @@ class _Material:
     def build(cls, creds: Credentials) -> "_Material":
         bundle = "".join(creds.roots)
         client: dict[str, ssl.SSLContext] = {}
+        client_stream: dict[str, ssl.SSLContext] = {}
         by_sni: dict[str, ssl.SSLContext] = {}
         with tempfile.TemporaryDirectory(prefix="raymesh-svid-") as directory:
             for svid in creds.svids:
                 client[svid.spiffe_id] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle, svid, directory)
-                by_sni[sni_for(svid.spiffe_id)] = _context(ssl.PROTOCOL_TLS_SERVER, bundle, svid, directory)
+                client_stream[svid.spiffe_id] = _context(ssl.PROTOCOL_TLS_CLIENT, bundle, svid, directory, ALPN_ISTIO)
+                by_sni[sni_for(svid.spiffe_id)] = _context(ssl.PROTOCOL_TLS_SERVER, bundle, svid, directory,
+                                                           ALPN_ISTIO)
         server = None
         if by_sni:
             default = by_sni[min(by_sni)]
@@ -164,7 +179,8 @@ class _Material:
 
             default.sni_callback = pick
             server = default
-        return cls(creds.trust_domain, client, server, by_sni, {s.spiffe_id: s.expires for s in creds.svids})
+        return cls(creds.trust_domain, client, client_stream, server, by_sni,
+                   {s.spiffe_id: s.expires for s in creds.svids})
 
 
 def _verify_code_reason(exc: BaseException) -> str:
@@ -237,6 +253,7 @@ class Mtls:
         self.peers: Counter[str] = Counter()          # accepted inbound tunnels by peer principal
         self.handshakes = 0
         self.resumed = 0                              # ... of which resumed a TLS session
+        self.stream_handshakes = 0                    # ... of which on the byte-tunnel layer (ALPN istio)
         self.updates = 0
         self.sessions = SessionCache()                # client side: sessions to offer on new tunnels
         self.tunnel_tls: dict[tuple[Any, ...], Any] = {}   # mtls_client.upstream_tls answers, per material
@@ -283,8 +300,11 @@ class Mtls:
     def server_context(self) -> ssl.SSLContext | None:
         return self.material.server if self.material is not None else None
 
-    def client_context(self, source: str) -> ssl.SSLContext | None:
-        return self.material.client.get(source) if self.material is not None else None
+    def client_context(self, source: str, stream: bool = False) -> ssl.SSLContext | None:
+        """The context presenting ``source``'s SVID; ``stream``: the one for byte tunnels."""
+        if self.material is None:
+            return None
+        return (self.material.client_stream if stream else self.material.client).get(source)
 
     # client side
 
@@ -354,6 +374,7 @@ class Mtls:
         return {"enabled": m is not None, "trust_domain": m.trust_domain if m else None,
                 "identities": sorted(m.client) if m else [], "expires": dict(m.expires) if m else {},
                 "updates": self.updates, "handshakes": self.handshakes, "resumed": self.resumed,
+                "stream_handshakes": self.stream_handshakes,
                 "client_sessions": self.sessions.stats(),
                 "refused": dict(self.refused), "refused_total": sum(self.refused.values()),
                 "client_refused": dict(self.client_refused), "client_alpn": dict(self.client_alpn),

@@ -15,6 +15,10 @@ Which security a new upstream connection gets (``upstream_tls``), as Istio decid
 * otherwise auto mTLS: a tunnel to another node's endpoint uses mTLS unless the endpoint's
   PeerAuthentication mode is DISABLE (``Mtls.tunnel_source``).
 
+A mesh tunnel for bytes (``alpn`` None: a TCP session, TLS passthrough, ``CONNECT``) offers
+ALPN ``istio`` and runs over ``proxy_core.tls_stream.TlsStream``, which carries half-close
+(``stream``); an HTTP tunnel keeps the event loop's TLS transport, which is faster.
+
 The answer's ``key`` joins the pool key, so a connection is only reused by requests that
 would have opened the same one: one source identity's tunnel never carries another's traffic.
 The answer for a tunnel is cached per (endpoint, source) until the next credentials push,
@@ -35,9 +39,10 @@ from typing import Any, Callable, TypeVar
 
 from cryptography import x509
 
-from proxy_core.mtls import HANDSHAKE_TIMEOUT, Mtls, PeerRejected, sni_for
+from proxy_core.mtls import ALPN_ISTIO, HANDSHAKE_TIMEOUT, Mtls, PeerRejected, sni_for
 from proxy_core.snapshot import Cluster, ClusterTls, Endpoint
 from proxy_core.tls_session import harden
+from proxy_core.tls_stream import TlsStream
 from proxy_core.upstream import ConnectError, Dialer, _TunnelHandshake
 
 P = TypeVar("P", bound=asyncio.Protocol)
@@ -61,6 +66,7 @@ class UpstreamTls:
     expected: tuple[str, ...] = ()      # acceptable server SANs; empty: any certificate the context trusts
     mesh: bool = True                   # mesh mTLS (SPIFFE id check) or originated TLS (SAN check)
     alpn: str | None = None             # the ALPN protocol offered (originated TLS only)
+    stream: bool = False                # a mesh byte tunnel: ALPN istio over ``TlsStream`` (half-close)
 
 
 def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any,
@@ -81,15 +87,17 @@ def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any,
         source = mtls.source_of(conn) if mtls.material is not None else None
     if not source:
         return None
-    key = (ep.pool_key, ep.namespace, ep.service_account, source)
+    stream = alpn is None
+    key = (ep.pool_key, ep.namespace, ep.service_account, source, stream)
     found: UpstreamTls | None = mtls.tunnel_tls.get(key)
     if found is None:
-        ctx = mtls.client_context(source)
+        ctx = mtls.client_context(source, stream)
         if ctx is None:
             return None
         expected = mtls.expected_peer(ep)
-        found = UpstreamTls(source, ctx, sni_for(expected) if expected else None,
-                            (expected,) if expected else ())
+        # Sessions belong to the context that made them: the stream context keeps its own.
+        found = UpstreamTls(f"{source}|{ALPN_ISTIO}" if stream else source, ctx,
+                            sni_for(expected) if expected else None, (expected,) if expected else (), stream=stream)
         if len(mtls.tunnel_tls) >= _TUNNEL_TLS_CACHE:
             mtls.tunnel_tls.clear()
         mtls.tunnel_tls[key] = found
@@ -147,6 +155,15 @@ def _san_matches(expected: str, names: set[str]) -> bool:
     return bool(rest) and f"*.{rest}" in names
 
 
+async def _handshake(stream: TlsStream) -> None:
+    """Wait for a ``TlsStream``'s handshake; cancelled (the dial's timeout), drop the socket."""
+    try:
+        await stream.handshake
+    except asyncio.CancelledError:
+        stream.abort()
+        raise
+
+
 class MtlsDialer(Dialer):
     """A ``Dialer`` that secures a connection when asked (``tls``), checking who answered."""
 
@@ -164,11 +181,19 @@ class MtlsDialer(Dialer):
         host, port = (endpoint.address, endpoint.port) if via is None else (via.address, via.port)
         sessions = self.mtls.sessions
         session_key = (tls.key, host, port, tls.server_hostname or "")
+        wrap = sessions.wrap(tls.context, session_key)
+        handshake_timeout = min(timeout, HANDSHAKE_TIMEOUT)
         try:
             async with asyncio.timeout(timeout):
-                transport, _ = await loop.create_connection(
-                    lambda: first, host, port, ssl=sessions.wrap(tls.context, session_key),
-                    server_hostname=tls.server_hostname or "", ssl_handshake_timeout=min(timeout, HANDSHAKE_TIMEOUT))
+                if tls.stream:
+                    _, transport = await loop.create_connection(
+                        lambda: TlsStream(first, wrap, server_side=False, server_hostname=tls.server_hostname,
+                                          handshake_timeout=handshake_timeout), host, port)
+                    await _handshake(transport)
+                else:
+                    transport, _ = await loop.create_connection(
+                        lambda: first, host, port, ssl=wrap, server_hostname=tls.server_hostname or "",
+                        ssl_handshake_timeout=handshake_timeout)
                 try:
                     self._check_server(transport, tls, f"{host}:{port}")
                     if isinstance(first, _TunnelHandshake):

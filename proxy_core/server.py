@@ -1482,6 +1482,8 @@ class Exchange:
         conn.resume(_PAUSE_TUNNEL)
         if conn.transport.is_closing():
             up.close()
+        elif conn.eof and not up.is_closing() and up.can_write_eof():
+            up.write_eof()     # the client half-closed before the tunnel was up
 
     def _tunnel_closed(self) -> None:
         if self.pipe is not None:

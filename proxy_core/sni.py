@@ -1,14 +1,16 @@
-"""The server name of a TLS ClientHello, read from the bytes without decrypting anything.
+"""The server name and ALPN protocols of a TLS ClientHello, read without decrypting anything.
 
 Envoy's ``tls_inspector`` listener filter: TLS passthrough routes on the SNI a client sends in
-the clear in its first flight.  ``read_client_hello`` is sans-IO: it takes the bytes received
+the clear in its first flight, and the inbound listener picks its TLS layer by the ALPN
+protocols the peer proxy offers (``proxy_core.mtls_inbound``).  ``read_client_hello`` is sans-IO: it takes the bytes received
 so far and says whether more are needed, and when not, whether they were TLS and which name
 (if any) they carried.  A ClientHello may span several TLS records (large key shares do);
 the handshake message is reassembled from consecutive handshake records.
 
 Only what routing needs is parsed (RFC 8446 4.1.2 and RFC 6066 3): record headers, the
-handshake header, and the ClientHello's fixed fields, to reach the ``server_name`` extension;
-its first ``host_name`` entry is the SNI.  Anything malformed, or not a handshake record,
+handshake header, and the ClientHello's fixed fields, to reach the extensions: the first
+``host_name`` of ``server_name`` is the SNI, ``application_layer_protocol_negotiation``
+(RFC 7301 3.1) lists the ALPN protocols.  Anything malformed, or not a handshake record,
 is "not TLS", which routes like a ClientHello without SNI.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _SERVER_NAME = 0
 _HOST_NAME = 0
+_ALPN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,7 @@ class ClientHello:
     complete: bool
     tls: bool = False
     sni: str | None = None
+    alpn: tuple[str, ...] = ()      # the protocols offered, in the client's order
 
 
 NEED_MORE = ClientHello(False)
@@ -76,6 +80,8 @@ def _client_hello(body: bytes) -> ClientHello:
         if end > len(body):
             return NOT_TLS
         pos += 2
+        sni: str | None = None
+        alpn: tuple[str, ...] = ()
         while pos + 4 <= end:
             kind = int.from_bytes(body[pos:pos + 2], "big")
             size = int.from_bytes(body[pos + 2:pos + 4], "big")
@@ -83,11 +89,31 @@ def _client_hello(body: bytes) -> ClientHello:
             if pos + size > end:
                 return NOT_TLS
             if kind == _SERVER_NAME:
-                return ClientHello(True, True, _host_name(body[pos:pos + size]))
+                sni = _host_name(body[pos:pos + size])
+            elif kind == _ALPN:
+                alpn = _protocols(body[pos:pos + size])
             pos += size
-        return ClientHello(True, True)
+        return ClientHello(True, True, sni, alpn)
     except IndexError:
         return NOT_TLS
+
+
+def _protocols(ext: bytes) -> tuple[str, ...]:
+    """ProtocolNameList: list<2> of ProtocolName<1>; names that are not ASCII are skipped."""
+    end = min(len(ext), 2 + int.from_bytes(ext[0:2], "big"))
+    pos = 2
+    names = []
+    while pos < end:
+        size = ext[pos]
+        name = ext[pos + 1:pos + 1 + size]
+        if len(name) != size or pos + 1 + size > end:
+            break
+        try:
+            names.append(name.decode("ascii"))
+        except UnicodeDecodeError:
+            pass
+        pos += 1 + size
+    return tuple(names)
 
 
 def _host_name(ext: bytes) -> str | None:

@@ -10,7 +10,9 @@ The downstream side does not read until the upstream is connected, so early byte
 the kernel instead of a Python buffer.  Once connected, two ``Pipe`` halves copy bytes with
 backpressure (a full write buffer on one side pauses reading on the other) and propagate
 half-close: EOF from either side becomes ``write_eof`` on the other, and the session ends
-when both directions are finished or either socket closes.
+when both directions are finished or either socket closes.  Half-close crosses the mTLS
+tunnel too: a byte tunnel runs over ``proxy_core.tls_stream``, where EOF is TLS 1.3's
+``close_notify`` for one direction.
 
 Failures close the client connection, as Envoy does (there is no way to say why at L4):
 no matching route (``NR``), a missing cluster (``NC``), no endpoint (``UH``), a failed dial
@@ -294,7 +296,7 @@ class TcpSession(_Half):
             up.transport.close()
             return
         if self.eof:
-            if up.transport.can_write_eof():   # a TLS tunnel cannot half-close (as Pipe.eof_received)
+            if up.transport.can_write_eof():   # a tunnel over the event loop's TLS cannot (as Pipe.eof_received)
                 up.transport.write_eof()
         elif up.eof:
             self.transport.write_eof()

@@ -55,11 +55,12 @@ class Mesh:
         self._actors.append(actor)
         return actor
 
-    def deploy_tcp(self, service: str, version: str, node_index: int, service_port: int) -> Any:
+    def deploy_tcp(self, service: str, version: str, node_index: int, service_port: int,
+                   after_eof: bytes = b"") -> Any:
         """A raw TCP echo server as an endpoint of ``service``'s tcp port ``service_port``."""
         actor = TcpEchoWorkload.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.nodes[node_index], soft=False)
-        ).remote(service, version, service_port)
+        ).remote(service, version, service_port, after_eof=after_eof)
         ray.get(actor.start.remote(), timeout=60)
         self._actors.append(actor)
         return actor

@@ -1,6 +1,6 @@
 """Node-to-node mTLS on a real two-node Ray cluster: SVIDs from Citadel reach both proxies,
-a workload's cross-node request travels over mTLS with its own identity, and STRICT refuses
-a client the proxy cannot identify."""
+a workload's cross-node request travels over mTLS with its own identity, STRICT refuses
+a client the proxy cannot identify, and a TCP client's half-close crosses the tunnel."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ray
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from actors.proxy_worker import proxy_actor_name
+from mesh import workload
 from mesh.client import NAMESPACE
 
 STRICT = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
@@ -84,3 +86,35 @@ def test_meshctl_prints_the_svids_the_proxies_hold(mesh, tmp_path):
 
     missing = meshctl("svid", "nobody", "-n", "default")
     assert missing.returncode != 0 and "no proxy holds a matching SVID" in missing.stderr
+
+
+HALF_CLOSE_SERVICE = "halfclose"
+HALF_CLOSE_PORT = 9410
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["auto-mtls", "strict"])
+def test_tcp_half_close_crosses_the_mtls_tunnel(mesh, strict):
+    """A workload on node 0 sends a request to a tcp service on node 1 and shuts down its write
+    side; the server answers only after that EOF.  Connections the kernel gives node 0's proxy
+    cross the mTLS tunnel (the rest are served by node 1's proxy directly): every one of them
+    must get the whole echo, the reply, then EOF."""
+    mesh.deploy_tcp(HALF_CLOSE_SERVICE, "v1", node_index=1, service_port=HALF_CLOSE_PORT, after_eof=b"|after-eof")
+    client = mesh.deploy("sleep", "v1", node_index=0)
+    mesh.wait_endpoints(HALF_CLOSE_SERVICE, 1)
+    if strict:
+        mesh.apply(STRICT)
+    wait_for(lambda: CLIENT in proxy_mtls(mesh, 0)["identities"] and proxy_mtls(mesh, 1)["identities"])
+    vip = workload.service_vip(HALF_CLOSE_SERVICE)
+    request = os.urandom(1 << 20)        # more than the socket buffers hold on the way
+    before = proxy_mtls(mesh, 1)
+    crossed = 0
+    for _ in range(40):
+        reply = ray.get(client.tcp_half_close.remote(vip, HALF_CLOSE_PORT, request), timeout=60)
+        assert len(reply) == len(request) + 10 and reply == request + b"|after-eof"
+        crossed = proxy_mtls(mesh, 1)["stream_handshakes"] - before["stream_handshakes"]
+        if crossed >= 3:
+            break
+    assert crossed >= 3
+    after = proxy_mtls(mesh, 1)
+    assert after["peers"].get(CLIENT, 0) - before["peers"].get(CLIENT, 0) >= 3
+    assert after["refused_total"] == before["refused_total"]

@@ -89,6 +89,20 @@ class EchoWorkload:
         finally:
             writer.close()
 
+    async def tcp_half_close(self, host: str, port: int, payload: bytes) -> bytes:
+        """One TCP connection from this workload's process to ``host:port``: send ``payload``,
+        shut down the write side (``nc -N``), read everything until the peer's EOF."""
+        def run() -> bytes:
+            import socket
+            with socket.create_connection((host, port), timeout=15) as s:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                out = bytearray()
+                while chunk := s.recv(65536):
+                    out += chunk
+                return bytes(out)
+        return await asyncio.to_thread(run)
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
         self.seen[request.path] += 1
         body = await request.read()
@@ -126,10 +140,13 @@ class EchoWorkload:
 @ray.remote(num_cpus=0)
 class TcpEchoWorkload:
     """A raw TCP echo server that joins the mesh on a ``tcp`` service port: every byte read is
-    written back; the client's EOF closes the connection."""
+    written back; the client's EOF closes the connection, after writing ``after_eof`` (a reply
+    that only arrives if the client's half-close travelled through)."""
 
-    def __init__(self, service: str, version: str, service_port: int, namespace: str = "default") -> None:
+    def __init__(self, service: str, version: str, service_port: int, namespace: str = "default",
+                 after_eof: bytes = b"") -> None:
         self.service, self.version, self.service_port, self.namespace = service, version, service_port, namespace
+        self.after_eof = after_eof
         self.port = 0
         self.connections = 0
         self.received = 0
@@ -152,6 +169,9 @@ class TcpEchoWorkload:
             while data := await reader.read(65536):
                 self.received += len(data)
                 writer.write(data)
+                await writer.drain()
+            if self.after_eof:
+                writer.write(self.after_eof)
                 await writer.drain()
         except ConnectionError:
             pass

@@ -30,11 +30,13 @@ VIP = "127.79.0.1"
 # -- ClientHello bytes ---------------------------------------------------------------------------
 
 
-def client_hello(server_name: str | None) -> bytes:
+def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
     """The first flight of a real TLS client (Python's ssl over memory BIOs)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
     with pytest.raises(ssl.SSLWantReadError):
@@ -64,6 +66,23 @@ def test_client_hello_over_two_records_and_without_sni() -> None:
     assert read_client_hello(two[:60]) == NEED_MORE
     assert read_client_hello(two) == ClientHello(True, True, "b.example.com")
     assert read_client_hello(client_hello(None)) == ClientHello(True, True, None)
+
+
+def test_alpn_protocols_from_a_real_client_hello() -> None:
+    hello = client_hello("x.svid.mesh", ["istio", "h2", "http/1.1"])
+    for i in range(len(hello)):
+        assert read_client_hello(hello[:i]) == NEED_MORE
+    assert read_client_hello(hello) == ClientHello(True, True, "x.svid.mesh", ("istio", "h2", "http/1.1"))
+    assert read_client_hello(split_records(hello, 100)).alpn == ("istio", "h2", "http/1.1")
+    assert read_client_hello(client_hello(None, ["istio"])) == ClientHello(True, True, None, ("istio",))
+    assert read_client_hello(client_hello("a.example")).alpn == ()
+
+
+def test_a_truncated_alpn_list_keeps_the_whole_names_before_the_cut() -> None:
+    from proxy_core.sni import _protocols
+    assert _protocols(b"\x00\x0c\x05istio\x02h2\x03htt") == ("istio", "h2")   # the last name runs past the end
+    assert _protocols(b"\x00\x03\x05istio") == ()                       # list length shorter than the name
+    assert _protocols(b"") == ()
 
 
 @pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
