@@ -159,6 +159,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     reply = _client(args).apply(docs)
     for line in reply["results"]:
         print(line, file=out)
+    for warning in reply.get("warnings") or ():
+        print(f"Warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -211,8 +213,9 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(rows, out, indent=2)
         out.write("\n")
     else:
-        _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST"],
-               [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-"] for r in rows])
+        _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST", "GATEWAY"],
+               [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-",
+                 ",".join(sorted((r.get("gateways") or {}).values())) or "-"] for r in rows])
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
 
 
