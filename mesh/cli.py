@@ -215,8 +215,15 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
     else:
         _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST", "GATEWAY"],
                [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-",
-                 ",".join(sorted((r.get("gateways") or {}).values())) or "-"] for r in rows])
+                 _gateway_cell(r)] for r in rows])
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
+
+
+def _gateway_cell(row: dict[str, Any]) -> str:
+    """The ingress gateway's bound addresses, then any port it could not bind (``UNBOUND address``)."""
+    bound = sorted((row.get("gateways") or {}).values())
+    unbound = [f"UNBOUND {e.split(': ', 1)[0]}" for e in sorted((row.get("gateway_errors") or {}).values())]
+    return ",".join(bound + unbound) or "-"
 
 
 _SUMMARY = ["REQUESTS", "RPS", "SUCCESS", "P50", "P90", "P99"]

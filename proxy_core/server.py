@@ -241,6 +241,7 @@ class ProxyServer:
         self._connections: set[HttpConnection] = set()
         self._rid = 0
         self._gateway_source: tuple[Any, SourceWorkload] | None = None
+        self.gateway_errors: dict[str, str] = {}   # gateway listener -> why it could not be bound
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -277,18 +278,33 @@ class ProxyServer:
                 desired[(kind, vip.address, vip.port)] = _Listener(kind, f"{vip.address}:{vip.port}",
                                                                    vip.address, vip.port, vip)
         opened: list[_Listener] = []
+        unbound: dict[str, str] = {}
         try:
             for key, spec in desired.items():
                 if key not in self._listeners:
-                    await self._bind(spec)
+                    try:
+                        await self._bind(spec)
+                    except OSError as exc:
+                        if spec.kind != GATEWAY:
+                            raise
+                        # A Gateway port that cannot be bound (taken, privileged) must not cost the
+                        # node its whole configuration: the port stays closed, the rest applies.
+                        unbound[spec.name] = f"{spec.host}:{spec.config_port}: {exc.strerror or exc}"
+                        continue
                     opened.append(spec)
         except BaseException:
             for spec in opened:
                 assert spec.server is not None
                 spec.server.close()
             raise
+        for name, error in unbound.items():
+            if self.gateway_errors.get(name) != error:
+                log.warning("gateway listener %s not bound: %s", name, error)
+        self.gateway_errors = unbound
         for key, spec in desired.items():
             current = self._listeners.get(key)
+            if spec.name in unbound and current is None:
+                continue
             if current is None:
                 self._listeners[key] = spec
             else:
@@ -393,6 +409,7 @@ class ProxyServer:
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
+                "gateway_errors": dict(self.gateway_errors),
                 "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
                 "cache": cache_stats(self.cache_counters, self.state.caches)}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 from typing import Any
 
 import pyarrow as pa
@@ -136,3 +137,24 @@ async def test_upstream_errors_keep_envoy_semantics_through_the_gateway(env) -> 
     status, _, body = await aget(port, "/productpage")
     # Istio's default retry policy retries 503 twice, as for any outbound request.
     assert (status, body, len(up.seen)) == (503, b"busy", 3)
+
+
+async def test_a_port_that_cannot_be_bound_leaves_the_rest_of_the_config_applied(env) -> None:
+    up = await env.upstream(name="productpage")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        snap = bookinfo_gateway(port, {PRODUCTPAGE: up.port})
+        p = await env.proxy(snap)
+        assert p.gateway_ports() == {}
+        [(name, error)] = p.stats()["gateway_errors"].items()
+        assert name == f"istio-ingressgateway:{port}" and error.startswith(f"127.0.0.1:{port}: ")
+        assert p.snapshot.version == snap["version"] and p.ports["http_proxy"]
+    finally:
+        blocker.close()
+    # The next push binds it once the port is free.
+    await p.swap(type(p.snapshot).from_dict({**snap, "version": "again"}))
+    assert p.stats()["gateway_errors"] == {}
+    assert (await aget(port, "/productpage"))[0] == 200
