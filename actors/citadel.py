@@ -17,7 +17,9 @@ maximum SVID TTL), so peers holding an older SVID keep verifying during the over
 
 Signing is authorized by the registry: a node's proxy gets an SVID for ``ns/sa`` only when a
 workload with that namespace and service account is registered on that node, as Istio's CA
-only signs for the identity a workload's credential proves.
+only signs for the identity a workload's credential proves.  A gateway node (one the registry
+lists with a gateway address) also gets the ingress gateway's own identity
+(``istio-system/istio-ingressgateway-service-account``), as Istio's gateway pod has it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ from actors.store import GcsKV, RevisionedStore
 from mesh.identity import (DEFAULT_ROOT_VALIDITY, DEFAULT_SVID_TTL, DEFAULT_TRUST_DOMAIN, MAX_SVID_TTL, CAKeyPair,
                            IdentityError, KeyType, create_root_ca, fingerprint, import_ca, load_cert, sign_csr,
                            spiffe_id, validate_trust_domain)
+from mesh.compiler_gateways import GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT
 from mesh.records import Record
+
+GATEWAY_IDENTITY = (GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,13 @@ def plan_new_root(state: dict[str, Any], root: dict[str, str], now: datetime, ov
 
 
 def authorize(registry: dict[str, Any], namespace: str, service_account: str, node_id: str) -> None:
-    """Raise unless a workload running as ``namespace/service_account`` is registered on ``node_id``."""
-    for wl in registry_state(registry).workloads:
+    """Raise unless a workload running as ``namespace/service_account`` is registered on ``node_id``,
+    or it is the ingress gateway's identity and ``node_id`` a gateway node."""
+    state = registry_state(registry)
+    node = state.nodes.get(node_id)
+    if (namespace, service_account) == GATEWAY_IDENTITY and node is not None and node.gateway_address:
+        return
+    for wl in state.workloads:
         if (wl.namespace, wl.service_account, wl.node_id) == (namespace, service_account, node_id):
             return
     raise IdentityError(f"refusing to sign for {namespace}/{service_account}: no workload with that namespace and "

@@ -11,14 +11,16 @@ from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS
 
 def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
     from actors.deploy import install
-    from actors.proxy_worker import AccessLogOptions
+    from actors.proxy_worker import AccessLogOptions, GatewayOptions
     from mesh.client import connect
 
     access_log = {"parquet_dir": args.access_log_parquet, "rotate_rows": args.access_log_rotate_rows,
                   "rotate_seconds": args.access_log_rotate_seconds} if args.access_log_parquet else {}
     tracing = {"file": args.trace_file, "sampling": args.trace_sampling} if args.trace_file else {}
+    gateway = {"nodes": args.gateway_nodes, "address": args.gateway_address}
     try:
         AccessLogOptions.from_dict(access_log)
+        GatewayOptions.from_dict(gateway)
         if not 0.0 <= args.trace_sampling <= 100.0:
             raise ValueError(f"--trace-sampling must be a percentage (0-100), got {args.trace_sampling}")
     except ValueError as exc:
@@ -27,7 +29,7 @@ def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
     connect(args.address)
     install(replicas=args.replicas, options={"http_proxy_port": args.http_proxy_port,
                                              "inbound_port": args.inbound_port, "access_log": access_log,
-                                             "tracing": tracing})
+                                             "tracing": tracing, "gateway": gateway})
     print(f"raymesh installed: galley x{args.replicas}, pilot x{args.replicas}, one proxy per node", file=out)
     return 0
 
@@ -58,6 +60,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-sampling", type=float, default=1.0, metavar="PERCENT",
                    help="percent of requests without a trace context that start one (default %(default)s; "
                         "a Telemetry resource's randomSamplingPercentage overrides it)")
+    p.add_argument("--gateway-nodes", default="head", metavar="head|all|none|KEY=VALUE",
+                   help="which nodes' proxies serve Istio Gateways (the ingress gateway): the head node "
+                        "(default), every node, none, or the nodes with that Ray node label")
+    p.add_argument("--gateway-address", default="127.0.0.1", metavar="IP",
+                   help="the address gateway listeners bind (default %(default)s: this machine only; "
+                        "0.0.0.0 exposes Gateway ports to the network)")
     p.set_defaults(handler=cmd_install)
     p = sub.add_parser("uninstall", help="remove the mesh from the Ray cluster")
     p.add_argument("--purge", action="store_true", help="also delete stored configuration and registry")

@@ -16,7 +16,7 @@ from actors.replicaset import find_replicas
 from actors.store import GcsKV, RevisionedStore
 from mesh.loader import Document
 from mesh.resources import Resource, resolve_kind
-from mesh.validation import to_resources, validate_documents
+from mesh.validation import document_warnings, to_resources, validate_documents
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class Galley:
         rev, changed = self.store.commit(mutate)
         if changed:
             self._notify(rev.number)
-        return {"ok": True, "revision": rev.number, "results": lines}
+        return {"ok": True, "revision": rev.number, "results": lines,
+                "warnings": [str(w) for w in document_warnings(docs)]}
 
     def delete(self, targets: list[dict[str, str]]) -> dict[str, Any]:
         """Delete ``[{"kind", "namespace", "name"}]`` (kinds may be aliases such as ``vs``)."""

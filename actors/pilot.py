@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.galley import config_store, resources_of
 from actors.replicaset import find_replicas
-from actors.proxy_worker import AccessLogOptions, ProxyWorker, proxy_actor_name
+from actors.proxy_worker import AccessLogOptions, GatewayOptions, ProxyWorker, proxy_actor_name
 from actors.registry import allocate_vip, registry_state, registry_store
 from actors.store import NAMESPACE
 from mesh.compiler import compile_all
@@ -49,9 +49,11 @@ class PilotOptions(Record):
     workload_api: dict[str, Any] = field(default_factory=dict)   # WorkloadApiOptions for every node
     access_log: dict[str, Any] = field(default_factory=dict)     # AccessLogOptions for every node's proxy
     tracing: dict[str, Any] = field(default_factory=dict)        # {"file": spans path, "sampling": percent}
+    gateway: dict[str, Any] = field(default_factory=dict)        # GatewayOptions: ingress gateway nodes, address
 
     def __post_init__(self) -> None:
         AccessLogOptions.from_dict(self.access_log)   # a bad value fails the install, naming the option
+        GatewayOptions.from_dict(self.gateway)
         sampling = self.tracing.get("sampling")
         if sampling is not None and not 0.0 <= float(sampling) <= 100.0:
             raise ValueError(f"tracing.sampling: must be a percentage (0-100), got {sampling}")

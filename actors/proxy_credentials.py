@@ -1,6 +1,7 @@
 """The proxy worker's half of node-to-node mTLS: SVIDs for the node's workload identities.
 
-For every distinct (namespace, service account) registered on the node, the worker
+For every distinct (namespace, service account) registered on the node, and on a gateway
+node for the ingress gateway's identity (its requests' source), the worker
 generates a key here, has Citadel sign its CSR (Citadel checks the registration on this
 node), and renews it at half of its lifetime (``actors.workload_api.Credentials``, shared
 logic with the Workload API).  It pushes the result to its proxy process with the control
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 from actors.registry import registry_state
 from actors.workload_api import Credentials, Identity, _alive_actors, _registry
+from mesh.compiler_gateways import GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT
 from mesh.identity import IdentityError
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,15 @@ class ProxyCredentials:
     async def message(self) -> tuple[dict[str, Any], float]:
         """The message to push and the seconds until it should be rebuilt (next renewal or refresh)."""
         registry, actors = await asyncio.gather(asyncio.to_thread(self.registry), asyncio.to_thread(self.actors))
-        local = [w for w in registry_state(registry).workloads if w.node_id == self.node_id]
+        state = registry_state(registry)
+        local = [w for w in state.workloads if w.node_id == self.node_id]
+        identities = {Identity(w.namespace, w.service_account) for w in local}
+        node = state.nodes.get(self.node_id)
+        if node is not None and node.gateway_address:
+            identities.add(Identity(GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT))
         bundle = await self.credentials.bundle()
         svids, by_identity = [], {}
-        for ident in sorted({Identity(w.namespace, w.service_account) for w in local}):
+        for ident in sorted(identities):
             try:
                 svid = await self.credentials.svid(ident)
             except IdentityError as exc:   # deregistered between our read and Citadel's

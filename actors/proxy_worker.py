@@ -6,7 +6,8 @@ The hot path stays free of Ray: the actor starts ``python -m proxy_core`` as a c
 * it long-polls Pilot (any replica, failing over) for the node's snapshot and hands each new
   one to the child over a unix control socket; the child swaps it in atomically and the actor
   records the version as acked (``meshctl proxy-status``);
-* it reports the node's listener ports to Pilot so other nodes can tunnel to this one;
+* it reports the node's listener ports to Pilot so other nodes can tunnel to this one, and
+  whether the node is an ingress gateway node (``GatewayOptions``) with its gateway address;
 * it keeps the child's mTLS credentials current (``actors.proxy_credentials``): SVIDs of the
   node's workload identities, renewed at half-life, the trust bundle and the workload pids;
 * it restarts the child with the last snapshot if it dies, and the child dies with the actor
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
 import json
 import logging
 import os
@@ -85,6 +87,39 @@ class AccessLogOptions(Record):
                 "--access-log-rotate-seconds", repr(float(self.rotate_seconds))]
 
 
+HEAD_RESOURCE = "node:__internal_head__"   # the resource Ray gives the head node alone
+
+
+@dataclass(slots=True)
+class GatewayOptions(Record):
+    """``options["gateway"]``: which nodes' proxies are the ingress gateway, and where its
+    listeners bind (mesh/compiler_gateways.py).
+
+    ``nodes`` is ``head`` (the default), ``all``, ``none`` or ``KEY=VALUE``: the nodes with
+    that Ray node label (``ray start --labels``).  ``address`` defaults to loopback, which keeps
+    a fresh install closed to the network; ``0.0.0.0`` (or one interface's address) is the
+    explicit choice that exposes Gateway ports to other machines."""
+
+    nodes: str = "head"
+    address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        key, eq, value = str(self.nodes).partition("=")
+        if self.nodes not in ("head", "all", "none") and not (eq and key and value):
+            raise ValueError(f"gateway.nodes must be head, all, none or KEY=VALUE (a node label), got {self.nodes!r}")
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError:
+            raise ValueError(f"gateway.address must be an IP address, got {self.address!r}") from None
+
+    def selects(self, is_head: bool, labels: dict[str, str]) -> bool:
+        """Whether a node (the head or not, with these Ray labels) runs the ingress gateway."""
+        if self.nodes in ("head", "all", "none"):
+            return self.nodes == "all" or (self.nodes == "head" and is_head)
+        key, _, value = self.nodes.partition("=")
+        return labels.get(key) == value
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -103,6 +138,7 @@ class ProxyWorker:
         self._snapshot: dict[str, Any] | None = None
         self._version: str | None = None
         self._ports: dict[str, int] = {}
+        self._gateways: dict[str, str] = {}       # ingress gateway listener -> bound address:port
         self._tasks: list[asyncio.Task] = []
         self._starting: asyncio.Lock | None = None
         self._restarts = 0
@@ -171,6 +207,7 @@ class ProxyWorker:
                     raise
                 await asyncio.sleep(0.05)
         self._ports = dict(status.get("ports") or {})
+        self._gateways = dict(status.get("gateways") or {})
         self._version = status.get("version")
 
     def _tracing_args(self) -> list[str]:
@@ -198,9 +235,12 @@ class ProxyWorker:
 
     async def _report_node(self) -> None:
         labels = _topology_labels()
+        gateway = GatewayOptions.from_dict(self.options.get("gateway"))
+        is_gateway = gateway.selects(_is_head_node(self.node_id), _node_labels())
         node = {"node_id": self.node_id, "ip": self.node_ip, "inbound_port": int(self._ports.get("inbound", 0)),
                 "http_proxy_port": int(self._ports.get("http_proxy", 0)), "alive": True,
-                "locality": node_locality(labels), "labels": labels}
+                "locality": node_locality(labels), "labels": labels,
+                "gateway_address": gateway.address if is_gateway else ""}
         await self._call_pilot("report_node", node)
 
     async def _call_pilot(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -258,6 +298,7 @@ class ProxyWorker:
             self._version = snapshot["version"]
             self._synced_at = time.time()
             self._credentials_due.set()
+            self._gateways = dict(reply.get("gateways") or {})
             ports = dict(reply.get("ports") or {})
             if ports and ports != self._ports:
                 self._ports = ports
@@ -391,6 +432,7 @@ class ProxyWorker:
             except CONTROL_ERRORS:
                 pass
         return {"name": self.name, "node_id": self.node_id, "version": self._version, "ports": dict(self._ports),
+                "gateways": dict(self._gateways),
                 "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,
                 "synced_at": self._synced_at, "telemetry_dropped": self._telemetry_dropped, "stats": stats}
 
@@ -420,14 +462,21 @@ def _pilots() -> list[Any]:
     return find_replicas("pilot")
 
 
-def _topology_labels() -> dict[str, str]:
-    """This node's locality labels (Ray reports a label's value as a string or a one-element list)."""
-    raw = ray.get_runtime_context().get_node_labels() or {}
+def _node_labels() -> dict[str, str]:
+    """This node's Ray labels (Ray reports a label's value as a string or a one-element list)."""
     out = {}
-    for key in TOPOLOGY_LABELS:
-        value = raw.get(key)
+    for key, value in (ray.get_runtime_context().get_node_labels() or {}).items():
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
         if value:
-            out[key] = str(value)
+            out[str(key)] = str(value)
     return out
+
+
+def _topology_labels() -> dict[str, str]:
+    """This node's locality labels."""
+    return {k: v for k, v in _node_labels().items() if k in TOPOLOGY_LABELS}
+
+
+def _is_head_node(node_id: str) -> bool:
+    return any(n.get("NodeID") == node_id and HEAD_RESOURCE in (n.get("Resources") or {}) for n in ray.nodes())

@@ -238,6 +238,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     reply = _client(args).apply(docs)
     for line in reply["results"]:
         print(line, file=out)
+    for warning in reply.get("warnings") or ():
+        print(f"Warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -290,9 +292,17 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
         json.dump(rows, out, indent=2)
         out.write("\n")
     else:
-        _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST"],
-               [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-"] for r in rows])
+        _table(out, ["PROXY", "NODE", "STATUS", "ACKED", "LATEST", "GATEWAY"],
+               [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-",
+                 _gateway_cell(r)] for r in rows])
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
+
+
+def _gateway_cell(row: dict[str, Any]) -> str:
+    """The ingress gateway's bound addresses, then any port it could not bind (``UNBOUND address``)."""
+    bound = sorted((row.get("gateways") or {}).values())
+    unbound = [f"UNBOUND {e.split(': ', 1)[0]}" for e in sorted((row.get("gateway_errors") or {}).values())]
+    return ",".join(bound + unbound) or "-"
 
 
 _SUMMARY = ["REQUESTS", "RPS", "SUCCESS", "P50", "P90", "P99"]

@@ -190,6 +190,8 @@ class MeshClient:
                 continue
             row["acked"] = st.get("version")
             row["ports"] = st.get("ports")
+            row["gateways"] = st.get("gateways") or {}    # ingress gateway listener -> address:port
+            row["gateway_errors"] = (st.get("stats") or {}).get("gateway_errors") or {}   # ports it could not bind
             row["status"] = "SYNCED" if row["acked"] is not None and row["acked"] == row["latest"] else "STALE"
             rows.append(row)
         return rows

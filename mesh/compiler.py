@@ -14,6 +14,8 @@ Pipeline, one small module per topic:
 * ``compiler_security`` / ``compiler_ratelimit`` / ``compiler_cache``: policies -> ``security`` /
   ``rate_limits`` / ``caches``;
 * ``telemetry_api``: Telemetry resources -> ``telemetry`` and the mesh-wide ``tracing.sampling``;
+* ``compiler_gateways``: Gateways + the VirtualServices bound to them -> ``gateway`` (the
+  ingress gateway's listeners), only in the snapshots of gateway nodes (``NodeInfo.gateway_address``);
 * this module: domains, VIPs, per-node endpoint addressing (``via``), assembly, version.
 
 A port's protocol is selected as Istio selects it (``mesh.protocols``: appProtocol, the port
@@ -62,6 +64,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mesh.compiler_cache import compile_caches
 from mesh.compiler_clusters import ClusterPlan, build_cluster_plans, merge_traffic_policy, select_destination_rule
 from mesh.compiler_peerauthn import PeerAuthnPolicy, compile_peer_authentications, mtls_mode
+from mesh.compiler_gateways import compile_gateway_listeners, gateway_identity
 from mesh.compiler_ratelimit import compile_rate_limits
 from mesh.compiler_security import ROOT_NAMESPACE, compile_security
 from mesh.compiler_routes import (binds_mesh, default_route, select_virtual_service, translate_http_routes,
@@ -92,6 +95,7 @@ class _MeshPlan:
     peer_authn: list[PeerAuthnPolicy]
     telemetry: dict[str, Any] | None      # the Telemetry API's per-workload settings (mesh.telemetry_api)
     tracing_sampling: float | None        # the mesh-wide randomSamplingPercentage
+    gateway_listeners: list[dict[str, Any]]   # the ingress gateway's, without bind address
 
 
 def compile_snapshot(resources: Sequence[Resource], registry: RegistryState, node_id: str, *,
@@ -140,7 +144,9 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
                      tls_routes=_l4_routes(services, mesh_vs, rules, _TLS_PROTOCOLS, translate_tls_routes),
                      peer_authn=compile_peer_authentications(resources),
                      telemetry=compile_telemetry(resources, services, clusters),
-                     tracing_sampling=mesh_sampling(resources))
+                     tracing_sampling=mesh_sampling(resources),
+                     gateway_listeners=compile_gateway_listeners(by_kind.get("Gateway", []),
+                                                                 by_kind.get("VirtualService", []), services.get))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -280,6 +286,14 @@ def _node(info: NodeInfo | None, node_id: str, node_ip: str) -> dict[str, Any]:
     return out
 
 
+def _gateway(plan: _MeshPlan, info: NodeInfo | None) -> dict[str, Any] | None:
+    """The ingress gateway of a gateway node: its identity and listeners on the node's gateway address."""
+    if info is None or not info.gateway_address or not plan.gateway_listeners:
+        return None
+    listeners = [{**copy.deepcopy(listener), "address": info.gateway_address} for listener in plan.gateway_listeners]
+    return {**gateway_identity(), "listeners": listeners}
+
+
 def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node_ip: str, http_proxy_port: int,
               inbound_port: int, outbound_policy: str, config_revision: int, registry_revision: int) -> dict[str, Any]:
     """One node's snapshot; nothing is shared with other nodes' snapshots (callers may mutate them).
@@ -307,4 +321,7 @@ def _assemble(plan: _MeshPlan, nodes: Mapping[str, NodeInfo], node_id: str, node
         snap["caches"] = copy.deepcopy(plan.caches)
     if plan.tls_routes:
         snap["tls_routes"] = copy.deepcopy(plan.tls_routes)
+    gateway = _gateway(plan, nodes.get(node_id))
+    if gateway is not None:
+        snap["gateway"] = gateway
     return {"version": snapshot_version(snap, config_revision, registry_revision), **snap}

@@ -3,8 +3,11 @@
 Scope for node proxies (the mesh "gateway"):
 
 * A VirtualService applies when its ``gateways`` list is empty or names ``mesh``; one bound
-  only to other gateways is skipped here (gateway listeners are compiled separately), and
-  so is a match whose own ``gateways`` list leaves ``mesh`` out.
+  only to other gateways is skipped here (``mesh.compiler_gateways`` compiles those for the
+  ingress gateway's listeners), and so is a match whose own ``gateways`` list leaves
+  ``mesh`` out.  Every translation takes a ``scope``: ``mesh``, or the ``namespace/name`` of
+  the Gateway being compiled, which a match's ``gateways`` must then name (a short name is
+  relative to the VirtualService's namespace, as in Istio).
 * For each service host one VirtualService wins: exact host before wildcard, longer
   wildcard before shorter, then (namespace, name) order.  Istio merges VirtualServices
   only for gateways and lets the oldest win for sidecars; raymesh stores no creation time,
@@ -71,9 +74,21 @@ def default_tcp_route(host: str, port: int) -> dict[str, Any]:
     return {"name": "default", "match": [], "route": [{"cluster": cluster_name(host, port), "weight": 100}]}
 
 
+MESH = "mesh"   # the scope of the node proxies (Istio's reserved gateway name for sidecars)
+
+
+def gateway_ref(ref: str, namespace: str) -> str:
+    """A gateway reference of a VirtualService in ``namespace`` as ``ns/name``; ``mesh`` stays."""
+    return ref if ref == MESH or "/" in ref else f"{namespace}/{ref}"
+
+
+def bound_gateways(vs: Resource) -> frozenset[str]:
+    """The scopes ``vs`` applies to: ``mesh`` and/or gateways as ``ns/name`` (none listed: ``mesh``)."""
+    return frozenset(gateway_ref(str(g), vs.namespace) for g in vs.spec.get("gateways") or (MESH,))
+
+
 def binds_mesh(vs: Resource) -> bool:
-    gateways = vs.spec.get("gateways") or []
-    return not gateways or "mesh" in gateways
+    return MESH in bound_gateways(vs)
 
 
 def select_virtual_service(host: str, virtual_services: Sequence[Resource]) -> Resource | None:
@@ -90,11 +105,11 @@ def select_virtual_service(host: str, virtual_services: Sequence[Resource]) -> R
     return chosen
 
 
-def translate_http_routes(vs: Resource, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
-    """The routes of ``vs`` for the virtual host on ``port``, in rule order."""
+def translate_http_routes(vs: Resource, port: int, lookup: ServiceLookup, scope: str = MESH) -> list[dict[str, Any]]:
+    """The routes of ``vs`` for the virtual host on ``port`` of ``scope``, in rule order."""
     out = []
     for index, rule in enumerate(vs.spec.get("http") or ()):
-        route = _translate_rule(vs, index, rule, port, lookup)
+        route = _translate_rule(vs, index, rule, port, lookup, scope)
         if route is not None:
             out.append(route)
     return out
@@ -142,29 +157,30 @@ def _translate_tls_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | No
     return {"sni_hosts": [str(h).lower() for h in m.get("sniHosts") or ()], **l4}
 
 
-def _applies_to_mesh_port(m: Mapping[str, Any], port: int) -> bool:
-    """Whether a match (HTTP or L4) can select traffic of a node proxy on ``port``: matches on
-    the client's labels or namespace, for other gateways, or for another port cannot."""
+def _applies_to_port(m: Mapping[str, Any], port: int, scope: str = MESH, namespace: str = "") -> bool:
+    """Whether a match (HTTP or L4) of a VirtualService in ``namespace`` can select traffic of
+    ``scope`` on ``port``: matches on the client's labels or namespace, for other gateways, or
+    for another port cannot."""
     if m.get("sourceLabels") or m.get("sourceNamespace"):
         return False
     gateways = m.get("gateways")
-    if gateways and "mesh" not in gateways:
+    if gateways and scope not in {gateway_ref(str(g), namespace) for g in gateways}:
         return False
     return m.get("port") is None or int(m["port"]) == port
 
 
 def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
     """One L4MatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
-    if not _applies_to_mesh_port(m, port):
+    if not _applies_to_port(m, port):
         return None
     subnets = [str(n) for n in m.get("destinationSubnets") or ()]
     return {"destination_subnets": subnets} if subnets else {}
 
 
 def _translate_rule(vs: Resource, index: int, rule: Mapping[str, Any], port: int,
-                    lookup: ServiceLookup) -> dict[str, Any] | None:
+                    lookup: ServiceLookup, scope: str) -> dict[str, Any] | None:
     raw_matches = rule.get("match") or []
-    matches = [m for m in (_translate_match(r, port) for r in raw_matches) if m is not None]
+    matches = [m for m in (_translate_match(r, port, scope, vs.namespace) for r in raw_matches) if m is not None]
     if raw_matches and not matches:
         return None
     out: dict[str, Any] = {"name": rule.get("name") or f"{vs.namespace}/{vs.name}/{index}", "match": matches}
@@ -201,9 +217,9 @@ def _string_match(sm: Mapping[str, Any] | None) -> dict[str, str]:
     return {k: str(sm[k]) for k in ("exact", "prefix", "regex") if sm and sm.get(k) is not None}
 
 
-def _translate_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
-    """One HTTPMatchRequest, or None when it cannot apply to the mesh virtual host on ``port``."""
-    if not _applies_to_mesh_port(m, port):
+def _translate_match(m: Mapping[str, Any], port: int, scope: str, namespace: str) -> dict[str, Any] | None:
+    """One HTTPMatchRequest, or None when it cannot apply to the virtual host on ``port`` of ``scope``."""
+    if not _applies_to_port(m, port, scope, namespace):
         return None
     out: dict[str, Any] = {}
     for key in ("uri", "scheme", "method", "authority"):

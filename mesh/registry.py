@@ -52,6 +52,7 @@ class NodeInfo(Record):
     alive: bool = True
     locality: str = ""                # "region/zone/subzone" from the node's labels (see node_locality)
     labels: dict[str, str] = field(default_factory=dict)   # the node's topology labels
+    gateway_address: str = ""         # where its ingress gateway listeners bind; "": not a gateway node
 
 
 # Node labels that give a node its locality, most preferred first for each part: Ray's own

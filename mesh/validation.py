@@ -33,6 +33,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mesh.compiler_gateways import unserved_servers
 from mesh.durations import DurationError, parse_duration_exact
 from mesh.loader import Document
 from mesh.resources import API_VERSIONS, DEFAULT_NAMESPACE, KIND_GROUPS, Resource
@@ -108,6 +109,18 @@ def validate_documents(docs: list[Document]) -> list[FieldError]:
                 doc.source, doc.index, key[0], _display_name(doc.body), "metadata.name",
                 f"duplicate object: also defined in {earlier.source} document {earlier.index}"))
     return errors
+
+
+def document_warnings(docs: list[Document]) -> list[FieldError]:
+    """Valid configuration raymesh accepts but does not act on yet, each naming its field:
+    Gateway servers the ingress gateway does not serve (``mesh.compiler_gateways``)."""
+    out = []
+    for doc in docs:
+        if doc.body.get("kind") == "Gateway":
+            resource = Resource.from_dict(json_shaped(doc.body))
+            out += [FieldError(doc.source, doc.index, "Gateway", _display_name(doc.body), path, reason)
+                    for path, reason in unserved_servers(resource)]
+    return out
 
 
 def to_resources(docs: list[Document]) -> list[Resource]:

@@ -7,6 +7,7 @@ request gets exactly one reply.  Operations:
 * ``{"op": "snapshot", "snapshot": {...}}`` -> ``{"ok": true, "version": v, "ports": {...}}``;
   an invalid snapshot answers ``{"ok": false, "error": "..."}`` and the old one stays.
 * ``{"op": "status"}`` -> ``{"ok": true, "version": v, "stats": {...}, "ports": {...}}``
+  (both replies also carry ``vips``: VIP -> bound port, and ``gateways``: gateway listener -> ``address:port``)
 * ``{"op": "telemetry"}`` -> ``{"ok": true, "batch": <Arrow IPC stream bytes, or b"">, "rows": n,
   "dropped": n, "tcp_batch": <bytes, or b"">, "tcp_rows": n}``: the request rows buffered since the
   last call (schema in ``proxy_core.telemetry``) and how many were dropped because the buffer was
@@ -113,7 +114,8 @@ class ControlServer:
                             "version": proxy.snapshot.version}
                 if self.after_swap is not None:
                     self.after_swap()
-            return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports()}
+            return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports(),
+                    "gateways": proxy.gateway_ports()}
         if op == "credentials":
             try:
                 creds = Credentials.from_dict(message)
@@ -123,7 +125,7 @@ class ControlServer:
             return {"ok": True, "identities": sorted(s.spiffe_id for s in creds.svids)}
         if op == "status":
             return {"ok": True, "version": proxy.snapshot.version, "stats": proxy.stats(), "ports": proxy.ports,
-                    "vips": proxy.vip_ports()}
+                    "vips": proxy.vip_ports(), "gateways": proxy.gateway_ports()}
         if op == "telemetry":
             if proxy.telemetry is None:
                 return {"ok": False, "error": "telemetry is disabled"}

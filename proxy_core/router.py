@@ -222,13 +222,15 @@ class Router:
     """Virtual host, route and weighted-cluster selection over one snapshot.
 
     A Router is built once per snapshot and shared by every request that starts on it;
-    it is immutable apart from a bounded lookup cache.
+    it is immutable apart from a bounded lookup cache.  It routes by the snapshot's
+    ``virtual_hosts`` unless given others (an ingress gateway listener's).
     """
 
     __slots__ = ("snapshot", "_exact", "_suffix", "_prefix", "_star", "_by_host", "_cache", "_flat", "_plans")
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, virtual_hosts: tuple[VirtualHost, ...] | None = None) -> None:
         self.snapshot = snapshot
+        vhosts = snapshot.virtual_hosts if virtual_hosts is None else virtual_hosts
         # (host, port) -> vhost; port None = the vhost accepts any port.  First vhost wins,
         # like Envoy's domain uniqueness rule resolved in configuration order.
         self._exact: dict[tuple[str, int | None], VirtualHost] = {}
@@ -236,7 +238,7 @@ class Router:
         prefix: list[tuple[str, int | None, VirtualHost]] = []
         self._star: list[tuple[int | None, VirtualHost]] = []
         self._by_host: dict[tuple[str, int | None], VirtualHost] = {}
-        for vh in snapshot.virtual_hosts:
+        for vh in vhosts:
             self._by_host.setdefault((vh.host.lower(), vh.port), vh)
             for domain in sorted(vh.domains):
                 if domain == "*":
@@ -257,7 +259,7 @@ class Router:
         # two.  Keyed by id(): the vhosts are owned by ``snapshot``, which this Router keeps
         # alive; the stored vhost guards against a foreign one that reuses an id.
         self._flat: dict[int, tuple[VirtualHost, tuple[tuple[Route, Match | None], ...]]] = {
-            id(vh): (vh, _flatten(vh)) for vh in snapshot.virtual_hosts}
+            id(vh): (vh, _flatten(vh)) for vh in vhosts}
         self._plans: dict[int, tuple[VirtualHost, Plan]] = {
             id(vh): (vh, _plan(pairs)) for vh, pairs in self._flat.values()}
 

@@ -16,6 +16,7 @@ cdef class _State:
     cdef public dict security
     cdef public dict resilience
     cdef public dict caches
+    cdef public dict gateway_routers
     cdef public dict _ops
 
 

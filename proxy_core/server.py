@@ -20,7 +20,7 @@ end, so ``ProxyServer.swap`` is hitless: in-flight requests finish on the config
 on.  Token buckets are the one piece of live state a swap carries over (when their spec is
 unchanged), so that pushing config does not refill them.
 
-Listeners (all on loopback):
+Listeners (on loopback, except the gateway's, which bind where the install says):
 
 * ``http_proxy`` -- what ``HTTP_PROXY`` points at: absolute-form requests, origin-form
   with Host, and ``CONNECT`` tunnels to services or (``ALLOW_ANY``) arbitrary addresses.
@@ -32,6 +32,10 @@ Listeners (all on loopback):
   one of them has the same routes.  A VIP whose protocol is ``tcp`` is not parsed at all:
   ``proxy_core.tcp`` splices its connections to the destination of its tcp routes; one whose
   protocol is ``tls`` or ``https`` is routed by its ClientHello's SNI, then spliced the same way.
+* ``gateway`` -- on gateway nodes, one per port of the ingress gateway (``snapshot.gateway``),
+  bound to the install's gateway address: requests from outside the mesh, routed only by that
+  port's own virtual hosts (404 NR for any other Host, no CONNECT, no passthrough), sent on as
+  the workload ``istio-ingressgateway`` (its SPIFFE id for mTLS, its name in telemetry).
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
   this node, answered 200 and spliced.  mTLS terminates here (``proxy_core.mtls_inbound``);
   the target's PeerAuthentication mode decides whether a plaintext tunnel may pass.
@@ -61,7 +65,7 @@ from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, c
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
-from proxy_core.mtls import Mtls
+from proxy_core.mtls import Mtls, spiffe_id_of
 from proxy_core.mtls_client import ALPN_H2, ALPN_HTTP11, MtlsDialer, UpstreamTls, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, FaultDecision, apply_header_ops, backoff_delay, decide_cors, decide_fault,
@@ -76,6 +80,7 @@ from proxy_core.router import RequestInfo, Router, split_host_port
 from proxy_core.stats import StatsRecorder
 from proxy_core.snapshot import (Cluster, CorsPolicy, Endpoint, HeaderOps, LbPolicy, Route, Snapshot, Vip,
                                  WeightedCluster)
+from proxy_core.source_identity import SourceWorkload
 from proxy_core.tcp import TCP_PROTOCOLS, TLS_PROTOCOLS, TcpProxy, TcpSession, TlsSession
 from proxy_core.tcp_telemetry import TcpTelemetry, close_tunnel, open_tunnel
 from proxy_core.telemetry import DEFAULT_MAX_ROWS, TelemetryRecorder, request_head_size
@@ -135,7 +140,7 @@ class _State:
     def __init__(self, snapshot: Snapshot, router: Router, balancers: dict[str, LoadBalancer],
                  local_endpoints: frozenset[tuple[str, int]], rate_limits: dict[str, HostRateLimiter],
                  security: dict[str, ClusterSecurity], resilience: dict[str, ClusterResilience],
-                 caches: dict[str, HttpCache]) -> None:
+                 caches: dict[str, HttpCache], gateway_routers: dict[str, Router] | None = None) -> None:
         self.snapshot = snapshot
         self.router = router
         self.balancers = balancers
@@ -144,6 +149,7 @@ class _State:
         self.security = security            # by cluster; empty when no policy applies
         self.resilience = resilience        # by cluster; only clusters with limits or outlier detection
         self.caches = caches                # by destination service; empty when no policy applies
+        self.gateway_routers = gateway_routers or {}   # by gateway listener name
         self._ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = {}
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -174,8 +180,10 @@ class _State:
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
         caches = build_caches(snapshot, previous.caches if previous else None, cache_counters)
+        gateway_routers = {gl.name: Router(snapshot, gl.virtual_hosts)
+                           for gl in (snapshot.gateway.listeners if snapshot.gateway is not None else ())}
         return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security),
-                   resilience, caches)
+                   resilience, caches, gateway_routers)
 
 
 @dataclass(slots=True)
@@ -193,6 +201,7 @@ class Stats:
 class _Listener:
     kind: str                     # "http_proxy" | "inbound" | "vip" | "tcp" | "tls" (tcp / tls-protocol VIPs)
                                   # | "h2" | "auto" (HTTP/2 or sniffed VIPs, see proxy_core.sniff)
+                                  # | "gateway" (an ingress gateway port)
     name: str                     # shown in access logs
     host: str
     config_port: int
@@ -237,6 +246,8 @@ class ProxyServer:
         self._listeners: dict[tuple[str, str, int], _Listener] = {}
         self._connections: set[HttpConnection] = set()
         self._rid = 0
+        self._gateway_source: tuple[Any, SourceWorkload] | None = None
+        self.gateway_errors: dict[str, str] = {}   # gateway listener -> why it could not be bound
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -265,28 +276,46 @@ class ProxyServer:
         if snapshot.inbound is not None:
             a = snapshot.inbound
             desired[("inbound", a.address, a.port)] = _Listener("inbound", "inbound", a.address, a.port, None)
+        for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
+            desired[(GATEWAY, gl.address, gl.port)] = _Listener(GATEWAY, gl.name, gl.address, gl.port, None)
         for vip in snapshot.vips:
             kind = listener_kind(vip.protocol)
             if kind is not None:
                 desired[(kind, vip.address, vip.port)] = _Listener(kind, f"{vip.address}:{vip.port}",
                                                                    vip.address, vip.port, vip)
         opened: list[_Listener] = []
+        unbound: dict[str, str] = {}
         try:
             for key, spec in desired.items():
                 if key not in self._listeners:
-                    await self._bind(spec)
+                    try:
+                        await self._bind(spec)
+                    except OSError as exc:
+                        if spec.kind != GATEWAY:
+                            raise
+                        # A Gateway port that cannot be bound (taken, privileged) must not cost the
+                        # node its whole configuration: the port stays closed, the rest applies.
+                        unbound[spec.name] = f"{spec.host}:{spec.config_port}: {exc.strerror or exc}"
+                        continue
                     opened.append(spec)
         except BaseException:
             for spec in opened:
                 assert spec.server is not None
                 spec.server.close()
             raise
+        for name, error in unbound.items():
+            if self.gateway_errors.get(name) != error:
+                log.warning("gateway listener %s not bound: %s", name, error)
+        self.gateway_errors = unbound
         for key, spec in desired.items():
             current = self._listeners.get(key)
+            if spec.name in unbound and current is None:
+                continue
             if current is None:
                 self._listeners[key] = spec
             else:
                 current.vip = spec.vip  # same socket, possibly another default host
+                current.name = spec.name
         for key in [k for k in self._listeners if k not in desired]:
             gone = self._listeners.pop(key)
             if gone.server is not None:
@@ -298,7 +327,7 @@ class ProxyServer:
         factory: Callable[[], asyncio.Protocol] = partial(session, self, spec)
         if spec.kind == "inbound":
             factory = partial(InboundSniffer, self.mtls, factory)
-        elif spec.kind in SNIFFED_KINDS:
+        elif spec.kind in SNIFFED_KINDS or spec.kind == GATEWAY:
             from proxy_core.sniff import ProtocolSniffer  # it builds on this module's connections
             factory = partial(ProtocolSniffer, self, spec)
         spec.server = await loop.create_server(factory, spec.host, spec.config_port,
@@ -314,6 +343,25 @@ class ProxyServer:
         """Actual bound ports of the VIP listeners, HTTP, TCP and TLS, by ``address:port`` as configured."""
         return {spec.name: spec.port for spec in self._listeners.values()
                 if spec.kind in ("vip", "tcp", "tls") or spec.kind in SNIFFED_KINDS}
+
+    def gateway_ports(self) -> dict[str, str]:
+        """The ingress gateway's bound ``address:port`` by listener name (empty off gateway nodes)."""
+        return {spec.name: f"{spec.host}:{spec.port}" for spec in self._listeners.values() if spec.kind == GATEWAY}
+
+    def gateway_source(self) -> SourceWorkload:
+        """The ingress gateway as the client of the requests it forwards: its SPIFFE id (once the
+        trust domain is known) picks its SVID for mTLS, its workload names it in telemetry."""
+        gateway = self.state.snapshot.gateway
+        key = (gateway, self.mtls.trust_domain)
+        cached = self._gateway_source
+        if cached is None or cached[0] != key:
+            if gateway is None:
+                source = SourceWorkload("")
+            else:
+                sid = spiffe_id_of(gateway.namespace, gateway.service_account, key[1]) if key[1] else ""
+                source = SourceWorkload.registered(sid, gateway.workload, gateway.namespace, gateway.labels)
+            cached = self._gateway_source = (key, source)
+        return cached[1]
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` seconds, then close all."""
@@ -367,6 +415,7 @@ class ProxyServer:
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
+                "gateway_errors": dict(self.gateway_errors),
                 "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
                 "cache": cache_stats(self.cache_counters, self.state.caches)}
 
@@ -402,7 +451,9 @@ class HttpConnection:
         self.tunnel: asyncio.Transport | None = None
         self.eof = False
         self.pending_error: ProtocolError | None = None
-        self.source: Any = None                  # the local client (SourceWorkload), resolved on first need
+        # The local client (SourceWorkload), resolved on first need; a gateway's clients are
+        # outside the mesh, and the gateway itself is the source of what it forwards.
+        self.source: Any = server.gateway_source() if listener.kind == GATEWAY else None
         self.h2_stream: Any = None               # the http2.DownstreamStream this connection stands for
 
     # asyncio callbacks
@@ -707,6 +758,9 @@ class Exchange:
         target = head.target.decode("latin-1")
         if method == "CONNECT":
             self.req = RequestInfo(method, "", target, headers, "http", 0, conn.peer_ip)
+            if listener.kind == GATEWAY:   # no tunnels into the mesh from outside: Envoy finds no route
+                self.local_reply(404, b"", flags.NR, close=True)
+                return
             self._start_tunnel(target)
             return
         if listener.kind == "inbound":
@@ -730,16 +784,22 @@ class Exchange:
             self.local_reply(400, b"unsupported request target", flags.DPE, close=True)
             return
         vip = listener.vip
+        router = self.state.router
         if vip is not None:
             port, default_host = vip.port, vip.host
+        elif listener.kind == GATEWAY:
+            port, default_host = listener.config_port, None
+            router = self.state.gateway_routers.get(listener.name)
         else:
             port = split_host_port(authority)[1] or 80
             default_host = None
         req = self.req = RequestInfo(method, path, authority, headers, "http", port, conn.peer_ip)
-        router = self.state.router
-        vhost = router.virtual_host(authority, port, default_host)
+        vhost = router.virtual_host(authority, port, default_host) if router is not None else None
         if vhost is None:
-            self._no_virtual_host()
+            if listener.kind == GATEWAY:   # Envoy's gateway: no virtual host for this Host
+                self.local_reply(404, b"", flags.NR)
+            else:
+                self._no_virtual_host()
             return
         found = router.match_with(vhost, req)
         if found is None:
@@ -1656,6 +1716,7 @@ def listener_kind(protocol: str) -> str | None:
 
 
 SNIFFED_KINDS = frozenset(("h2", "auto"))
+GATEWAY = "gateway"
 
 
 def _joined_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -34,8 +34,23 @@ Shape of the dict (every key optional unless marked *required*)::
       "telemetry": {...},                # optional: Istio's Telemetry API per destination workload
                                          # (see proxy_core/telemetry_policy.py)
       "tls_routes": [TLS_HOST, ...],     # service ports whose protocol is tls/https: SNI routing, no decryption
-      "caches": {"reviews.default.svc.cluster.local": CACHE, ...}   # by destination service host
+      "caches": {"reviews.default.svc.cluster.local": CACHE, ...},  # by destination service host
+      "gateway": GATEWAY                 # gateway nodes only: the ingress gateway (mesh/compiler_gateways.py)
     }
+
+GATEWAY (Istio's ingress gateway, as the proxy of a gateway node serves it)::
+
+    {"namespace": "istio-system", "service_account": "istio-ingressgateway-service-account",
+     "workload": "istio-ingressgateway",                       # the source workload of its requests
+     "labels": {"istio": "ingressgateway", "app": "istio-ingressgateway"},
+     "listeners": [{"name": "istio-ingressgateway:8080",       # access logs' listener name
+                    "address": "127.0.0.1", "port": 8080,      # bound as given (0 = any free port)
+                    "protocol": "http" | "http2" | "grpc" | "grpc-web",   # HTTP/1.1 and h2c accepted on each
+                    "gateways": ["default/bookinfo-gateway"],  # the Gateways with servers on this port
+                    "virtual_hosts": [VHOST, ...]}]}           # as ``virtual_hosts``, for this port only
+
+A gateway listener routes only by its own virtual hosts (``domains`` may be ``*``,
+``*.suffix``); a Host none of them names gets 404 with flag NR, never the outbound policy.
 
 CACHE (a CachePolicy, see mesh/compiler_cache.py and proxy_core/cache.py)::
 
@@ -976,6 +991,47 @@ class GlobalRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayListener:
+    """One port of the ingress gateway: where it binds and the virtual hosts it routes by."""
+
+    name: str
+    address: str
+    port: int
+    protocol: str
+    virtual_hosts: tuple[VirtualHost, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GatewayListener":
+        port = int(d["port"])
+        if not 0 <= port <= 65535:
+            raise ValueError(f"gateway listener port {port} is out of range")
+        return cls(name=str(d.get("name") or f"gateway:{port}"), address=str(d.get("address") or "127.0.0.1"),
+                   port=port, protocol=str(d.get("protocol", "http")),
+                   virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """The ingress gateway a gateway node's proxy stands for: its identity and listeners."""
+
+    namespace: str
+    service_account: str
+    workload: str
+    labels: Mapping[str, str]
+    listeners: tuple[GatewayListener, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Gateway | None":
+        if not d:
+            return None
+        return cls(namespace=str(d.get("namespace", "istio-system")),
+                   service_account=str(d.get("service_account", "istio-ingressgateway-service-account")),
+                   workload=str(d.get("workload", "istio-ingressgateway")),
+                   labels={str(k): str(v) for k, v in (d.get("labels") or {}).items()},
+                   listeners=tuple(GatewayListener.from_dict(x) for x in d.get("listeners") or ()))
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """An immutable, pre-parsed proxy configuration.  ``raw`` keeps the dict it came from."""
 
@@ -1004,6 +1060,7 @@ class Snapshot:
     node_labels: Mapping[str, str] = field(default_factory=dict)
     # Istio's Telemetry API resolved per destination workload (proxy_core.telemetry_policy).
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    gateway: Gateway | None = None     # gateway nodes only: the ingress gateway's listeners
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -1035,6 +1092,7 @@ class Snapshot:
             node_locality=(d.get("node") or {}).get("locality") or "",
             node_labels={str(k): str(v) for k, v in ((d.get("node") or {}).get("labels") or {}).items()},
             telemetry=TelemetrySettings.from_dict(d.get("telemetry")),
+            gateway=Gateway.from_dict(d.get("gateway")),
             raw=d,
         )
 

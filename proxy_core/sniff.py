@@ -7,6 +7,7 @@ gets the outcome as the VIP's protocol and installs a connection driver accordin
 =========  ==============================================================================
 ``h2``     HTTP/2 (http2, grpc ports): the client preface selects HTTP/2 with prior
            knowledge (h2c); anything else is served as HTTP/1.1, as Envoy's codec ``AUTO``.
+           Ingress gateway listeners (``gateway``) are driven the same way.
 ``auto``   no declared protocol: the HTTP/2 preface -> HTTP/2; an HTTP/1.x request line
            -> HTTP/1.1; a TLS ClientHello or anything else -> the port's TCP routes.
 =========  ==============================================================================
@@ -28,13 +29,14 @@ _TLS_HANDSHAKE = 0x16
 _METHOD = re.compile(rb"[A-Z]{3,7} ")          # GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE
 _REQUEST_LINE = re.compile(rb"[A-Z]{3,7} \S+ HTTP/1\.[01]\r?\n")
 _MAX_SNIFF = 8192                              # a request line longer than this is not HTTP we serve
+_HTTP_ONLY = frozenset(("h2", "gateway"))      # listeners that serve HTTP/1.1 or h2c, never raw TCP
 
 
 def classify(data: bytes, kind: str) -> str | None:
     """The protocol ``data`` (the first bytes of a connection) speaks; None: read more first."""
     if PREFACE.startswith(data[:len(PREFACE)]):
         return HTTP2 if len(data) >= len(PREFACE) else None
-    if kind == "h2":
+    if kind in _HTTP_ONLY:
         return HTTP1
     if data[0] == _TLS_HANDSHAKE:
         return TCP

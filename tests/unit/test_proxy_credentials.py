@@ -66,3 +66,17 @@ async def test_message_has_one_svid_per_local_identity_and_renews_at_half_life()
     assert (sleep.spiffe_id, sleep.principal, sleep.workload, sleep.namespace, sleep.app, sleep.version) == (
         ids[0], "cluster.local/ns/default/sa/sleep", "sleep-v1", "default", "sleep", "v1")
     assert proxy.mtls.stats()["identities"] == ids
+
+
+async def test_gateway_node_also_gets_the_ingress_gateway_identity() -> None:
+    citadel = FakeCitadel()
+    registry = {"workloads": {"a": wl("a", "default", "sleep", "n1", "A1")},
+                "nodes": {"n1": {"node_id": "n1", "ip": "127.0.0.1", "gateway_address": "127.0.0.1"},
+                          "n2": {"node_id": "n2", "ip": "127.0.0.1"}}}
+    gateway_id = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+    for node, expected in (("n1", ["spiffe://cluster.local/ns/default/sa/sleep", gateway_id]), ("n2", [])):
+        creds = ProxyCredentials(node, Credentials(node, None, 30.0, call=citadel, clock=lambda: citadel.now),
+                                 registry=lambda: registry, actors=lambda: {})
+        message, _ = await creds.message()
+        assert [s["spiffe_id"] for s in message["svids"]] == expected
+        assert message["workloads"] == []       # the gateway is no process: its listeners name it

@@ -500,7 +500,7 @@ async def test_control_channel_round_trip(env) -> None:
         new = reviews(None, up.port)
         new["version"] = "v9"
         reply = await control.acall(path, {"op": "snapshot", "snapshot": new})
-        assert reply == {"ok": True, "version": "v9", "ports": p.ports, "vips": {}}
+        assert reply == {"ok": True, "version": "v9", "ports": p.ports, "vips": {}, "gateways": {}}
         bad = await control.acall(path, {"op": "snapshot", "snapshot": {"clusters": {}}})
         assert bad["ok"] is False and "version" in bad["error"] and p.snapshot.version == "v9"
         await aget(p.ports["http_proxy"], "/", headers={"Host": "reviews:9080"})

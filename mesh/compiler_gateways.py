@@ -1,0 +1,151 @@
+"""Istio Gateways -> the ingress gateway's listeners and virtual hosts.
+
+The ingress gateway is the proxy of the nodes chosen at install (``GatewayOptions``: the
+head node by default); on those nodes it stands for the workload Istio's ingress gateway
+pod is, with ``GATEWAY_LABELS`` in namespace ``istio-system``.  A Gateway applies when its
+``selector`` matches those labels (an empty selector matches every gateway, as in Istio);
+one that selects nothing opens nothing.
+
+For every port of the selected Gateways' servers one listener is compiled, as Envoy's
+gateway listener ``0.0.0.0_<port>`` with route configuration ``http.<port>``:
+
+* A server's hosts are ``[namespace/]dnsName``: the namespace (``*`` any, ``.`` the
+  Gateway's own; none written = ``*``) says which VirtualServices may bind to it.
+* A VirtualService binds when its ``gateways`` names the Gateway (``name`` in its own
+  namespace, or ``namespace/name``) and one of its hosts intersects a server host: the
+  more specific of the two becomes the virtual host's domain, as Istio picks it
+  (``*`` x ``*`` = ``*``; ``*.example.com`` x ``a.example.com`` = ``a.example.com``).
+* Routes come from ``compiler_routes`` unchanged, with the Gateway as the scope: a match
+  whose own ``gateways`` leaves this Gateway out is dropped, ``port`` compares with the
+  server port, and destinations are mesh clusters (DestinationRule subsets, traffic
+  policy, auto mTLS through the node tunnel, all as for any outbound request).
+  Several VirtualServices for one domain are merged in (namespace, name) order, as Istio
+  merges them for gateways.
+* A request whose Host no domain of its port names gets 404 with flag NR, as from Envoy.
+
+Servers whose protocol is HTTP, HTTP2, GRPC or GRPC-WEB are served (the listener accepts
+HTTP/1.1 and h2c on each).  Other servers (HTTPS, TLS, TCP, ...) are not served yet: they
+are valid Istio configuration, so Galley accepts them but answers the apply with a warning
+naming the field (``unserved_servers``; ``meshctl apply`` prints it), and they open no port.  When two
+Gateways put different protocols on one port, the first in (namespace, name) order keeps
+it.  A server's ``bind`` is not honoured: every listener binds the install's gateway
+address.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from mesh.compiler_routes import ServiceLookup, bound_gateways, translate_http_routes
+from mesh.compiler_services import host_covers, labels_match, resolve_host
+from mesh.resources import Resource
+
+GATEWAY_NAMESPACE = "istio-system"
+GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
+GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
+GATEWAY_WORKLOAD = "istio-ingressgateway"
+SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
+
+__all__ = ["compile_gateway_listeners", "gateway_identity", "unserved_servers", "GATEWAY_LABELS",
+           "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS"]
+
+
+@dataclass(slots=True)
+class _Port:
+    """The servers of the selected Gateways on one port number."""
+
+    number: int
+    protocol: str
+    servers: list[tuple[Resource, Mapping[str, Any]]] = field(default_factory=list)
+
+
+def gateway_identity() -> dict[str, Any]:
+    """Who the gateway is to policies and telemetry (the snapshot's ``gateway`` identity keys)."""
+    return {"namespace": GATEWAY_NAMESPACE, "service_account": GATEWAY_SERVICE_ACCOUNT,
+            "workload": GATEWAY_WORKLOAD, "labels": dict(GATEWAY_LABELS)}
+
+
+def selects_gateway(gateway: Resource) -> bool:
+    return labels_match({str(k): str(v) for k, v in (gateway.spec.get("selector") or {}).items()},
+                        GATEWAY_LABELS)
+
+
+def unserved_servers(gateway: Resource) -> list[tuple[str, str]]:
+    """(field path, reason) for each server of ``gateway`` the ingress gateway would not serve."""
+    return [(f"spec.servers[{i}].port.protocol",
+             f"{server['port']['protocol']} gateway servers are not served yet (served: {', '.join(SERVED_PROTOCOLS)})")
+            for i, server in enumerate(gateway.spec.get("servers") or ())
+            if str(server["port"]["protocol"]).upper() not in SERVED_PROTOCOLS]
+
+
+def compile_gateway_listeners(gateways: Sequence[Resource], virtual_services: Sequence[Resource],
+                              lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """One listener dict per served port (ascending), without its bind address (per node)."""
+    ports = _ports([g for g in gateways if selects_gateway(g)])
+    return [{"name": f"{GATEWAY_WORKLOAD}:{p.number}", "port": p.number, "protocol": p.protocol.lower(),
+             "gateways": sorted({f"{g.namespace}/{g.name}" for g, _ in p.servers}),
+             "virtual_hosts": _virtual_hosts(p, virtual_services, lookup)}
+            for p in sorted(ports.values(), key=lambda p: p.number)]
+
+
+def _ports(gateways: Sequence[Resource]) -> dict[int, _Port]:
+    out: dict[int, _Port] = {}
+    for gw in gateways:
+        for server in gw.spec.get("servers") or ():
+            protocol = str(server["port"]["protocol"]).upper()
+            if protocol not in SERVED_PROTOCOLS:
+                continue
+            number = int(server["port"]["number"])
+            port = out.setdefault(number, _Port(number, protocol))
+            if port.protocol == protocol:
+                port.servers.append((gw, server))
+    return out
+
+
+def _virtual_hosts(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The port's virtual hosts: one per domain, the routes of every VirtualService bound to it."""
+    by_domain: dict[str, list[tuple[Resource, str]]] = {}
+    for gw, server in port.servers:
+        scope = f"{gw.namespace}/{gw.name}"
+        for vs in virtual_services:
+            if scope not in bound_gateways(vs):
+                continue
+            for domain in _domains(gw, server, vs):
+                if all(bound is not vs for bound, _ in by_domain.get(domain, ())):
+                    by_domain.setdefault(domain, []).append((vs, scope))
+    out = []
+    for domain in sorted(by_domain, key=_domain_order):
+        routes = [r for vs, scope in by_domain[domain] for r in translate_http_routes(vs, port.number, lookup, scope)]
+        out.append({"name": f"{domain}:{port.number}", "host": domain, "port": port.number,
+                    "domains": [domain], "routes": routes})
+    return out
+
+
+def _domain_order(domain: str) -> tuple[int, str]:
+    """Exact domains, then wildcards, then ``*``: a stable order (the router ranks them itself)."""
+    return (2 if domain == "*" else 1 if domain.startswith("*") else 0, domain)
+
+
+def _domains(gw: Resource, server: Mapping[str, Any], vs: Resource) -> list[str]:
+    """The hosts of ``vs`` that ``server`` of ``gw`` admits, each as the more specific of the pair."""
+    out: list[str] = []
+    for raw in server.get("hosts") or ():
+        namespace, slash, host = str(raw).rpartition("/")
+        if slash and namespace not in ("*", vs.namespace) and not (namespace == "." and vs.namespace == gw.namespace):
+            continue
+        host = host.lower()
+        for vs_raw in vs.spec.get("hosts") or ():
+            vs_host = resolve_host(str(vs_raw), vs.namespace)
+            domain = _intersection(host, vs_host)
+            if domain is not None and domain not in out:
+                out.append(domain)
+    return out
+
+
+def _intersection(server_host: str, vs_host: str) -> str | None:
+    """The more specific of two hosts when one covers the other, else None."""
+    if host_covers(server_host, vs_host):
+        return vs_host
+    if host_covers(vs_host, server_host):
+        return server_host
+    return None

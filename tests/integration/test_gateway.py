@@ -1,0 +1,141 @@
+"""The ingress gateway on a two-node Ray cluster: Istio's bookinfo-gateway.yaml, applied as a user
+would, then plain HTTP clients against the gateway's port on the head node.
+
+The Gateway's port is rewritten from 8080 to a free ephemeral port chosen here: 8080 is a
+common port on a shared machine, and the gateway binds it on every test run.  Workloads run on
+the other node, so requests cross nodes through the inbound tunnel, over mTLS with the
+gateway's own identity."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = Path(os.environ.get("RAYMESH_CONFORMANCE_DIR") or ROOT.parent / "shared" / "conformance" / "istio")
+BOOKINFO_GATEWAY = CORPUS / "samples" / "bookinfo" / "networking" / "bookinfo-gateway.yaml"
+MESHCTL = str(Path(sys.executable).with_name("meshctl"))
+GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bookinfo_gateway(port: int) -> list[dict[str, Any]]:
+    """bookinfo-gateway.yaml from the conformance corpus with its server port set to ``port``."""
+    if not BOOKINFO_GATEWAY.is_file():
+        pytest.fail(f"Istio conformance corpus not found: {BOOKINFO_GATEWAY} is missing; "
+                    "set RAYMESH_CONFORMANCE_DIR to the corpus", pytrace=False)
+    docs = [d for d in yaml.safe_load_all(BOOKINFO_GATEWAY.read_text()) if d]
+    gateway = next(d for d in docs if d["kind"] == "Gateway")
+    assert gateway["spec"]["servers"][0]["port"]["number"] == 8080
+    gateway["spec"]["servers"][0]["port"]["number"] = port
+    return docs
+
+
+def destination_rule(host: str, *versions: str) -> dict[str, Any]:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": host},
+            "spec": {"host": host, "subsets": [{"name": v, "labels": {"version": v}} for v in versions]}}
+
+
+def request(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_gateway(mesh: Any, port: int, timeout: float = 30) -> dict[str, str]:
+    """proxy-status's gateway listeners once the head node's proxy serves ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = {r["node"]: r for r in mesh.client.proxy_status()}
+        gateways = rows.get(mesh.nodes[0], {}).get("gateways") or {}
+        if f"127.0.0.1:{port}" in gateways.values():
+            return gateways
+        time.sleep(0.2)
+    raise TimeoutError(f"no gateway listener on port {port}: {mesh.client.proxy_status()}")
+
+
+def meshctl(mesh: Any, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=mesh.cluster.address)
+    return subprocess.run([MESHCTL, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_bookinfo_gateway_routes_into_the_mesh(mesh, tmp_path) -> None:
+    port = free_port()
+    mesh.deploy("productpage", "v1", node_index=1, service_port=9080)
+    mesh.deploy("reviews", "v1", node_index=1, service_port=9080)
+    mesh.deploy("reviews", "v2", node_index=1, service_port=9080)
+    mesh.wait_endpoints("productpage", 1)
+    mesh.wait_endpoints("reviews", 2)
+    reviews_vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews-gw"},
+                  "spec": {"hosts": ["reviews.example.com"], "gateways": ["bookinfo-gateway"], "http": [
+                      {"match": [{"headers": {"end-user": {"exact": "jason"}}}],
+                       "route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
+                      {"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 50},
+                                 {"destination": {"host": "reviews", "subset": "v2"}, "weight": 50}]}]}}
+    applied = tmp_path / "bookinfo-gateway.yaml"
+    applied.write_text(yaml.safe_dump_all(bookinfo_gateway(port)))
+    r = meshctl(mesh, "apply", "-f", str(applied))
+    assert r.returncode == 0 and "gateway.networking.istio.io/bookinfo-gateway created" in r.stdout, r.stderr
+    mesh.apply(destination_rule("productpage", "v1"), destination_rule("reviews", "v1", "v2"), reviews_vs)
+    gateways = wait_gateway(mesh, port)
+    r = meshctl(mesh, "proxy-status")
+    assert "GATEWAY" in r.stdout and f"127.0.0.1:{port}" in r.stdout, r.stdout
+    assert gateways == {f"istio-ingressgateway:{port}": f"127.0.0.1:{port}"}
+    # Only the head node is a gateway node (the default): the worker node's proxy has no listeners.
+    worker = next(r for r in mesh.client.proxy_status() if r["node"] == mesh.nodes[1])
+    assert not worker.get("gateways")
+
+    status, body = request(port, "/productpage")
+    assert status == 200, body
+    seen = json.loads(body)
+    assert (seen["service"], seen["path"], seen["node"]) == ("productpage", "/productpage", mesh.nodes[1])
+    assert request(port, "/api/v1/products/1")[0] == 200
+    assert request(port, "/no-such-path")[0] == 404                 # no route: Envoy's 404 NR
+    assert request(port, "/", {"Host": "unknown.example.org"})[0] == 404
+
+    host = {"Host": "reviews.example.com"}
+    for _ in range(5):
+        status, body = request(port, "/r", {**host, "end-user": "jason"})
+        assert (status, json.loads(body)["version"]) == (200, "v2")
+    versions = set()
+    for _ in range(60):
+        status, body = request(port, "/r", host)
+        assert status == 200
+        versions.add(json.loads(body)["version"])
+        if versions == {"v1", "v2"}:
+            break
+    assert versions == {"v1", "v2"}
+
+    # Telemetry names the gateway as the source, and the hop to the other node was mTLS.
+    deadline, rows = time.monotonic() + 20, []
+    while time.monotonic() < deadline:
+        rows = mesh.client.telemetry_query({"source_workload": ["istio-ingressgateway"],
+                                            "destination_service": ["productpage.default.svc.cluster.local"]},
+                                           ("source_workload_namespace", "source_principal",
+                                            "connection_security_policy", "response_code"), 120)
+        if sum(r["requests"] for r in rows if r["response_code"] == 200) >= 2:
+            break
+        time.sleep(0.5)
+    ok = [r for r in rows if r["response_code"] == 200]
+    assert ok and all((r["source_workload_namespace"], r["source_principal"], r["connection_security_policy"])
+                      == ("istio-system", GATEWAY_ID, "mutual_tls") for r in ok), rows
