@@ -38,7 +38,8 @@ Listeners (all on loopback):
 
 WebSocket and other ``Upgrade`` requests are forwarded with their Upgrade headers; a
 ``101`` answer turns both connections into a raw byte pipe (Istio enables websocket
-upgrades by default).
+upgrades by default).  An HTTP/2 extended CONNECT arrives here as that same Upgrade request
+(``proxy_core.http2``), and an upgrade always goes upstream over HTTP/1.1.
 """
 from __future__ import annotations
 
@@ -1025,7 +1026,7 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        h2, tls = upstream_plan(self.server.mtls, ep, self.cluster, self.conn)
+        h2, tls = upstream_plan(self.server.mtls, ep, self.cluster, self.conn, self.head.upgrade)
         self.up_tls = tls
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             if not h2:
