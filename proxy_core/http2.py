@@ -10,6 +10,16 @@ That is the HTTP/1.1 -> HTTP/2 translation; HTTP/2 -> HTTP/1.1 happens as the re
 is built (pseudo-headers to request line and ``Host``, no body length -> chunked, so request
 trailers survive an HTTP/1.1 hop).
 
+WebSocket over HTTP/2 is RFC 8441's extended CONNECT, as Envoy translates it: the connection
+advertises ``SETTINGS_ENABLE_CONNECT_PROTOCOL``; a ``CONNECT`` stream with ``:protocol`` enters
+the exchange as the HTTP/1.1 ``GET`` with ``Upgrade`` it stands for (routed like any request;
+a ``Sec-WebSocket-Key`` is generated, HTTP/2 clients send none), always goes upstream over
+HTTP/1.1, and the origin's ``101`` reaches the client as ``:status 200`` without
+``Sec-WebSocket-Accept``.  From then on the stream is the client's half of the exchange's
+byte pipe (``upstream.Pipe``): DATA <-> bytes, END_STREAM <-> half-close, RST_STREAM <->
+abort, with the stream's window and the upstream socket's pause/resume as backpressure.  Any
+other answer is an ordinary response.
+
 Flow control is end to end: request DATA is acknowledged (WINDOW_UPDATE) only while the
 exchange reads, so a paused upstream closes the client's window; response data waits on the
 client's window in the stream's ``Outbox``, which pauses the upstream read beyond
@@ -19,6 +29,8 @@ open streams finish.
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import socket
 from typing import Any
 
@@ -46,7 +58,7 @@ class DownstreamStream:
     """One client stream, seen by its ``HttpConnection`` as a transport carrying HTTP/1.1."""
 
     __slots__ = ("conn", "stream_id", "http", "parser", "out", "closed", "reading_paused", "unacked",
-                 "request_ended", "grpc", "grpc_timeout", "grpc_seen")
+                 "request_ended", "grpc", "grpc_timeout", "grpc_seen", "upgrading", "switched")
 
     def __init__(self, conn: "H2ServerConnection", stream_id: int) -> None:
         self.conn = conn
@@ -61,6 +73,8 @@ class DownstreamStream:
         self.grpc = False
         self.grpc_timeout: float | None = None   # the caller's deadline (grpc-timeout), for the route timer
         self.grpc_seen = False                   # a grpc-status went to the client
+        self.upgrading = False                   # an extended CONNECT (RFC 8441) waiting for its answer
+        self.switched = False                    # ... accepted (101): the stream is a byte tunnel
         http = self.http = HttpConnection(conn.server, conn.listener)
         http.transport = self                    # type: ignore[assignment]
         http.peer, http.peer_ip, http.peer_ip_bytes = conn.peer, conn.peer_ip, conn.peer_ip_bytes
@@ -70,7 +84,7 @@ class DownstreamStream:
     # the request, from the client
 
     def start(self, headers: HeaderList, ended: bool) -> None:
-        method = path = authority = None
+        method = path = authority = protocol = None
         fields: HeaderList = []
         for name, value in headers:
             if name[:1] != b":":
@@ -81,15 +95,20 @@ class DownstreamStream:
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":protocol":
+                protocol = value
+        if method == b"CONNECT" and protocol is None:
+            self.conn.refuse(self.stream_id, 405, b"CONNECT over HTTP/2 is supported as extended CONNECT only")
+            return
         if method is None or path is None:
             self.conn.refuse(self.stream_id, 400, b"missing :method or :path")
-            return
-        if method == b"CONNECT":
-            self.conn.refuse(self.stream_id, 405, b"CONNECT over HTTP/2 is not supported")
             return
         if authority is not None and not any(n == b"host" for n, _ in fields):
             fields.insert(0, (b"host", authority))
         fields = join_cookies(fields)
+        if protocol is not None:
+            self._start_upgrade(path, protocol, fields)
+            return
         content_length: int | None = None
         for name, value in fields:
             if name == b"content-type":
@@ -104,8 +123,28 @@ class DownstreamStream:
         head = RequestHead(method, path, "2", fields, True, False, content_length, chunked, False)
         self.http.on_head(head)
 
+    def _start_upgrade(self, path: bytes, protocol: bytes, fields: HeaderList) -> None:
+        """Extended CONNECT: run the HTTP/1.1 Upgrade request it stands for.  Client DATA is
+        kept (and not acknowledged) until the upstream switches protocols."""
+        fields = [h for h in fields if h[0] != b"upgrade"]
+        fields.append((b"upgrade", protocol))
+        if protocol.lower() == b"websocket" and not any(n == b"sec-websocket-key" for n, _ in fields):
+            fields.append((b"sec-websocket-key", base64.b64encode(os.urandom(16))))   # RFC 6455 4.1
+        self.upgrading = True
+        self.reading_paused = True
+        self.http.on_head(RequestHead(b"GET", path, "2", fields, True, True, None, False, False))
+        if self.http is not None:
+            self.http.on_upgrade(b"")   # the request is complete: what follows is tunnel bytes
+
     def on_request_data(self, data: bytes, flow_length: int) -> None:
-        self.http.on_data(data)
+        tunnel = self.http.tunnel
+        if tunnel is None:
+            self.http.on_data(data)
+        elif not tunnel.is_closing():
+            ex = self.http.active
+            if ex is not None:
+                ex.bytes_received += len(data)
+            tunnel.write(data)
         if self.reading_paused:
             self.unacked += flow_length
         elif flow_length:
@@ -113,8 +152,18 @@ class DownstreamStream:
 
     def on_request_end(self, trailers: HeaderList) -> None:
         self.request_ended = True
-        self.http.on_end(trailers)
+        if self.upgrading:
+            self._client_half_closed()
+        else:
+            self.http.on_end(trailers)
         self._maybe_done()
+
+    def _client_half_closed(self) -> None:
+        """END_STREAM on a tunnel: half-close the upstream, or close it when it finished first
+        (``HttpConnection.eof_received`` decides, as for a client's FIN)."""
+        http = self.http
+        if http is not None and http.tunnel is not None and not http.eof_received():
+            http.tunnel.close()
 
     def _maybe_done(self) -> None:
         if self.out.ended and self.request_ended:
@@ -133,8 +182,12 @@ class DownstreamStream:
             http.parser.release()           # never fed: a stream's requests arrive as parts
 
     def reset_by_peer(self) -> None:
-        """RST_STREAM from the client, or its connection gone: the exchange sees a disconnect."""
+        """RST_STREAM from the client, or its connection gone: the exchange sees a disconnect,
+        a tunnel's upstream connection is aborted."""
         self.closed = True
+        tunnel = self.http.tunnel
+        if tunnel is not None and not tunnel.is_closing():
+            tunnel.abort()
         ex = self.http.active
         if ex is not None:
             ex.downstream_lost()
@@ -155,7 +208,11 @@ class DownstreamStream:
 
     def on_head(self, rh: ResponseHead) -> None:
         if rh.status < 200:
+            if rh.status == 101 and self.upgrading:
+                self._switch(rh)
             return  # 100 Continue and the like stay on this hop
+        if self.upgrading:
+            self.resume_reading()   # not switched: the client's DATA is an ordinary body, read and dropped
         headers = strip_connection_headers(rh.headers)
         if self.grpc:
             self._record_grpc(grpc_status_of(headers), rh.status)
@@ -165,13 +222,35 @@ class DownstreamStream:
         self.out.send_data(data)
 
     def on_end(self, trailers: HeaderList) -> None:
+        if self.switched:
+            return  # the 101's own end: the tunnel ends with write_eof or close
         trailers = strip_connection_headers(trailers)
         if self.grpc:
             self._record_grpc(grpc_status_of(trailers), 200)
         self.out.end(trailers)
 
     def on_upgrade(self, rest: bytes) -> None:
-        self.close()  # no Upgrade on HTTP/2: never asked for, so never accepted
+        if not self.switched:
+            self.close()  # an Upgrade this stream never asked for
+            return
+        self.out.send_data(rest)
+        self.resume_reading()   # the client's early DATA reached the tunnel: acknowledge it
+        if self.request_ended:
+            self.conn.loop.call_soon(self._client_half_closed)   # once the pipe is linked
+
+    def _switch(self, rh: ResponseHead) -> None:
+        """The upstream accepted the Upgrade: RFC 8441's ``200``, then the stream carries bytes."""
+        self.switched = True
+        headers = [h for h in strip_connection_headers(rh.headers) if h[0] != b"sec-websocket-accept"]
+        self.out.send_head([(b":status", b"200"), *headers])
+
+    def write_eof(self) -> None:
+        """The upstream half-closed the tunnel: END_STREAM (after the data still queued)."""
+        if not self.closed and not self.out.finished:
+            self.out.end([])
+            self.out.pump()
+            self.conn.flush_soon()
+            self._maybe_done()
 
     def _record_grpc(self, code: int | None, status: int) -> None:
         """grpc-status for telemetry and the access log (Istio's ``grpc_response_status``):
@@ -186,14 +265,26 @@ class DownstreamStream:
             ex.grpc_status = http_to_grpc_status(status)
 
     def close(self) -> None:
-        """The exchange is done with the stream: a response cut short resets it."""
+        """The exchange is done with the stream: a response cut short resets it; a tunnel
+        closed by its upstream ends with END_STREAM."""
         if self.closed:
+            return
+        if self.switched:
+            self.write_eof()
+            self.closed = True
             return
         self.closed = True
         if not self.out.finished:
             self.conn.reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
-    abort = close
+    def abort(self) -> None:
+        """Cut the stream: RST_STREAM unless it already ended."""
+        if self.closed or not self.switched:
+            self.close()
+            return
+        self.closed = True
+        if not self.out.ended:
+            self.conn.reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
 
     def is_closing(self) -> bool:
         return self.closed or self.conn.transport.is_closing()
@@ -213,7 +304,7 @@ class DownstreamStream:
                 self.conn.flush_soon()
 
     def can_write_eof(self) -> bool:
-        return False
+        return self.switched
 
     def window_opened(self) -> None:
         if not self.closed or self.out.finished:
@@ -270,7 +361,8 @@ class H2ServerConnection(FrameWriter):
         h2c = self.h2
         h2c.initiate_connection()
         h2c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
+                             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                             h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})   # RFC 8441
         h2c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 

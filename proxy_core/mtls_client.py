@@ -104,6 +104,19 @@ def upstream_tls(mtls: Mtls, ep: Endpoint, cluster: Cluster | None, conn: Any,
     return found
 
 
+def upstream_plan(mtls: Mtls, ep: Endpoint, cluster: Cluster, conn: Any,
+                  upgrade: bool = False) -> tuple[bool, UpstreamTls | None]:
+    """How a request from downstream ``conn`` travels to ``ep``: over HTTP/2 or not (the
+    cluster's port speaks http2/grpc, or ``auto`` and the client spoke HTTP/2; never for an
+    ``upgrade``, which only HTTP/1.1 carries), and the security of a new connection
+    (``upstream_tls``).  One answer for primary requests and their mirror copies, so a copy
+    reaches its cluster the way a request routed there would."""
+    h2 = not upgrade and (cluster.http2 or (conn.h2_stream is not None and cluster.use_downstream_protocol))
+    if ep.via is None and cluster.tls is None:
+        return h2, None     # loopback, plaintext: the common case, decided without a call
+    return h2, upstream_tls(mtls, ep, cluster, conn, ALPN_H2 if h2 else ALPN_HTTP11)
+
+
 _TUNNEL_TLS_CACHE = 4096       # cached upstream_tls answers (cleared when full)
 _ORIGINATE: dict[tuple[ClusterTls, str | None], ssl.SSLContext] = {}
 

@@ -42,7 +42,8 @@ Listeners (on loopback, except the gateway's, which bind where the install says)
 
 WebSocket and other ``Upgrade`` requests are forwarded with their Upgrade headers; a
 ``101`` answer turns both connections into a raw byte pipe (Istio enables websocket
-upgrades by default).
+upgrades by default).  An HTTP/2 extended CONNECT arrives here as that same Upgrade request
+(``proxy_core.http2``), and an upgrade always goes upstream over HTTP/1.1.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
 from proxy_core.mtls import Mtls, spiffe_id_of
-from proxy_core.mtls_client import ALPN_H2, ALPN_HTTP11, MtlsDialer, UpstreamTls, upstream_tls
+from proxy_core.mtls_client import MtlsDialer, UpstreamTls, upstream_plan, upstream_tls
 from proxy_core.mtls_inbound import InboundSniffer
 from proxy_core.policy import (HOP_BY_HOP_BYTES, FaultDecision, apply_header_ops, backoff_delay, decide_cors, decide_fault,
                                mirror_sampled, redirect_location, retry_on_failure, retry_on_grpc_status,
@@ -235,7 +236,7 @@ class ProxyServer:
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
         self.dialer: Dialer = self.pool.dialer
         self.h2_pool = H2UpstreamPool(self.dialer)   # clusters whose port speaks HTTP/2 (http2, grpc)
-        self.mirrors = MirrorSender(self.pool, mirror_limit)
+        self.mirrors = MirrorSender(self.pool, self.h2_pool, self.mtls, mirror_limit)
         self.counters = Stats()
         self.tcp = TcpProxy()                   # sessions and counters of tcp-protocol VIPs
         self.destinations = StatsRecorder()     # per destination service, for meshctl and the demo
@@ -1031,7 +1032,9 @@ class Exchange:
         that fits the retry buffer and was read whole is mirrored; otherwise the copies are
         skipped (counted).  Each copy has the headers sent upstream (rewrites and header
         operations applied), Host ``<host>-shadow[:port]``, and a ``content-length`` framing
-        its body (trailers are not copied).
+        its body; a request that ended with trailers is copied chunked, trailers included.
+        The sender takes it to each mirror cluster as this request would travel there
+        (HTTP/2 for an http2/grpc port, the node tunnel with this client's mTLS identity).
         """
         pending = self.mirror_pending
         route = self.route
@@ -1058,13 +1061,17 @@ class Exchange:
             elif n != b"content-length":
                 copy.append(h)
         copy.insert(0, (b"host", shadow_authority(authority.decode("latin-1")).encode("latin-1")))
-        if body or head.content_length is not None or head.chunked:
-            copy.append((b"content-length", b"%d" % len(body)))
-        data = http1.request_head(head.method, path, copy) + body
+        if self.trailers:
+            copy.append((b"transfer-encoding", b"chunked"))
+            data = http1.request_head(head.method, path, copy) + http1.chunk(body) + http1.last_chunk(self.trailers)
+        else:
+            if body or head.content_length is not None or head.chunked:
+                copy.append((b"content-length", b"%d" % len(body)))
+            data = http1.request_head(head.method, path, copy) + body
         timeout = route.timeout or MIRROR_TIMEOUT
         for m in targets:
             sender.send(self.loop, self.state.snapshot.clusters, self.state.balancers, m.cluster, self.req, data,
-                        head.method == b"HEAD", timeout)
+                        head.method == b"HEAD", timeout, self.conn)
 
     # upstream attempts
 
@@ -1085,9 +1092,7 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        h2 = self.cluster.http2 or (self.conn.h2_stream is not None and self.cluster.use_downstream_protocol)
-        tls = upstream_tls(self.server.mtls, ep, self.cluster, self.conn, ALPN_H2 if h2 else ALPN_HTTP11) \
-            if ep.via is not None or self.cluster.tls is not None else None
+        h2, tls = upstream_plan(self.server.mtls, ep, self.cluster, self.conn, self.head.upgrade)
         self.up_tls = tls
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             if not h2:

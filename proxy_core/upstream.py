@@ -322,7 +322,7 @@ class _HalfCloseAware(Protocol):
 
 
 class Pipe(asyncio.Protocol):
-    """Copies bytes from its own transport to ``peer`` with backpressure and half-close.
+    """Copies bytes from its own transport to ``peer`` with backpressure, half-close and aborts.
 
     Two Pipes (or a Pipe and a driver acting like one) are linked with ``link``; when one
     side's write buffer fills, the other side stops reading until it drains.
@@ -368,8 +368,12 @@ class Pipe(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and not self.peer.is_closing():
-            self.peer.close()
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            if exc is None:
+                peer.close()   # after what is buffered
+            else:
+                peer.abort()   # a reset is passed on as one (RST_STREAM on an HTTP/2 tunnel)
         if self.on_close is not None:
             cb, self.on_close = self.on_close, None
             cb()

@@ -9,7 +9,8 @@ Each request's ``:path`` picks the behaviour, so one server plays every misbehav
 ``goaway_after=n`` makes the first connection hold its requests until ``n`` streams arrived,
 then send GOAWAY with ``last_stream_id`` the ``goaway_keep``-th stream: streams up to it are
 answered, the later ones never (as a server going away does), and the connection closes.
-Connections after the first behave normally.  ``log`` records what happened, per connection.
+Connections after the first behave normally.  ``log`` records what happened, per connection,
+and every complete request (headers, body, trailers) as it arrived.
 """
 from __future__ import annotations
 
@@ -31,11 +32,19 @@ def grpc_frame(message: bytes) -> bytes:
 
 
 @dataclass
+class H2Request:
+    headers: dict[bytes, bytes]
+    body: bytes
+    trailers: list[tuple[bytes, bytes]]
+
+
+@dataclass
 class H2Log:
     connections: int = 0
     streams: list[tuple[int, int, str]] = field(default_factory=list)   # (connection, stream id, path)
     resets_received: int = 0          # RST_STREAM from the proxy (a cancelled request)
     big_bytes_sent: int = 0
+    requests: list[H2Request] = field(default_factory=list)
 
 
 class ScriptedH2Server(LoopbackServer):
@@ -51,6 +60,8 @@ class ScriptedH2Server(LoopbackServer):
         writer.write(h2c.data_to_send())
         bodies: dict[int, bytes] = {}
         paths: dict[int, str] = {}
+        heads: dict[int, dict[bytes, bytes]] = {}
+        trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         held: list[int] = []
         big: dict[int, int] = {}
         window_open = asyncio.Event()
@@ -66,7 +77,8 @@ class ScriptedH2Server(LoopbackServer):
                     return
                 for ev in events:
                     if isinstance(ev, h2.events.RequestReceived):
-                        paths[ev.stream_id] = dict(ev.headers)[b":path"].decode()
+                        heads[ev.stream_id] = dict(ev.headers)
+                        paths[ev.stream_id] = heads[ev.stream_id][b":path"].decode()
                         bodies[ev.stream_id] = b""
                         self.log.streams.append((conn_no, ev.stream_id, paths[ev.stream_id]))
                     elif isinstance(ev, h2.events.DataReceived):
@@ -75,10 +87,13 @@ class ScriptedH2Server(LoopbackServer):
                     elif isinstance(ev, h2.events.StreamReset):
                         self.log.resets_received += 1
                         big.pop(ev.stream_id, None)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        trailers[ev.stream_id] = list(ev.headers)
                     elif isinstance(ev, h2.events.WindowUpdated):
                         window_open.set()
                     elif isinstance(ev, h2.events.StreamEnded):
                         sid = ev.stream_id
+                        self.log.requests.append(H2Request(heads[sid], bodies[sid], trailers.get(sid, [])))
                         if going_away:
                             held.append(sid)
                             if len(held) == self.goaway_after:
