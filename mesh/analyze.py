@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mesh.compiler_clusters import select_destination_rule
-from mesh.compiler_routes import binds_mesh
+from mesh.compiler_gateways import server_domains
+from mesh.compiler_routes import MESH, binds_mesh, gateway_ref
 from mesh.compiler_security import ROOT_NAMESPACE
 from mesh.compiler_services import Service, host_covers, labels_match, resolve_host, resources_by_kind
 from mesh.registry import WorkloadInstance
@@ -188,14 +189,9 @@ def check_destinations(ctx: _Context) -> None:
                     ctx.report(vs, REFERENCED_RESOURCE_NOT_FOUND, "host+subset in destinationrule", f"{raw}+{subset}")
 
 
-def _gateway_key(ref: str, namespace: str) -> tuple[str, str]:
-    ns, _, name = ref.rpartition("/")
-    return (ns or namespace, name)
-
-
 def check_gateway_references(ctx: _Context) -> None:
     """IST0101 for a gateway that does not exist; IST0132 for VirtualService hosts a gateway does not serve."""
-    gateways = {(g.namespace, g.name): g for g in ctx.by_kind.get("Gateway", [])}
+    gateways = {f"{g.namespace}/{g.name}": g for g in ctx.by_kind.get("Gateway", [])}
     for vs in ctx.by_kind.get("VirtualService", []):
         refs = list(vs.spec.get("gateways") or ())
         for kind in ("http", "tcp", "tls"):
@@ -203,27 +199,17 @@ def check_gateway_references(ctx: _Context) -> None:
                 for m in rule.get("match") or ():
                     refs += [g for g in m.get("gateways") or () if g not in refs]
         for ref in dict.fromkeys(refs):
-            if ref == "mesh":
+            if ref == MESH:
                 continue
-            gw = gateways.get(_gateway_key(ref, vs.namespace))
+            gw = gateways.get(gateway_ref(ref, vs.namespace))
             if gw is None:
                 ctx.report(vs, REFERENCED_RESOURCE_NOT_FOUND, "gateway", ref)
                 continue
-            missing = [h for h in vs.spec.get("hosts") or () if not _gateway_serves(gw, str(h), vs.namespace)]
+            missing = [h for h in vs.spec.get("hosts") or ()
+                       if not any(server_domains(gw, server, vs.namespace, str(h))
+                                  for server in gw.spec.get("servers") or ())]
             if missing:
                 ctx.report(vs, VS_HOST_NOT_IN_GATEWAY, missing, f"{vs.namespace}/{vs.name}", f"{gw.namespace}/{gw.name}")
-
-
-def _gateway_serves(gw: Resource, host: str, vs_namespace: str) -> bool:
-    """Whether one of the Gateway's server hosts (``[ns/]host``) covers the VirtualService host."""
-    for server in gw.spec.get("servers") or ():
-        for entry in server.get("hosts") or ():
-            ns, _, pattern = str(entry).rpartition("/")
-            if ns not in ("", "*", ".", vs_namespace) or (ns == "." and gw.namespace != vs_namespace):
-                continue
-            if host_covers(pattern, host) or host_covers(host, pattern):
-                return True
-    return False
 
 
 def check_mesh_host_conflicts(ctx: _Context) -> None:

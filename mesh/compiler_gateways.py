@@ -46,7 +46,7 @@ GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 GATEWAY_WORKLOAD = "istio-ingressgateway"
 SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
 
-__all__ = ["compile_gateway_listeners", "gateway_identity", "unserved_servers", "GATEWAY_LABELS",
+__all__ = ["compile_gateway_listeners", "gateway_identity", "server_domains", "unserved_servers", "GATEWAY_LABELS",
            "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS"]
 
 
@@ -129,16 +129,25 @@ def _domain_order(domain: str) -> tuple[int, str]:
 def _domains(gw: Resource, server: Mapping[str, Any], vs: Resource) -> list[str]:
     """The hosts of ``vs`` that ``server`` of ``gw`` admits, each as the more specific of the pair."""
     out: list[str] = []
-    for raw in server.get("hosts") or ():
-        namespace, slash, host = str(raw).rpartition("/")
-        if slash and namespace not in ("*", vs.namespace) and not (namespace == "." and vs.namespace == gw.namespace):
-            continue
-        host = host.lower()
-        for vs_raw in vs.spec.get("hosts") or ():
-            vs_host = resolve_host(str(vs_raw), vs.namespace)
-            domain = _intersection(host, vs_host)
-            if domain is not None and domain not in out:
+    for vs_raw in vs.spec.get("hosts") or ():
+        for domain in server_domains(gw, server, vs.namespace, str(vs_raw)):
+            if domain not in out:
                 out.append(domain)
+    return out
+
+
+def server_domains(gw: Resource, server: Mapping[str, Any], vs_namespace: str, vs_host: str) -> list[str]:
+    """The domains one VirtualService host (of a VirtualService in ``vs_namespace``) gets on
+    ``server`` of ``gw``: empty when no server host admits it."""
+    host = resolve_host(vs_host, vs_namespace)
+    out: list[str] = []
+    for raw in server.get("hosts") or ():
+        namespace, slash, pattern = str(raw).rpartition("/")
+        if slash and namespace not in ("*", vs_namespace) and not (namespace == "." and vs_namespace == gw.namespace):
+            continue
+        domain = _intersection(pattern.lower(), host)
+        if domain is not None:
+            out.append(domain)
     return out
 
 
