@@ -115,14 +115,19 @@ def client_context(ca_pem: str, svid: dict[str, Any] | None) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=ca_pem)
     if svid is not None:
-        with tempfile.TemporaryDirectory() as d:
-            cert, key = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
-            with open(cert, "w") as f:
-                f.write("".join(svid["cert_chain"]))
-            with open(key, "w") as f:
-                f.write(svid["key"])
-            ctx.load_cert_chain(cert, key)
+        load_svid(ctx, svid)
     return ctx
+
+
+def load_svid(ctx: ssl.SSLContext, svid: dict[str, Any]) -> None:
+    """Present ``svid`` (an issued chain and key) from ``ctx``."""
+    with tempfile.TemporaryDirectory() as d:
+        cert, key = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
+        with open(cert, "w") as f:
+            f.write("".join(svid["cert_chain"]))
+        with open(key, "w") as f:
+            f.write(svid["key"])
+        ctx.load_cert_chain(cert, key)
 
 
 # -- node to node ---------------------------------------------------------------------------------

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import ssl
-import tempfile
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
@@ -18,7 +16,7 @@ from mesh.identity import CAKeyPair, create_root_ca, spiffe_id
 from proxy_core.mtls import EXPIRED, UNTRUSTED, handshake_refusal
 from proxy_core.tls_session import SessionCache, harden
 from proxy_core.tls_stream import TlsStream
-from tests.unit.test_mtls import issue
+from tests.unit.test_mtls import issue, load_svid
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,13 +28,7 @@ def context(purpose: int, ca: CAKeyPair, svid: dict[str, Any], version: ssl.TLSV
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=ca.cert_pem)
-    with tempfile.TemporaryDirectory() as d:
-        cert, key = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
-        with open(cert, "w") as f:
-            f.write("".join(svid["cert_chain"]))
-        with open(key, "w") as f:
-            f.write(svid["key"])
-        ctx.load_cert_chain(cert, key)
+    load_svid(ctx, svid)
     if version is not None:
         ctx.maximum_version = version
     return harden(ctx)
