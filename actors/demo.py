@@ -4,15 +4,18 @@ traffic-management samples while traffic flows.
     python -m actors.demo            (or: make demo)
 
 Steps: route everything to reviews v1; split reviews 50/50 between v1 and v3; send the user
-"jason" to v2.  After each step it prints the traffic split it observed per reviews version
-and, per destination service, the requests, success rate and p50/p99 latency measured by the
-proxies.  It stops everything it started.
+"jason" to v2; then let traffic in from outside the mesh through Istio's bookinfo-gateway
+(the head node's ingress gateway on 127.0.0.1:8080, or a free port when 8080 is taken).
+After each step it prints the traffic split it observed per reviews version and, per
+destination service, the requests, success rate and p50/p99 latency measured by the proxies.
+It stops everything it started.
 """
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import socket
 import sys
 import threading
 import time
@@ -38,6 +41,7 @@ class Step:
     title: str
     files: tuple[str, ...]
     users: tuple[str | None, ...] = (None,)      # end-user header values to drive traffic as
+    ingress: bool = False                        # traffic comes through the ingress gateway
 
 
 STEPS: tuple[Step, ...] = (
@@ -46,7 +50,10 @@ STEPS: tuple[Step, ...] = (
     Step("2. canary: reviews 50% v1, 50% v3", ("virtual-service-reviews-50-v3.yaml",)),
     Step("3. A/B by header: end-user jason -> reviews v2, everyone else -> v1",
          ("virtual-service-reviews-test-v2.yaml",), users=(None, "jason")),
+    Step("4. ingress: bookinfo-gateway lets clients outside the mesh reach productpage",
+         ("bookinfo-gateway.yaml",), ingress=True),
 )
+GATEWAY_PORT = 8080       # bookinfo-gateway.yaml's server port
 
 
 @dataclass(slots=True)
@@ -56,15 +63,17 @@ class TrafficResult:
     errors: int = 0
 
 
-def drive(proxy_port: int, requests: int, user: str | None, concurrency: int = 4, max_seconds: float = 30.0) -> TrafficResult:
-    """Send ``requests`` GET /productpage through the node's HTTP proxy (absolute-form, keep-alive)."""
+def drive(port: int, requests: int, user: str | None, concurrency: int = 4, max_seconds: float = 30.0,
+          target: str = "http://productpage:9080/productpage") -> TrafficResult:
+    """Send ``requests`` GET ``target`` to ``127.0.0.1:port`` over keep-alive connections: the
+    node's HTTP proxy with an absolute-form target, or the ingress gateway with a path."""
     result = TrafficResult()
     lock = threading.Lock()
     remaining = [requests]
     deadline = time.monotonic() + max_seconds
 
     def worker() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         headers = {"end-user": user} if user else {}
         while time.monotonic() < deadline:
             with lock:
@@ -72,7 +81,7 @@ def drive(proxy_port: int, requests: int, user: str | None, concurrency: int = 4
                     break
                 remaining[0] -= 1
             try:
-                conn.request("GET", "http://productpage:9080/productpage", headers=headers)
+                conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
                 body = resp.read()
                 version = json.loads(body).get("reviews_version") if resp.status == 200 else None
@@ -81,7 +90,7 @@ def drive(proxy_port: int, requests: int, user: str | None, concurrency: int = 4
                     result.versions[version or "error"] += 1
             except (OSError, http.client.HTTPException, ValueError):
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 with lock:
                     result.errors += 1
         conn.close()
@@ -92,6 +101,28 @@ def drive(proxy_port: int, requests: int, user: str | None, concurrency: int = 4
     for t in threads:
         t.join(timeout=max_seconds + 15)
     return result
+
+
+def gateway_port() -> int:
+    """8080 as bookinfo-gateway.yaml says, unless something on this machine already has it."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", GATEWAY_PORT))
+            return GATEWAY_PORT
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"the ingress gateway did not open 127.0.0.1:{port}")
 
 
 def proxy_stats() -> list[dict[str, Any]]:
@@ -135,8 +166,14 @@ def print_top(started: float, out=sys.stdout) -> None:
               f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}", file=out)
 
 
-def apply(files: Sequence[str]) -> list[str]:
+def apply(files: Sequence[str], port: int | None = None) -> list[str]:
+    """Apply Istio's sample files; ``port`` replaces a Gateway's server port (8080 taken)."""
     docs = load_documents([str(SAMPLES / f) for f in files])
+    if port is not None:
+        for d in docs:
+            if d.body.get("kind") == "Gateway":
+                for server in d.body["spec"]["servers"]:
+                    server["port"]["number"] = port
     return MeshClient().apply(docs)["results"]
 
 
@@ -155,13 +192,19 @@ def run(requests: int = 200, out=sys.stdout) -> dict[str, Any]:
         head_proxy_port = registry["nodes"][nodes[0]]["http_proxy_port"]
         for step in STEPS:
             print(f"\n== {step.title}", file=out)
-            for line in apply(step.files):
+            port = gateway_port() if step.ingress else None
+            for line in apply(step.files, None if port == GATEWAY_PORT else port):
                 print(f"  applied {line}", file=out)
             wait_for_proxies(nodes=len(nodes))
+            if port is not None:
+                wait_listening(port)
+                print(f"  curl http://127.0.0.1:{port}/productpage"
+                      + ("" if port == GATEWAY_PORT else f"   (port {GATEWAY_PORT} is taken here)"), file=out)
             before = proxy_stats()
             results = {}
             for user in step.users:
-                results[user] = drive(head_proxy_port, requests, user)
+                results[user] = (drive(port, requests, user, target="/productpage") if port is not None
+                                 else drive(head_proxy_port, requests, user))
                 print_split(results[user], user, out)
             print_services(before, proxy_stats(), out)
             report["steps"].append({"title": step.title, "splits": {str(u): dict(r.versions) for u, r in results.items()}})
