@@ -7,6 +7,7 @@ from typing import Sequence, TextIO
 
 from mesh import cli
 from proxy_core.accesslog import DEFAULT_ROTATE_ROWS, DEFAULT_ROTATE_SECONDS
+from proxy_core.zipkin import ZipkinExporter
 
 
 def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
@@ -16,13 +17,16 @@ def cmd_install(args: argparse.Namespace, out: TextIO) -> int:
 
     access_log = {"parquet_dir": args.access_log_parquet, "rotate_rows": args.access_log_rotate_rows,
                   "rotate_seconds": args.access_log_rotate_seconds} if args.access_log_parquet else {}
-    tracing = {"file": args.trace_file, "sampling": args.trace_sampling} if args.trace_file else {}
+    tracing = {"file": args.trace_file, "zipkin": args.trace_zipkin, "sampling": args.trace_sampling} \
+        if args.trace_file or args.trace_zipkin else {}
     gateway = {"nodes": args.gateway_nodes, "address": args.gateway_address}
     try:
         AccessLogOptions.from_dict(access_log)
         GatewayOptions.from_dict(gateway)
         if not 0.0 <= args.trace_sampling <= 100.0:
             raise ValueError(f"--trace-sampling must be a percentage (0-100), got {args.trace_sampling}")
+        if args.trace_zipkin:
+            ZipkinExporter(args.trace_zipkin)   # a malformed URL fails here, not on every node
     except ValueError as exc:
         print(f"meshctl install: {exc}", file=sys.stderr)
         return 2
@@ -57,6 +61,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="start a new Parquet file once its oldest row is S seconds old (default %(default)s)")
     p.add_argument("--trace-file", metavar="FILE", default=None,
                    help="every node's proxy records spans as Zipkin JSON lines into FILE (on its node)")
+    p.add_argument("--trace-zipkin", metavar="URL", default=None,
+                   help="every node's proxy POSTs its spans to this Zipkin v2 collector "
+                        "(e.g. http://zipkin.example:9411/api/v2/spans; Jaeger, Tempo and the "
+                        "OpenTelemetry Collector accept it too)")
     p.add_argument("--trace-sampling", type=float, default=1.0, metavar="PERCENT",
                    help="percent of requests without a trace context that start one (default %(default)s; "
                         "a Telemetry resource's randomSamplingPercentage overrides it)")

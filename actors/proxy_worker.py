@@ -211,12 +211,14 @@ class ProxyWorker:
         self._version = status.get("version")
 
     def _tracing_args(self) -> list[str]:
-        """``options["tracing"]``: ``{"file": spans JSON lines path, "sampling": percent}``; a
-        ``{node}`` in the path becomes this node's id (its first 16 characters), so that nodes
-        sharing a file system write files of their own."""
+        """``options["tracing"]``: ``{"file": spans JSON lines path, "zipkin": collector URL,
+        "sampling": percent}``; a ``{node}`` in the path becomes this node's id (its first 16
+        characters), so that nodes sharing a file system write files of their own."""
         tracing = self.options.get("tracing") or {}
         path = str(tracing.get("file") or "").replace("{node}", self.node_id[:16])
         args = ["--trace-file", path] if path else []
+        if tracing.get("zipkin"):
+            args += ["--trace-zipkin", str(tracing["zipkin"])]
         if tracing.get("sampling") is not None:
             args += ["--trace-sampling", str(float(tracing["sampling"]))]
         return args

@@ -3,7 +3,8 @@
 The access log goes to stdout (or ``--access-log FILE``) as JSON lines and, with
 ``--access-log-parquet DIR``, also to Parquet files in DIR, cut every
 ``--access-log-rotate-rows`` rows or ``--access-log-rotate-seconds`` seconds.  ``--trace-file FILE`` turns tracing on (W3C and B3
-propagation, spans as JSON lines in FILE; see ``proxy_core.tracing``).
+propagation, spans as JSON lines in FILE; see ``proxy_core.tracing``); so does ``--trace-zipkin URL``,
+which POSTs the spans to a Zipkin v2 collector (``proxy_core.zipkin``).
 
 Prints one JSON line ``{"event": "ready", ...}`` on stdout once every listener is bound
 (the supervisor waits for it), then serves until SIGTERM/SIGINT or a control
@@ -29,6 +30,7 @@ from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
 from proxy_core.telemetry import DEFAULT_MAX_ROWS
 from proxy_core.tracing import DEFAULT_SAMPLING, Tracer
+from proxy_core.zipkin import ZipkinExporter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-telemetry", action="store_true", help="record no per-request telemetry")
     p.add_argument("--trace-file", metavar="FILE",
                    help="trace requests: write sampled spans to FILE as JSON lines (Zipkin v2 spans)")
+    p.add_argument("--trace-zipkin", metavar="URL",
+                   help="trace requests: POST sampled spans in batches to a Zipkin v2 collector "
+                        "(e.g. http://zipkin:9411/api/v2/spans; Jaeger, Tempo and the OpenTelemetry "
+                        "Collector accept it too)")
     p.add_argument("--trace-sampling", type=float, default=DEFAULT_SAMPLING, metavar="PERCENT",
                    help="percent of requests without a caller's trace decision that start a trace, unless the "
                         "snapshot sets tracing.sampling (default %(default)s, Istio's)")
@@ -57,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--access-log-parquet needs the access log: drop --no-access-log")
     if not 0.0 <= args.trace_sampling <= 100.0:
         p.error(f"--trace-sampling must be a percentage in [0, 100], got {args.trace_sampling}")
+    if args.trace_zipkin:
+        try:
+            ZipkinExporter(args.trace_zipkin)
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 
@@ -97,9 +108,11 @@ async def serve(args: argparse.Namespace) -> None:
         snapshot = Snapshot.from_json(f.read())
     sink = open(args.access_log, "a", encoding="utf-8") if args.access_log else sys.stdout
     spans = open(args.trace_file, "a", encoding="utf-8") if args.trace_file else None
+    exporter = ZipkinExporter(args.trace_zipkin) if args.trace_zipkin else None
+    tracing = spans is not None or exporter is not None
     proxy = ProxyServer(snapshot, access_log=make_access_log(args, sink),
                         telemetry_rows=0 if args.no_telemetry else args.telemetry_buffer,
-                        tracer=Tracer(spans, args.trace_sampling) if spans is not None else None)
+                        tracer=Tracer(spans, args.trace_sampling, exporter=exporter) if tracing else None)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,6 +135,8 @@ async def serve(args: argparse.Namespace) -> None:
         sink.close()
     if spans is not None:
         spans.close()
+    if exporter is not None:
+        await exporter.close()
 
 
 def main(argv: list[str] | None = None) -> None:

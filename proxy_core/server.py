@@ -418,7 +418,16 @@ class ProxyServer:
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
                 "gateway_errors": dict(self.gateway_errors),
                 "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
-                "cache": cache_stats(self.cache_counters, self.state.caches)}
+                "cache": cache_stats(self.cache_counters, self.state.caches), "tracing": self._tracing_stats()}
+
+    def _tracing_stats(self) -> dict[str, Any]:
+        tracer = self.tracer
+        if tracer is None:
+            return {"enabled": False}
+        out: dict[str, Any] = {"enabled": True, "spans": tracer.spans_written}
+        if tracer.exporter is not None:
+            out["zipkin"] = tracer.exporter.stats()
+        return out
 
     def _telemetry_stats(self) -> dict[str, Any]:
         t = self.telemetry

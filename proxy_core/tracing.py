@@ -18,7 +18,8 @@ What Envoy's tracer does for Istio, without a collector on the request path:
   this hop's span, replacing the incoming ones; ``tracestate`` passes unchanged.  Istio's
   proxies speak B3 and W3C, so applications instrumented for either keep one trace.
 * **Record.**  A sampled span is written, when the request completes, as one JSON line in the
-  Zipkin v2 span format (what Envoy's Zipkin tracer sends): ids, ``name``
+  Zipkin v2 span format (what Envoy's Zipkin tracer sends), and/or handed to a
+  ``proxy_core.zipkin.ZipkinExporter`` that POSTs batches to a collector: ids, ``name``
   ``<service>:<port>/*`` as Istio names the outbound operation (the authority's when the
   destination is not a service), ``kind`` ``CLIENT``, ``timestamp``/``duration`` in
   microseconds, and Envoy's tags (``http.status_code``, ``response_flags``,
@@ -123,15 +124,20 @@ def propagation_headers(span: Span) -> list[tuple[bytes, bytes]]:
 
 
 class Tracer:
-    """Sampling decisions, span ids and the span sink of one proxy (its owner opens and closes
-    the sink; each span is flushed as written, so a reader sees it at once)."""
+    """Sampling decisions, span ids and where spans go: a JSON-lines ``sink`` (its owner opens
+    and closes it; each span is flushed as written, so a reader sees it at once) and/or a
+    collector ``exporter`` (``proxy_core.zipkin.ZipkinExporter``)."""
 
-    __slots__ = ("sink", "sampling", "rng", "spans_written")
+    __slots__ = ("sink", "exporter", "sampling", "rng", "spans_written")
 
-    def __init__(self, sink: TextIO, sampling: float = DEFAULT_SAMPLING, rng: random.Random | None = None) -> None:
+    def __init__(self, sink: TextIO | None, sampling: float = DEFAULT_SAMPLING, rng: random.Random | None = None,
+                 exporter: Any = None) -> None:
         if not 0.0 <= sampling <= 100.0:
             raise ValueError(f"trace sampling must be a percentage in [0, 100], got {sampling}")
+        if sink is None and exporter is None:
+            raise ValueError("a tracer needs a span file or a collector to report to")
         self.sink = sink
+        self.exporter = exporter
         self.sampling = sampling
         self.rng = rng or random.Random()
         self.spans_written = 0
@@ -164,7 +170,7 @@ class Tracer:
                 return f"{sid:016x}"
 
     def record(self, span: Span, node_id: str, ex: Any, duration_ms: float, response_flags: str) -> None:
-        """Write ``span`` for the finished exchange ``ex`` (``server.Exchange``) as a Zipkin v2 JSON line."""
+        """Report ``span`` for the finished exchange ``ex`` (``server.Exchange``) as a Zipkin v2 span."""
         req = ex.req
         cluster = ex.cluster
         status = ex.status
@@ -192,8 +198,11 @@ class Tracer:
                                "localEndpoint": {"serviceName": node_id or "raymesh"}, "tags": tags}
         if span.parent_id:
             doc["parentId"] = span.parent_id
-        self.sink.write(json.dumps(doc, separators=(",", ":")) + "\n")
-        self.sink.flush()
+        if self.sink is not None:
+            self.sink.write(json.dumps(doc, separators=(",", ":")) + "\n")
+            self.sink.flush()
+        if self.exporter is not None:
+            self.exporter.add(doc)
         self.spans_written += 1
 
 

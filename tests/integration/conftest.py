@@ -18,6 +18,7 @@ from actors.local_cluster import LocalCluster
 from mesh.client import MeshClient
 from mesh.loader import Document
 from tests.integration.workloads import EchoWorkload, TcpEchoWorkload
+from tests.unit.test_zipkin import Collector
 
 
 class Mesh:
@@ -138,7 +139,16 @@ def trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mesh_cluster(access_log_dir: Path, trace_dir: Path) -> Iterator[LocalCluster]:
+def zipkin_collector() -> Iterator[Collector]:
+    """A Zipkin v2 collector on loopback that every node's proxy also reports its spans to."""
+    collector = Collector()
+    yield collector
+    collector.server.shutdown()
+    collector.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def mesh_cluster(access_log_dir: Path, trace_dir: Path, zipkin_collector: Collector) -> Iterator[LocalCluster]:
     # Ray workers import the test workload classes by module path: the cluster's processes
     # inherit this environment, so they find ``tests.integration.workloads``.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -147,7 +157,8 @@ def mesh_cluster(access_log_dir: Path, trace_dir: Path) -> Iterator[LocalCluster
         install(replicas=2, options={"access_log": {"parquet_dir": str(access_log_dir),
                                                     "rotate_rows": ACCESS_LOG_ROTATE_ROWS,
                                                     "rotate_seconds": ACCESS_LOG_ROTATE_SECONDS},
-                                     "tracing": {"file": str(trace_dir / "spans-{node}.jsonl"), "sampling": 0}})
+                                     "tracing": {"file": str(trace_dir / "spans-{node}.jsonl"), "sampling": 0,
+                                                 "zipkin": zipkin_collector.url}})
         yield cluster
     finally:
         try:

@@ -1,6 +1,7 @@
-"""Tracing on a real two-node mesh: installed with a span file per node, the client-side proxy
-continues a caller's sampled W3C trace with a span of its own, propagates it (W3C and B3) to
-the workload on the other node, and writes the span; an unsampled caller leaves no span."""
+"""Tracing on a real two-node mesh: installed with a span file per node and a Zipkin collector,
+the client-side proxy continues a caller's sampled W3C trace with a span of its own,
+propagates it (W3C and B3) to the workload on the other node, writes the span and reports it
+to the collector; an unsampled caller leaves no span."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def spans_of(trace_dir: Path, node_id: str, trace_id: str) -> list[dict]:
     return [s for s in map(json.loads, path.read_text().splitlines()) if s["traceId"] == trace_id]
 
 
-def test_sampled_caller_gets_a_span_per_hop_and_headers_upstream(mesh, trace_dir: Path) -> None:
+def test_sampled_caller_gets_a_span_per_hop_and_headers_upstream(mesh, trace_dir: Path, zipkin_collector) -> None:
     mesh.deploy(SERVICE, "v1", node_index=1)
     mesh.wait_endpoints(SERVICE, 1)
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
@@ -44,6 +45,11 @@ def test_sampled_caller_gets_a_span_per_hop_and_headers_upstream(mesh, trace_dir
     assert span["name"].startswith(f"{SERVICE}.default.svc.cluster.local:8000")
     assert span["tags"]["http.status_code"] == "200"
     assert span["tags"]["upstream_cluster"].endswith(f"|{SERVICE}.default.svc.cluster.local")
+    # the same span reached the collector (batches leave every second)
+    while not (reported := [s for s in zipkin_collector.spans if s["traceId"] == trace_id]) \
+            and time.monotonic() < deadline + 5:
+        time.sleep(0.2)
+    assert reported == [span]
 
     # A caller that decided not to sample: propagated as such, never recorded.
     quiet = secrets.token_hex(16)
@@ -52,3 +58,4 @@ def test_sampled_caller_gets_a_span_per_hop_and_headers_upstream(mesh, trace_dir
     assert status == 200 and {k.lower(): v for k, v in body["headers"].items()}["traceparent"].endswith("-00")
     time.sleep(1.0)
     assert spans_of(trace_dir, mesh.nodes[0], quiet) == [] and spans_of(trace_dir, mesh.nodes[1], quiet) == []
+    assert not [s for s in zipkin_collector.spans if s["traceId"] == quiet]
