@@ -16,11 +16,13 @@ is found by a scan of ``/proc`` and its ancestry.  The proxy runs as the same us
 Ray workers, so their descriptors are readable; others' are not, and stay unknown.
 The answer is cached per connection by the caller; the lookup costs well under a millisecond
 for a few dozen processes and happens once per downstream connection that needs it (a tunnel
-to another node, a destination with AuthorizationPolicies, telemetry).
+to another node, a destination with AuthorizationPolicies, telemetry, a VirtualService
+match on ``sourceLabels`` / ``sourceNamespace``).
 
 The answer is a ``SourceWorkload``: the SPIFFE id (mTLS, AuthorizationPolicy's source
-principal) and the Istio attributes telemetry reports for the caller (``source_workload``,
-``source_app``, ...), derived from the registration the supervisor pushed with the pid.
+principal), the Istio attributes telemetry reports for the caller (``source_workload``,
+``source_app``, ...) and the labels and namespace routes match on, derived from the
+registration the supervisor pushed with the pid.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ import pytest
 from mesh.identity import CAKeyPair, create_root_ca, spiffe_id
 from proxy_core.mtls import Credentials
 from proxy_core.server import ProxyServer
+from proxy_core.snapshot import Snapshot, SourceMatch
+from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
 from tests.unit.conftest import Echo, cluster, closed_port, snapshot, vhost
 from tests.unit.test_compiler import FQDN, vs_doc
 from tests.unit.test_gateway_listener import bookinfo_gateway
@@ -190,3 +192,20 @@ async def test_tls_route_by_sni_and_source_namespace(env, ca) -> None:
     # The echo returns the ClientHello untouched, then "|<its name>".
     assert got == {"v2-client": ["main"], "baz-client": ["batch"], "app-only": ["main"], "anonymous": ["main"]}
     assert (batch.connections, main.connections) == (1, 3)
+
+
+# -- the snapshot's source conditions -----------------------------------------------------------
+
+def test_source_conditions_parse_and_reject_bad_input() -> None:
+    source = SourceMatch.from_dict({"source_labels": {"version": "v2", "app": "sleep"}, "source_namespace": "bar"})
+    assert source == SourceMatch((("app", "sleep"), ("version", "v2")), "bar")
+    assert SourceMatch.from_dict({"source_labels": {}}) is None and SourceMatch.from_dict({"uri": {}}) is None
+    _, v2 = SourceWorkload.from_push([1, WORKLOADS["v2-client"][0], {"service": "sleep", "namespace": "bar",
+                                                                     "labels": WORKLOADS["v2-client"][2]}])
+    _, bare = SourceWorkload.from_push([2, "spiffe://cluster.local/sa/x"])    # no namespace known
+    assert source.matches(v2) and not source.matches(bare) and not source.matches(UNIDENTIFIED)
+    assert not source.matches(None)
+    assert not SourceMatch((), "unknown").matches(bare)    # an unknown namespace matches no condition
+    with pytest.raises(ValueError, match="source_labels must be a map"):
+        Snapshot.from_dict(snapshot(vhosts=[vhost("svc", 80, [{"name": "r", "match": [{"source_labels": ["app"]}],
+                                                               "direct_response": {"status": 200}}])]))
