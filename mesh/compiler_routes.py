@@ -12,11 +12,15 @@ Scope for node proxies (the mesh "gateway"):
   wildcard before shorter, then (namespace, name) order.  Istio merges VirtualServices
   only for gateways and lets the oldest win for sidecars; raymesh stores no creation time,
   so (namespace, name) stands in for age.
-* ``sourceLabels`` / ``sourceNamespace`` cannot be evaluated: a node proxy serves every
-  client on its node and does not know which workload opened a connection.  A match that
-  uses them is dropped (treated as never matching, so traffic falls through to the next
-  rule rather than widening a rule meant for a few clients to everyone).  A rule whose
-  matches are all dropped is dropped.
+* ``sourceLabels`` / ``sourceNamespace`` become the match's ``source_labels`` /
+  ``source_namespace`` on every kind of rule (http, tcp, tls).  A node proxy serves every
+  client on its node, so it cannot read them off the connection as a sidecar knows its own
+  pod: it asks the kernel which local workload opened the connection
+  (``proxy_core.source_identity``) and tests that workload's registered labels and
+  namespace, only for hosts that have such a match.  A client it cannot identify matches no
+  source condition and falls through to the next rule.  At an ingress gateway listener the
+  source is the gateway itself (``GATEWAY_LABELS`` in ``istio-system``), as in Istio, where
+  such a match selects the gateway pods.  An empty ``sourceLabels`` map is no condition.
 * A match with ``port`` applies only to that port's virtual host.
 * ``corsPolicy`` becomes the route's ``cors`` on every kind of rule (Envoy's per-route CORS
   config); ``maxAge`` travels as whole seconds (validation rejects fractions, as Istio's does).
@@ -25,14 +29,13 @@ Scope for node proxies (the mesh "gateway"):
   explicit 0% drops the mirror.  Mirror clusters are named like any destination's.
 * ``tcp`` rules apply to ports whose protocol is TCP (``translate_tcp_routes``): a match's
   ``port`` selects the port as for http, ``destinationSubnets`` travel to the proxy (matched
-  against the VIP a client dialled), ``sourceLabels`` / ``sourceNamespace`` drop the match as
-  above.  As in Istio, a port whose rules have no catch-all gets the service's own cluster
+  against the VIP a client dialled), and so do the source conditions.  As in Istio, a port whose rules have no catch-all gets the service's own cluster
   as a last route, so a connection matching no rule still reaches the service.
 * ``fault.abort.grpcStatus`` becomes a trailers-only gRPC reply with that code (HTTP 200).
 * ``tls`` rules apply to ports whose protocol is TLS or HTTPS (``translate_tls_routes``), as
-  Envoy's SNI filter chains: a match's ``sniHosts`` (lower-cased; ``*.`` wildcards) and
-  ``destinationSubnets`` travel to the proxy, ``port`` selects the port, ``sourceLabels`` /
-  ``sourceNamespace`` drop the match.  The service's own cluster is the last route (Istio's
+  Envoy's SNI filter chains: a match's ``sniHosts`` (lower-cased; ``*.`` wildcards),
+  ``destinationSubnets`` and source conditions travel to the proxy, ``port`` selects the
+  port.  The service's own cluster is the last route (Istio's
   passthrough filter chain), so a name no rule claims still reaches the service.
 * ``delegate``, ``delay.exponentialDelay`` and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
@@ -159,14 +162,21 @@ def _translate_tls_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | No
 
 def _applies_to_port(m: Mapping[str, Any], port: int, scope: str = MESH, namespace: str = "") -> bool:
     """Whether a match (HTTP or L4) of a VirtualService in ``namespace`` can select traffic of
-    ``scope`` on ``port``: matches on the client's labels or namespace, for other gateways, or
-    for another port cannot."""
-    if m.get("sourceLabels") or m.get("sourceNamespace"):
-        return False
+    ``scope`` on ``port``: matches for other gateways or for another port cannot."""
     gateways = m.get("gateways")
     if gateways and scope not in {gateway_ref(str(g), namespace) for g in gateways}:
         return False
     return m.get("port") is None or int(m["port"]) == port
+
+
+def _source_conditions(m: Mapping[str, Any]) -> dict[str, Any]:
+    """``sourceLabels`` / ``sourceNamespace`` of any match kind, as the proxy tests them."""
+    out: dict[str, Any] = {}
+    if m.get("sourceLabels"):
+        out["source_labels"] = {str(k): str(v) for k, v in m["sourceLabels"].items()}
+    if m.get("sourceNamespace"):
+        out["source_namespace"] = str(m["sourceNamespace"])
+    return out
 
 
 def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
@@ -174,7 +184,7 @@ def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | Non
     if not _applies_to_port(m, port):
         return None
     subnets = [str(n) for n in m.get("destinationSubnets") or ()]
-    return {"destination_subnets": subnets} if subnets else {}
+    return {**({"destination_subnets": subnets} if subnets else {}), **_source_conditions(m)}
 
 
 def _translate_rule(vs: Resource, index: int, rule: Mapping[str, Any], port: int,
@@ -235,6 +245,7 @@ def _translate_match(m: Mapping[str, Any], port: int, scope: str, namespace: str
         out["port"] = int(m["port"])
     if m.get("ignoreUriCase"):
         out["ignore_uri_case"] = True
+    out.update(_source_conditions(m))
     return out
 
 

@@ -10,6 +10,7 @@ cdef class RequestInfo:
     cdef public object source_ip
     cdef public object generated_cookie
     cdef public object source_principal
+    cdef public object source
     cdef public object _path_only
     cdef public object _query
     cdef public object _host

@@ -8,6 +8,11 @@ by ``snapshot.py``; nothing here compiles or allocates per condition.
 Matching follows Istio's ``HTTPMatchRequest`` as translated to Envoy: the conditions of
 one match are AND-ed, a route's match list is OR-ed, and the first route that matches
 wins.  ``uri`` is compared with the path without its query string.
+
+``sourceLabels`` / ``sourceNamespace`` conditions test ``RequestInfo.source``, the workload
+that opened the connection.  Finding it costs a kernel socket lookup, so the proxy fills it
+in only for a virtual host that has such a condition (``VirtualHost.uses_source``); a
+request left without it (None) satisfies none of them, like an unidentified client.
 """
 from __future__ import annotations
 
@@ -53,10 +58,13 @@ class RequestInfo:
     because the client sent none (see ``lb.RingHashBalancer.hash_cookie_to_set``); hashing
     uses it in place of the absent cookie so the request lands where the client will be
     pinned from now on.
+
+    ``source`` is the ``SourceWorkload`` that opened the connection, set by the proxy before
+    matching only where a route tests it (``VirtualHost.uses_source``); None otherwise.
     """
 
     __slots__ = ("method", "path", "authority", "headers", "scheme", "port", "source_ip", "generated_cookie",
-                 "source_principal", "_path_only", "_query", "_host")
+                 "source_principal", "source", "_path_only", "_query", "_host")
 
     def __init__(self, method: str, path: str, authority: str, headers: Mapping[str, str], scheme: str = "http",
                  port: int = 0, source_ip: str = "", generated_cookie: str | None = None) -> None:
@@ -71,6 +79,7 @@ class RequestInfo:
         # The sending workload's principal (cluster.local/ns/NS/sa/SA), set by the proxy only
         # where a rate limit descriptor counts by it; None otherwise or when unidentified.
         self.source_principal: str | None = None
+        self.source: Any = None
         self._path_only: str | None = None
         self._query: dict[str, str] | None = None
         self._host: str | None = None
@@ -176,7 +185,8 @@ def match_request(m: Match, req: RequestInfo) -> bool:
         for name, sm in m.query_params:
             if not sm.matches(query.get(name)):
                 return False
-    return True
+    source = m.source
+    return source is None or source.matches(req.source)
 
 
 def _domain_key(domain: str, port: int | None) -> tuple[str, int | None]:

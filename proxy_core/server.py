@@ -811,6 +811,8 @@ class Exchange:
             else:
                 self._no_virtual_host()
             return
+        if vhost.uses_source:   # sourceLabels / sourceNamespace: who opened the connection
+            req.source = self.server.mtls.workload_of(conn)
         found = router.match_with(vhost, req)
         if found is None:
             self.local_reply(404, b"", flags.NR)

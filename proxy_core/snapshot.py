@@ -66,7 +66,8 @@ TLS_HOST (Istio VirtualService ``tls`` rules for one (host, port): routed by the
      "host": "web.default.svc.cluster.local", "port": 443,
      "routes": [{"name": "default/web/0",
                  "match": [{"sni_hosts": ["a.example.com", "*.example.org"],
-                            "destination_subnets": ["127.10.0.0/16"]}],   # OR of matches; AND inside
+                            "destination_subnets": ["127.10.0.0/16"],     # OR of matches; AND inside
+                            "source_labels": {"app": "batch"}, "source_namespace": "jobs"}],
                  "route": [{"cluster": "outbound|443|v1|web...", "weight": 100}],
                  "idle_timeout": 3600.0}]}
 
@@ -75,15 +76,18 @@ TCP_HOST (Istio VirtualService ``tcp`` rules for one (host, port), as Envoy tcp_
     {"name": "db.default.svc.cluster.local:5432",
      "host": "db.default.svc.cluster.local", "port": 5432,
      "routes": [{"name": "default/db/0",
-                 "match": [{"destination_subnets": ["127.10.0.0/16", "127.10.0.9"]}],  # OR; empty = any
+                 "match": [{"destination_subnets": ["127.10.0.0/16", "127.10.0.9"],   # OR; empty = any
+                            "source_labels": {"app": "batch"}, "source_namespace": "jobs"}],
                  "route": [{"cluster": "outbound|5432|v1|db...", "weight": 80}, ...],
                  "idle_timeout": 3600.0}]}    # seconds without bytes either way; 0 = none;
                                               # absent = 3600 (Envoy tcp_proxy's default in Istio)
 
 A connection to ``VIP:port`` takes the first route one of whose matches holds (a
-``destination_subnets`` entry contains the VIP address; a match without it holds always),
-then a destination by weight.  Port matches are resolved by the compiler (a route appears
-only under the port it matches); ``sourceLabels`` matches are dropped there, as for http.
+``destination_subnets`` entry contains the VIP address, the client workload carries every
+``source_labels`` pair and lives in ``source_namespace``; a match without a condition holds
+always), then a destination by weight.  Port matches are resolved by the compiler (a route
+appears only under the port it matches).  The client workload is looked up (``/proc``, see
+``proxy_core.source_identity``) only for a host one of whose matches has a source condition.
 
 ROUTE::
 
@@ -128,11 +132,18 @@ MATCH (Istio HTTPMatchRequest, snake_cased; STRING_MATCH is {"exact"|"prefix"|"r
     {"uri": STRING_MATCH, "scheme": STRING_MATCH, "method": STRING_MATCH,
      "authority": STRING_MATCH, "headers": {"end-user": STRING_MATCH},
      "without_headers": {"x-debug": STRING_MATCH}, "query_params": {"u": STRING_MATCH},
-     "port": 9080, "ignore_uri_case": false}
+     "port": 9080, "ignore_uri_case": false,
+     "source_labels": {"app": "reviews", "version": "v2"},   # Istio sourceLabels: all must be present
+     "source_namespace": "default"}                          # Istio sourceNamespace
 
 Header names are lower case.  An empty STRING_MATCH ``{}`` in ``headers`` means "present";
 in ``without_headers`` it means "absent".  Regexes are RE2 syntax, full matches, as Envoy reads
 them (so the same snapshot can be served over xDS); ``re2_to_python`` adapts them once here.
+``source_labels`` / ``source_namespace`` (on MATCH, TCP and TLS matches alike) hold for the
+workload that opened the downstream connection, as the node proxy identifies it (a local
+client's registration; at an ingress gateway listener the gateway itself, whose labels and
+namespace GATEWAY names).  A client the proxy cannot identify has no labels and no known
+namespace, so it satisfies no source condition and falls through to the next route.
 
 HEADER_OPS::
 
@@ -220,6 +231,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from proxy_core.source_identity import UNKNOWN, SourceWorkload
 from proxy_core.telemetry_policy import TelemetrySettings
 
 # -- RE2 (Envoy) syntax to Python -------------------------------------------------------------
@@ -315,6 +327,43 @@ class Headers:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceMatch:
+    """Istio ``sourceLabels`` / ``sourceNamespace``: conditions on the client workload.
+
+    ``source`` is the ``SourceWorkload`` that opened the connection, or None when nobody
+    looked it up.  A namespace the proxy does not know (``unknown``) matches no condition.
+    """
+
+    labels: tuple[tuple[str, str], ...] = ()
+    namespace: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SourceMatch | None":
+        """The source conditions of a match dict, or None when it has none."""
+        labels = d.get("source_labels") or {}
+        namespace = d.get("source_namespace")
+        if not isinstance(labels, Mapping):
+            raise ValueError(f"source_labels must be a map of label to value, not {labels!r}")
+        if not labels and not namespace:
+            return None
+        return cls(tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+                   str(namespace) if namespace else None)
+
+    def matches(self, source: SourceWorkload | None) -> bool:
+        if source is None:
+            return False
+        namespace = self.namespace
+        if namespace is not None and (source.namespace != namespace or namespace == UNKNOWN):
+            return False
+        have = source.labels
+        return all(pair in have for pair in self.labels)
+
+
+def _uses_source(matches: Any) -> bool:
+    return any(m.source is not None for m in matches)
+
+
+@dataclass(frozen=True, slots=True)
 class Match:
     uri: StringMatch | None = None
     scheme: StringMatch | None = None
@@ -325,6 +374,7 @@ class Match:
     query_params: tuple[tuple[str, StringMatch], ...] = ()
     port: int | None = None
     ignore_uri_case: bool = False
+    source: SourceMatch | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Match":
@@ -338,7 +388,7 @@ class Match:
         return cls(uri=sm("uri"), scheme=sm("scheme"), method=sm("method"), authority=sm("authority"),
                    headers=smap("headers"), without_headers=smap("without_headers"),
                    query_params=smap("query_params"), port=d.get("port"),
-                   ignore_uri_case=bool(d.get("ignore_uri_case", False)))
+                   ignore_uri_case=bool(d.get("ignore_uri_case", False)), source=SourceMatch.from_dict(d))
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,12 +539,14 @@ class VirtualHost:
     port: int | None
     domains: frozenset[str]
     routes: tuple[Route, ...]
+    uses_source: bool = False   # a match tests the client workload: the proxy must look it up first
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "VirtualHost":
+        routes = tuple(Route.from_dict(r) for r in d.get("routes") or ())
         return cls(name=d.get("name", d.get("host", "")), host=d.get("host", ""), port=d.get("port"),
-                   domains=frozenset(x.lower() for x in d.get("domains") or ()),
-                   routes=tuple(Route.from_dict(r) for r in d.get("routes") or ()))
+                   domains=frozenset(x.lower() for x in d.get("domains") or ()), routes=routes,
+                   uses_source=any(_uses_source(r.matches) for r in routes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,17 +808,34 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_TCP_IDLE_TIMEOUT = 3600.0   # Envoy tcp_proxy's idle timeout as Istio sets it (1 hour)
 
 
+def _in_subnets(address: str, subnets: tuple[IpNetwork, ...]) -> bool:
+    """True when ``subnets`` is empty or one of them contains ``address``."""
+    if not subnets:
+        return True
+    ip = ipaddress.ip_address(address)
+    return any(ip in net for net in subnets)
+
+
+def _subnets(d: Mapping[str, Any]) -> tuple[IpNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in d.get("destination_subnets") or ())
+
+
 @dataclass(frozen=True, slots=True)
 class TcpMatch:
-    """Istio L4MatchAttributes left for the proxy: the destination (VIP) address's subnets."""
+    """Istio L4MatchAttributes left for the proxy: the destination (VIP) address's subnets and
+    the client workload's labels and namespace."""
 
     destination_subnets: tuple[IpNetwork, ...] = ()
+    source: SourceMatch | None = None
 
-    def matches(self, address: str) -> bool:
-        if not self.destination_subnets:
-            return True
-        ip = ipaddress.ip_address(address)
-        return any(ip in net for net in self.destination_subnets)
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TcpMatch":
+        return cls(_subnets(d), SourceMatch.from_dict(d))
+
+    def matches(self, address: str, source: SourceWorkload | None = None) -> bool:
+        if self.source is not None and not self.source.matches(source):
+            return False
+        return _in_subnets(address, self.destination_subnets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,14 +853,12 @@ class TcpRoute:
         clusters = tuple(WeightedCluster(c["cluster"], int(c.get("weight", 100))) for c in d.get("route") or ())
         idle = float(d.get("idle_timeout", DEFAULT_TCP_IDLE_TIMEOUT))
         return cls(name=d.get("name", ""),
-                   matches=tuple(TcpMatch(tuple(ipaddress.ip_network(n, strict=False)
-                                                for n in m.get("destination_subnets") or ()))
-                                 for m in d.get("match") or ()),
+                   matches=tuple(TcpMatch.from_dict(m) for m in d.get("match") or ()),
                    clusters=clusters, total_weight=sum(c.weight for c in clusters),
                    idle_timeout=idle if idle > 0 else None)
 
-    def matches_address(self, address: str) -> bool:
-        return not self.matches or any(m.matches(address) for m in self.matches)
+    def matches_address(self, address: str, source: SourceWorkload | None = None) -> bool:
+        return not self.matches or any(m.matches(address, source) for m in self.matches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -802,15 +869,18 @@ class TcpHost:
     host: str
     port: int
     routes: tuple[TcpRoute, ...]
+    uses_source: bool = False   # a match tests the client workload: the proxy must look it up first
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TcpHost":
+        routes = tuple(TcpRoute.from_dict(r) for r in d.get("routes") or ())
         return cls(name=d.get("name", f"{d['host']}:{d['port']}"), host=d["host"], port=int(d["port"]),
-                   routes=tuple(TcpRoute.from_dict(r) for r in d.get("routes") or ()))
+                   routes=routes, uses_source=any(_uses_source(r.matches) for r in routes))
 
-    def route_for(self, address: str) -> TcpRoute | None:
-        """The first route matching a connection to ``address`` (Envoy: filter chain match)."""
-        return next((r for r in self.routes if r.matches_address(address)), None)
+    def route_for(self, address: str, source: SourceWorkload | None = None) -> TcpRoute | None:
+        """The first route matching a connection to ``address`` from ``source`` (the client
+        workload, None when not looked up) (Envoy: filter chain match)."""
+        return next((r for r in self.routes if r.matches_address(address, source)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -819,11 +889,18 @@ class TlsMatch:
 
     sni_hosts: tuple[str, ...] = ()
     destination_subnets: tuple[IpNetwork, ...] = ()
+    source: SourceMatch | None = None
 
-    def matches(self, sni: str | None, address: str) -> bool:
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TlsMatch":
+        return cls(tuple(str(h).lower() for h in d.get("sni_hosts") or ()), _subnets(d), SourceMatch.from_dict(d))
+
+    def matches(self, sni: str | None, address: str, source: SourceWorkload | None = None) -> bool:
         if self.sni_hosts and (sni is None or not any(_sni_matches(h, sni) for h in self.sni_hosts)):
             return False
-        return TcpMatch(self.destination_subnets).matches(address)
+        if self.source is not None and not self.source.matches(source):
+            return False
+        return _in_subnets(address, self.destination_subnets)
 
 
 def _sni_matches(pattern: str, sni: str) -> bool:
@@ -848,9 +925,7 @@ class TlsRoute:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TlsRoute":
         base = TcpRoute.from_dict(d)
-        matches = tuple(TlsMatch(tuple(str(h).lower() for h in m.get("sni_hosts") or ()),
-                                 tuple(ipaddress.ip_network(n, strict=False) for n in m.get("destination_subnets") or ()))
-                        for m in d.get("match") or ())
+        matches = tuple(TlsMatch.from_dict(m) for m in d.get("match") or ())
         return cls(base.name, matches, base.clusters, base.total_weight, base.idle_timeout)
 
 
@@ -862,17 +937,20 @@ class TlsHost:
     host: str
     port: int
     routes: tuple[TlsRoute, ...]
+    uses_source: bool = False   # a match tests the client workload: the proxy must look it up first
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TlsHost":
+        routes = tuple(TlsRoute.from_dict(r) for r in d.get("routes") or ())
         return cls(name=d.get("name", f"{d['host']}:{d['port']}"), host=d["host"], port=int(d["port"]),
-                   routes=tuple(TlsRoute.from_dict(r) for r in d.get("routes") or ()))
+                   routes=routes, uses_source=any(_uses_source(r.matches) for r in routes))
 
-    def route_for(self, sni: str | None, address: str) -> TlsRoute | None:
-        """The first route one of whose matches holds for ``sni`` on a connection to ``address``."""
+    def route_for(self, sni: str | None, address: str, source: SourceWorkload | None = None) -> TlsRoute | None:
+        """The first route one of whose matches holds for ``sni`` on a connection to ``address``
+        from ``source`` (the client workload, None when not looked up)."""
         name = sni.lower() if sni is not None else None
-        return next((r for r in self.routes if not r.matches or any(m.matches(name, address) for m in r.matches)),
-                    None)
+        return next((r for r in self.routes
+                     if not r.matches or any(m.matches(name, address, source) for m in r.matches)), None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,13 @@ is found by a scan of ``/proc`` and its ancestry.  The proxy runs as the same us
 Ray workers, so their descriptors are readable; others' are not, and stay unknown.
 The answer is cached per connection by the caller; the lookup costs well under a millisecond
 for a few dozen processes and happens once per downstream connection that needs it (a tunnel
-to another node, a destination with AuthorizationPolicies, telemetry).
+to another node, a destination with AuthorizationPolicies, telemetry, a VirtualService
+match on ``sourceLabels`` / ``sourceNamespace``).
 
 The answer is a ``SourceWorkload``: the SPIFFE id (mTLS, AuthorizationPolicy's source
-principal) and the Istio attributes telemetry reports for the caller (``source_workload``,
-``source_app``, ...), derived from the registration the supervisor pushed with the pid.
+principal), the Istio attributes telemetry reports for the caller (``source_workload``,
+``source_app``, ...) and the labels and namespace routes match on, derived from the
+registration the supervisor pushed with the pid.
 """
 from __future__ import annotations
 
@@ -41,8 +43,11 @@ class SourceWorkload:
     """A local workload process as a client: who it is, as policies and telemetry name it.
 
     ``spiffe_id`` is "" for a client the proxy cannot identify (``UNIDENTIFIED``); the other
-    fields then keep Istio's values for an unknown peer.  Compared and hashed by identity:
-    one object per pushed pid, and telemetry keys its rows by it on every request.
+    fields then keep Istio's values for an unknown peer.  ``labels`` are the registration's
+    labels as sorted (key, value) pairs and ``namespace`` its namespace: what VirtualService
+    ``sourceLabels`` / ``sourceNamespace`` matches test (``proxy_core.snapshot.SourceMatch``).
+    Compared and hashed by identity: one object per pushed pid, and telemetry keys its rows
+    by it on every request.
     """
 
     spiffe_id: str
@@ -52,6 +57,7 @@ class SourceWorkload:
     version: str = UNKNOWN
     canonical_service: str = UNKNOWN
     canonical_revision: str = "latest"
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def principal(self) -> str:
@@ -68,7 +74,8 @@ class SourceWorkload:
         return cls(spiffe_id, workload=(f"{base}-{version}" if version else base) or UNKNOWN,
                    namespace=namespace or UNKNOWN, app=app or UNKNOWN, version=version or UNKNOWN,
                    canonical_service=labels.get(_CANONICAL_NAME) or base or UNKNOWN,
-                   canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest")
+                   canonical_revision=labels.get(_CANONICAL_REVISION) or version or "latest",
+                   labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())))
 
     @classmethod
     def from_push(cls, item: Any) -> tuple[int, "SourceWorkload"]:

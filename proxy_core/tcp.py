@@ -3,8 +3,9 @@
 Envoy's ``tcp_proxy`` network filter, as Istio configures it for a TCP service port.  A
 connection accepted on ``VIP:port`` goes, without parsing a byte, through::
 
-    tcp route (first match on the VIP address) -> destination by weight -> endpoint by the
-      cluster's load balancer -> dial (direct, or the peer node's inbound tunnel) -> splice
+    tcp route (first match on the VIP address, and on the client workload where a rule asks)
+      -> destination by weight -> endpoint by the cluster's load balancer
+      -> dial (direct, or the peer node's inbound tunnel) -> splice
 
 The downstream side does not read until the upstream is connected, so early bytes wait in
 the kernel instead of a Python buffer.  Once connected, two ``Pipe`` halves copy bytes with
@@ -216,7 +217,14 @@ class TcpSession(_Half):
 
     def _select_route(self, vip: Vip) -> TcpRoute | TlsRoute | None:
         tcp_host = self.owner.state.snapshot.tcp_routes.get((vip.host, vip.port))
-        return tcp_host.route_for(vip.address) if tcp_host is not None else None
+        if tcp_host is None:
+            return None
+        return tcp_host.route_for(vip.address, self._source_if(tcp_host.uses_source))
+
+    def _source_if(self, needed: bool) -> SourceWorkload | None:
+        """The client workload when a route tests it (``sourceLabels``), else None: the
+        lookup is a kernel query the common case does without."""
+        return self.owner.mtls.workload_of(self) if needed else None
 
     def _route(self) -> None:
         vip = self.listener.vip
@@ -414,7 +422,9 @@ class TlsSession(TcpSession):
 
     def _select_route(self, vip: Vip) -> TlsRoute | None:
         tls_host = self.owner.state.snapshot.tls_routes.get((vip.host, vip.port))
-        return tls_host.route_for(self.sni, vip.address) if tls_host is not None else None
+        if tls_host is None:
+            return None
+        return tls_host.route_for(self.sni, vip.address, self._source_if(tls_host.uses_source))
 
     def _finish(self) -> None:
         if self.hello_timer is not None:

@@ -17,6 +17,7 @@ from mesh.resources import Resource
 from mesh.validation import validate_documents
 from proxy_core.router import RequestInfo, Router
 from proxy_core.snapshot import Snapshot
+from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
 
 # -- Istio's bookinfo samples (samples/bookinfo/networking), verbatim minus license headers ---
 
@@ -626,16 +627,24 @@ def test_gateway_binding_and_match_gateways() -> None:
     assert names == ["default/reviews/1", "default/reviews/2"]
 
 
-def test_source_label_matches_are_dropped() -> None:
+def test_source_label_and_namespace_matches_translate_for_the_proxy() -> None:
     vs = vs_doc("ratings", [
         {"match": [{"sourceLabels": {"app": "reviews", "version": "v2"}}],
          "route": [{"destination": {"host": "ratings", "subset": "v2"}}]},
         {"match": [{"sourceNamespace": "other"}, {"headers": {"end-user": {"exact": "jason"}}}],
          "route": [{"destination": {"host": "ratings", "subset": "v2-mysql"}}]},
-        {"route": [{"destination": {"host": "ratings", "subset": "v1"}}]}])
-    routes = vhost(compile_checked(load(DESTINATION_RULE_ALL) + [vs]), FQDN("ratings"))["routes"]
-    assert [r["name"] for r in routes] == ["default/ratings/1", "default/ratings/2"]
-    assert routes[0]["match"] == [{"headers": {"end-user": {"exact": "jason"}}}]
+        {"match": [{"sourceLabels": {}}], "route": [{"destination": {"host": "ratings", "subset": "v1"}}]}])
+    snap = compile_checked(load(DESTINATION_RULE_ALL) + [vs])
+    routes = vhost(snap, FQDN("ratings"))["routes"]
+    assert [r["name"] for r in routes] == ["default/ratings/0", "default/ratings/1", "default/ratings/2"]
+    assert routes[0]["match"] == [{"source_labels": {"app": "reviews", "version": "v2"}}]
+    assert routes[1]["match"] == [{"source_namespace": "other"}, {"headers": {"end-user": {"exact": "jason"}}}]
+    assert routes[2]["match"] == [{}]      # an empty sourceLabels map is no condition
+    parsed = next(v for v in Snapshot.from_dict(snap).virtual_hosts if v.host == FQDN("ratings"))
+    assert parsed.uses_source and parsed.routes[0].matches[0].source is not None
+    assert parsed.routes[0].matches[0].source.labels == (("app", "reviews"), ("version", "v2"))
+    assert parsed.routes[1].matches[0].source.namespace == "other"
+    assert not next(v for v in Snapshot.from_dict(snap).virtual_hosts if v.host == FQDN("reviews")).uses_source
 
 
 def test_virtual_service_precedence_and_host_resolution() -> None:
@@ -1146,7 +1155,7 @@ metadata: {name: pg}
 spec:
   hosts: [pg.internal]
   tcp:
-  - match: [{port: 5432, sourceLabels: {app: batch}}]
+  - match: [{port: 5432, sourceLabels: {app: batch}, sourceNamespace: jobs}]
     route: [{destination: {host: pg.internal, subset: v2}}]
   - match: [{port: 5432, destinationSubnets: [127.20.0.0/16]}]
     route:
@@ -1167,8 +1176,11 @@ def test_tcp_rules_translate_with_subnets_weights_idle_timeout_and_default() -> 
     snap = compile_checked(load(TCP_MESH))
     assert {"address": "127.20.0.5", "port": 5432, "host": "pg.internal", "protocol": "tcp"} in snap["vips"]
     assert [t["port"] for t in snap["tcp_routes"] if t["host"] == "pg.internal"] == [5432]  # not the HTTP port
-    split, fallback = _tcp_host(snap, "pg.internal", 5432)["routes"]
-    # sourceLabels dropped the first rule; the 6000 rule belongs to another port.
+    batch, split, fallback = _tcp_host(snap, "pg.internal", 5432)["routes"]
+    assert batch == {"name": "default/pg/0", "match": [{"source_labels": {"app": "batch"},
+                                                        "source_namespace": "jobs"}],
+                     "route": [{"cluster": "outbound|5432|v2|pg.internal", "weight": 100}], "idle_timeout": 0.0}
+    # The 6000 rule belongs to another port.
     assert split == {"name": "default/pg/1", "match": [{"destination_subnets": ["127.20.0.0/16"]}],
                      "route": [{"cluster": "outbound|5432|v1|pg.internal", "weight": 75},
                                {"cluster": "outbound|5432|v2|pg.internal", "weight": 25}],
@@ -1178,9 +1190,16 @@ def test_tcp_rules_translate_with_subnets_weights_idle_timeout_and_default() -> 
                                                                     "weight": 100}], "idle_timeout": 90.0}
     assert [e["port"] for e in snap["clusters"]["outbound|5432|v2|pg.internal"]["endpoints"]] == [45002]
     parsed = Snapshot.from_dict(snap).tcp_routes[("pg.internal", 5432)]
-    assert parsed.route_for("127.20.0.5") is parsed.routes[0]
-    assert parsed.route_for("127.30.0.1") is parsed.routes[1]
-    assert parsed.routes[0].total_weight == 100 and parsed.routes[0].idle_timeout == 90.0
+    assert parsed.uses_source
+    # Without a client workload (or an unidentified one) the source rule never holds.
+    assert parsed.route_for("127.20.0.5") is parsed.routes[1]
+    assert parsed.route_for("127.30.0.1") is parsed.routes[2]
+    batch_job = SourceWorkload.registered("spiffe://cluster.local/ns/jobs/sa/b", "batch", "jobs", {"app": "batch"})
+    elsewhere = SourceWorkload.registered("spiffe://cluster.local/ns/default/sa/b", "batch", "default", {"app": "batch"})
+    assert parsed.route_for("127.30.0.1", batch_job) is parsed.routes[0]
+    assert parsed.route_for("127.20.0.5", elsewhere) is parsed.routes[1]
+    assert parsed.route_for("127.20.0.5", UNIDENTIFIED) is parsed.routes[1]
+    assert parsed.routes[1].total_weight == 100 and parsed.routes[1].idle_timeout == 90.0
 
 
 def test_tcp_catch_all_rule_replaces_default_and_zero_idle_timeout_disables() -> None:

@@ -18,6 +18,8 @@ from mesh.registry import NodeInfo, RegistryState
 from mesh.validation import to_resources
 from proxy_core.sni import NEED_MORE, NOT_TLS, ClientHello, read_client_hello
 from proxy_core.server import ProxyServer
+from proxy_core.snapshot import Snapshot
+from proxy_core.source_identity import UNIDENTIFIED, SourceWorkload
 from tests.unit.conftest import Echo, closed_port, cluster, snapshot
 
 pytestmark = pytest.mark.timeout(60)
@@ -294,10 +296,20 @@ spec:
     assert sorted(by_port) == [443, 8443]                 # not the HTTP port
     assert by_port[443]["routes"] == [
         {"name": "default/web/0", "match": [{"sni_hosts": ["a.web.example.com"],
-                                             "destination_subnets": ["127.10.0.0/16"]}],
+                                             "destination_subnets": ["127.10.0.0/16"]},
+                                            {"sni_hosts": ["b.web.example.com"], "source_labels": {"app": "x"}}],
          "route": [{"cluster": "outbound|443|a|web.example.com", "weight": 80},
                    {"cluster": "outbound|443|b|web.example.com", "weight": 20}], "idle_timeout": 30.0},
         {"name": "default", "match": [], "route": [{"cluster": "outbound|443||web.example.com", "weight": 100}],
          "idle_timeout": 30.0}]
-    assert [r["name"] for r in by_port[8443]["routes"]] == ["default/web/1", "default"]
-    assert by_port[8443]["routes"][0]["match"] == [{"sni_hosts": ["*.web.example.com"]}]
+    # The portless source match of rule 0 applies to 8443 as well.
+    assert [r["name"] for r in by_port[8443]["routes"]] == ["default/web/0", "default/web/1", "default"]
+    assert by_port[8443]["routes"][0]["match"] == [{"sni_hosts": ["b.web.example.com"], "source_labels": {"app": "x"}}]
+    assert by_port[8443]["routes"][1]["match"] == [{"sni_hosts": ["*.web.example.com"]}]
+    # The source condition holds only for a client workload labelled app=x.
+    tls_host = Snapshot.from_dict(snap).tls_routes[("web.example.com", 443)]
+    x = SourceWorkload.registered("spiffe://cluster.local/ns/default/sa/x", "x", "default", {"app": "x"})
+    assert tls_host.uses_source
+    assert tls_host.route_for("b.web.example.com", "127.30.0.1", x) is tls_host.routes[0]
+    assert tls_host.route_for("b.web.example.com", "127.30.0.1", UNIDENTIFIED) is tls_host.routes[1]
+    assert tls_host.route_for("b.web.example.com", "127.30.0.1") is tls_host.routes[1]
