@@ -80,6 +80,9 @@ class DownstreamStream:
         http.peer, http.peer_ip, http.peer_ip_bytes = conn.peer, conn.peer_ip, conn.peer_ip_bytes
         http.peer_principal = conn.peer_principal
         http.h2_stream = self
+        if conn.source is None and conn.server.mtls.sources.pids:
+            conn.server.mtls.workload_of(conn)   # once per connection, not once per stream
+        http.source = conn.source
 
     # the request, from the client
 
@@ -331,6 +334,7 @@ class H2ServerConnection(FrameWriter):
         self.peer_ip = ""
         self.peer_ip_bytes = b""
         self.peer_principal: str | None = None
+        self.source: Any = None   # the local workload that opened the connection, found once for all its streams
         self.goaway = False
         self.write_blocked = False
         self.loop = asyncio.get_running_loop()
@@ -354,6 +358,7 @@ class H2ServerConnection(FrameWriter):
         server = self.server
         if server.peer_identity is not None:
             self.peer_principal = server.peer_identity(transport)
+        server.mtls.accepted(self)   # the local workload that opened it, while its socket surely exists
         server._connections.add(self)
         c = server.counters
         c.active_connections += 1

@@ -141,6 +141,25 @@ async def test_http_source_is_looked_up_only_for_hosts_with_a_source_match(env) 
     assert p.mtls.sources.lookups == 1 and p.mtls.sources.unknown == 1
 
 
+async def test_http2_streams_share_their_connection_s_lookup(env, ca) -> None:
+    """Six requests on one HTTP/2 connection (h2load, two streams at a time): one kernel lookup
+    for the connection, and every stream routed by its client's labels."""
+    vip = "127.79.0.9"
+    ups = {name: await env.upstream(name=name) for name in ("v1", "v2", "baz")}
+    p = await env.proxy(snapshot(vips=[{"address": vip, "port": 0, "host": "svc", "protocol": "http2"}],
+                                 vhosts=[vhost("svc", 0, HTTP_ROUTES)],
+                                 clusters={name: cluster(up.port) for name, up in ups.items()}))
+    # the shell waits for "go" then becomes h2load (exec keeps the pid the push names)
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", 'read _ && exec h2load -n 6 -c 1 -m 2 "$1"', "sh", f"http://{vip}:{p.vip_ports()[f'{vip}:0']}/",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    push(p, ca, {"v2-client": Client(proc)})
+    out, _ = await asyncio.wait_for(proc.communicate(b"go\n"), 20)
+    assert "6 succeeded" in out.decode(), out.decode()
+    assert (len(ups["v2"].seen), len(ups["v1"].seen)) == (6, 0)
+    assert p.mtls.sources.lookups == 1
+
+
 async def test_gateway_listener_source_is_the_gateway_itself(env) -> None:
     v1, v2 = await env.upstream(name="reviews-v1"), await env.upstream(name="reviews-v2")
     port = closed_port()
