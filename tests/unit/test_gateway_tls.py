@@ -8,6 +8,7 @@ compiled from Gateway and VirtualService resources, so compiler and proxy are te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import socket
@@ -20,7 +21,8 @@ import pytest
 from mesh.compiler import compile_snapshot
 from mesh.resources import Resource
 from proxy_core.accesslog import AccessLog
-from proxy_core.gateway_tls import NO_FILTER_CHAIN, SAN_MISMATCH
+from proxy_core.gateway_tls import NO_FILTER_CHAIN, SAN_MISMATCH, GatewayTlsError, build_chains, server_context
+from proxy_core.snapshot import GatewayListener, GatewayTls
 from tests.unit.conftest import closed_port
 from tests.unit.test_compiler import DESTINATION_RULE_ALL, FQDN, NODE_A, load, vs_doc
 from tests.unit.test_compiler_gateways import gateway_doc, gateway_registry
@@ -270,3 +272,42 @@ async def test_a_port_turning_from_http_to_https_serves_tls_on_the_same_socket(e
                                    f"https://shop.example.com:{port}/productpage")
     assert status == 200, err
     assert (await curl(f"http://127.0.0.1:{port}/productpage"))[0] == 0   # plaintext: no filter chain
+
+
+def test_sni_picks_the_exact_name_then_the_longest_wildcard_then_the_server_for_any_name(pki) -> None:
+    cert = pki.issue("any", "any", ["any.example.com"])
+    tls = {"mode": "SIMPLE", "server_certificate": cert[0], "private_key": cert[1]}
+    listener = GatewayListener.from_dict({"name": "gw:443", "port": 443, "servers": [
+        {"name": name, "server_names": names, "tls": tls} for name, names in (
+            ("exact", ["a.example.com"]), ("short", ["*.example.com"]), ("long", ["*.b.example.com", "*.c.d"]),
+            ("any", []), ("later-any", []), ("dup", ["a.example.com"]))]})
+    chains = build_chains(listener, lambda srv: srv.name)
+    picks = {sni: chains.choose(sni).listener for sni in (  # type: ignore[union-attr]
+        "a.example.com", "A.Example.COM.", "x.example.com", "x.b.example.com", "b.example.com", "y.x.c.d",
+        "example.com", "c.d", None, "")}
+    assert picks == {"a.example.com": "exact", "A.Example.COM.": "exact", "x.example.com": "short",
+                     "x.b.example.com": "long", "b.example.com": "short", "y.x.c.d": "long",
+                     "example.com": "any", "c.d": "any", None: "any", "": "any"}
+    without_any = GatewayListener.from_dict({"name": "gw:443", "port": 443, "servers": [
+        {"name": "exact", "server_names": ["a.example.com"], "tls": tls}]})
+    assert build_chains(without_any, lambda srv: srv.name).choose("b.example.com") is None
+
+
+def test_snapshot_refuses_tls_settings_it_cannot_serve() -> None:
+    base = {"mode": "SIMPLE", "server_certificate": "/c", "private_key": "/k"}
+    for bad, message in (({"mode": "PASSTHROUGH"}, "gateway tls mode 'PASSTHROUGH'"),
+                         ({"mode": "MUTUAL"}, "MUTUAL needs ca_certificates"),
+                         ({"min_protocol_version": "SSLV3"}, "min_protocol_version 'SSLV3'")):
+        with pytest.raises(ValueError, match=message):
+            GatewayTls.from_dict({**base, **bad})
+
+
+def test_bad_cipher_suites_and_ca_files_name_the_field(pki) -> None:
+    cert = pki.issue("shop", "shop", ["shop.example.com"])
+    simple = GatewayTls.from_dict({"mode": "SIMPLE", "server_certificate": cert[0], "private_key": cert[1]})
+    with pytest.raises(GatewayTlsError, match=r"^cipherSuites \['NO-SUCH-CIPHER'\]: "):
+        server_context(dataclasses.replace(simple, cipher_suites=("NO-SUCH-CIPHER",)))
+    with pytest.raises(GatewayTlsError, match=rf"^caCertificates {cert[1]}: no certificate in it"):
+        server_context(dataclasses.replace(simple, mode="MUTUAL", ca_certificates=cert[1]))
+    with pytest.raises(GatewayTlsError, match=r"^privateKey /nowhere/key.pem: No such file or directory$"):
+        server_context(dataclasses.replace(simple, private_key="/nowhere/key.pem"))
