@@ -107,7 +107,8 @@ def _unserved(server: Mapping[str, Any]) -> tuple[str, str] | None:
     if tls.get("credentialName") or tls.get("credentialNames"):
         field = "credentialName" if tls.get("credentialName") else "credentialNames"
         return (f"tls.{field}", f"{field} names a Kubernetes Secret, which raymesh does not have: give "
-                                "serverCertificate and privateKey (files on the gateway node); this server is not served")
+                                "serverCertificate and privateKey (files on the gateway node); "
+                                "this server is not served")
     mode = str(tls.get("mode") or "PASSTHROUGH")
     if mode not in SERVED_TLS_MODES:
         return ("tls.mode", f"{mode} HTTPS gateway servers are not served yet (served: {', '.join(SERVED_TLS_MODES)})")

@@ -256,7 +256,8 @@ def test_https_servers_are_filter_chains_with_their_own_tls_and_virtual_hosts() 
                     "minProtocolVersion": "TLSV1_3", "cipherSuites": ["ECDHE-RSA-AES256-GCM-SHA384"]}}
     api = {"port": {"number": 443, "name": "https-api", "protocol": "HTTPS"}, "hosts": ["*.example.org", "*"],
            "tls": {"mode": "MUTUAL", "serverCertificate": "/api.pem", "privateKey": "/api-key.pem",
-                   "caCertificates": "/ca.pem", "subjectAltNames": ["spiffe://client"], "maxProtocolVersion": "TLS_AUTO"}}
+                   "caCertificates": "/ca.pem", "subjectAltNames": ["spiffe://client"],
+                   "maxProtocolVersion": "TLS_AUTO"}}
     gw = gateway_doc("gw", [shop, api])
     to_productpage = vs_doc("shop", [{"route": [{"destination": {"host": "productpage"}}]}],
                             hosts=["shop.example.com"], gateways=["gw"])

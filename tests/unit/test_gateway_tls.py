@@ -211,8 +211,8 @@ async def test_mutual_subject_alt_names_and_tls_versions(env, pki) -> None:
 async def test_https_redirect_answers_301_to_https_keeping_path_and_query(env, pki) -> None:
     up = await env.upstream(name="productpage")
     port = closed_port()
-    plain = {"port": {"number": port, "name": "http", "protocol": "HTTP"}, "hosts": ["shop.example.com", "*.example.org"],
-             "tls": {"httpsRedirect": True}}
+    plain = {"port": {"number": port, "name": "http", "protocol": "HTTP"},
+             "hosts": ["shop.example.com", "*.example.org"], "tls": {"httpsRedirect": True}}
     await env.proxy(gateway_snapshot([plain], {PRODUCTPAGE: up.port}, to("productpage", "shop.example.com")))
     for host in ("shop.example.com", "v1.example.org"):   # bound by a VirtualService, or only a server host
         status, headers, _, err = await curl(*resolve(host, port), f"http://{host}:{port}/productpage?a=1&b=2")
