@@ -24,12 +24,26 @@ gateway listener ``0.0.0.0_<port>`` with route configuration ``http.<port>``:
 * A request whose Host no domain of its port names gets 404 with flag NR, as from Envoy.
 
 Servers whose protocol is HTTP, HTTP2, GRPC or GRPC-WEB are served (the listener accepts
-HTTP/1.1 and h2c on each).  Other servers (HTTPS, TLS, TCP, ...) are not served yet: they
-are valid Istio configuration, so Galley accepts them but answers the apply with a warning
-naming the field (``unserved_servers``; ``meshctl apply`` prints it), and they open no port.  When two
-Gateways put different protocols on one port, the first in (namespace, name) order keeps
-it.  A server's ``bind`` is not honoured: every listener binds the install's gateway
-address.
+HTTP/1.1 and h2c on each), and so are HTTPS servers whose ``tls.mode`` is SIMPLE, MUTUAL
+or OPTIONAL_MUTUAL with certificate files (``serverCertificate``, ``privateKey``,
+``caCertificates``: paths on the gateway node):
+
+* An HTTP server with ``tls.httpsRedirect`` makes every virtual host it contributes to
+  answer 301 to ``https://`` (Envoy's ``require_tls: ALL``); its hosts without a bound
+  VirtualService get such a virtual host too, as Istio builds them.
+* Each HTTPS server of a port is its own TLS filter chain, as in Envoy: the listener's
+  ``servers`` keep them apart, each with its SNI names (its hosts without namespace; one
+  ``*`` host = any name), its TLS settings and its own virtual hosts (Istio's route
+  configuration ``https.<port>.<port name>.<gateway>.<namespace>``).  The proxy picks one
+  per connection by SNI (``proxy_core.gateway_tls``).
+
+Other servers are not served: TLS, TCP and the rest, and HTTPS with PASSTHROUGH,
+AUTO_PASSTHROUGH or ISTIO_MUTUAL, or with ``credentialName`` (a Kubernetes Secret, which
+raymesh does not have).  They are valid Istio configuration, so Galley accepts them but
+answers the apply with a warning naming the field (``unserved_servers``; ``meshctl apply``
+prints it), and they open no port.  When two Gateways put different protocols on one port,
+the first in (namespace, name) order keeps it.  A server's ``bind`` is not honoured: every
+listener binds the install's gateway address.
 """
 from __future__ import annotations
 
@@ -44,10 +58,11 @@ GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
 GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 GATEWAY_WORKLOAD = "istio-ingressgateway"
-SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
+SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS")
+SERVED_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
 
 __all__ = ["compile_gateway_listeners", "gateway_identity", "server_domains", "unserved_servers", "GATEWAY_LABELS",
-           "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS"]
+           "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS", "SERVED_TLS_MODES"]
 
 
 @dataclass(slots=True)
@@ -72,29 +87,90 @@ def selects_gateway(gateway: Resource) -> bool:
 
 def unserved_servers(gateway: Resource) -> list[tuple[str, str]]:
     """(field path, reason) for each server of ``gateway`` the ingress gateway would not serve."""
-    return [(f"spec.servers[{i}].port.protocol",
-             f"{server['port']['protocol']} gateway servers are not served yet (served: {', '.join(SERVED_PROTOCOLS)})")
-            for i, server in enumerate(gateway.spec.get("servers") or ())
-            if str(server["port"]["protocol"]).upper() not in SERVED_PROTOCOLS]
+    out = []
+    for i, server in enumerate(gateway.spec.get("servers") or ()):
+        issue = _unserved(server)
+        if issue is not None:
+            out.append((f"spec.servers[{i}].{issue[0]}", issue[1]))
+    return out
+
+
+def _unserved(server: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(field below the server, reason) when the ingress gateway does not serve ``server``."""
+    protocol = str(server["port"]["protocol"]).upper()
+    if protocol not in SERVED_PROTOCOLS:
+        return ("port.protocol", f"{server['port']['protocol']} gateway servers are not served yet "
+                                 f"(served: {', '.join(SERVED_PROTOCOLS)})")
+    if protocol != "HTTPS":
+        return None
+    tls = server.get("tls") or {}
+    if tls.get("credentialName") or tls.get("credentialNames"):
+        field = "credentialName" if tls.get("credentialName") else "credentialNames"
+        return (f"tls.{field}", f"{field} names a Kubernetes Secret, which raymesh does not have: give "
+                                "serverCertificate and privateKey (files on the gateway node); "
+                                "this server is not served")
+    mode = str(tls.get("mode") or "PASSTHROUGH")
+    if mode not in SERVED_TLS_MODES:
+        return ("tls.mode", f"{mode} HTTPS gateway servers are not served yet (served: {', '.join(SERVED_TLS_MODES)})")
+    return None
 
 
 def compile_gateway_listeners(gateways: Sequence[Resource], virtual_services: Sequence[Resource],
                               lookup: ServiceLookup) -> list[dict[str, Any]]:
     """One listener dict per served port (ascending), without its bind address (per node)."""
     ports = _ports([g for g in gateways if selects_gateway(g)])
-    return [{"name": f"{GATEWAY_WORKLOAD}:{p.number}", "port": p.number, "protocol": p.protocol.lower(),
-             "gateways": sorted({f"{g.namespace}/{g.name}" for g, _ in p.servers}),
-             "virtual_hosts": _virtual_hosts(p, virtual_services, lookup)}
-            for p in sorted(ports.values(), key=lambda p: p.number)]
+    return [_listener(p, virtual_services, lookup) for p in sorted(ports.values(), key=lambda p: p.number)]
+
+
+def _listener(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": f"{GATEWAY_WORKLOAD}:{port.number}", "port": port.number,
+                           "protocol": port.protocol.lower(),
+                           "gateways": sorted({f"{g.namespace}/{g.name}" for g, _ in port.servers})}
+    if port.protocol != "HTTPS":
+        out["virtual_hosts"] = _virtual_hosts(port.number, port.servers, virtual_services, lookup)
+        return out
+    out["virtual_hosts"] = []
+    out["servers"] = [{"name": f"https.{port.number}.{server['port']['name']}.{gw.name}.{gw.namespace}",
+                       "server_names": _server_names(server), "tls": _server_tls(server["tls"]),
+                       "virtual_hosts": _virtual_hosts(port.number, [(gw, server)], virtual_services, lookup)}
+                      for gw, server in port.servers]
+    return out
+
+
+def _server_names(server: Mapping[str, Any]) -> list[str]:
+    """The SNI names that select an HTTPS server (Envoy's ``server_names``); [] = any name."""
+    names = []
+    for raw in server.get("hosts") or ():
+        name = str(raw).rpartition("/")[2].lower()
+        if name == "*":
+            return []
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _server_tls(tls: Mapping[str, Any]) -> dict[str, Any]:
+    """Istio ServerTLSSettings -> the snapshot's TLS settings of one HTTPS server."""
+    out: dict[str, Any] = {"mode": str(tls["mode"]), "server_certificate": str(tls["serverCertificate"]),
+                           "private_key": str(tls["privateKey"])}
+    if tls.get("caCertificates"):
+        out["ca_certificates"] = str(tls["caCertificates"])
+    for field, key in (("minProtocolVersion", "min_protocol_version"), ("maxProtocolVersion", "max_protocol_version")):
+        if tls.get(field) and tls[field] != "TLS_AUTO":
+            out[key] = str(tls[field])
+    for field, key in (("cipherSuites", "cipher_suites"), ("subjectAltNames", "subject_alt_names")):
+        if tls.get(field):
+            out[key] = [str(x) for x in tls[field]]
+    return out
 
 
 def _ports(gateways: Sequence[Resource]) -> dict[int, _Port]:
     out: dict[int, _Port] = {}
     for gw in gateways:
         for server in gw.spec.get("servers") or ():
-            protocol = str(server["port"]["protocol"]).upper()
-            if protocol not in SERVED_PROTOCOLS:
+            if _unserved(server) is not None:
                 continue
+            protocol = str(server["port"]["protocol"]).upper()
             number = int(server["port"]["number"])
             port = out.setdefault(number, _Port(number, protocol))
             if port.protocol == protocol:
@@ -102,22 +178,36 @@ def _ports(gateways: Sequence[Resource]) -> dict[int, _Port]:
     return out
 
 
-def _virtual_hosts(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup) -> list[dict[str, Any]]:
-    """The port's virtual hosts: one per domain, the routes of every VirtualService bound to it."""
+def _virtual_hosts(port: int, servers: Sequence[tuple[Resource, Mapping[str, Any]]],
+                   virtual_services: Sequence[Resource], lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The virtual hosts of ``servers`` on ``port``: one per domain, the routes of every
+    VirtualService bound to it; a domain an ``httpsRedirect`` server contributes to only
+    redirects to https (as Envoy's ``require_tls: ALL``, which answers before any route)."""
     by_domain: dict[str, list[tuple[Resource, str]]] = {}
-    for gw, server in port.servers:
+    redirect: set[str] = set()
+    for gw, server in servers:
         scope = f"{gw.namespace}/{gw.name}"
+        https_redirect = bool((server.get("tls") or {}).get("httpsRedirect"))
         for vs in virtual_services:
             if scope not in bound_gateways(vs):
                 continue
             for domain in _domains(gw, server, vs):
                 if all(bound is not vs for bound, _ in by_domain.get(domain, ())):
                     by_domain.setdefault(domain, []).append((vs, scope))
+                if https_redirect:
+                    redirect.add(domain)
+        if https_redirect:   # Istio: the server's own hosts redirect even with no VirtualService bound
+            for raw in server.get("hosts") or ():
+                domain = str(raw).rpartition("/")[2].lower()
+                by_domain.setdefault(domain, [])
+                redirect.add(domain)
     out = []
     for domain in sorted(by_domain, key=_domain_order):
-        routes = [r for vs, scope in by_domain[domain] for r in translate_http_routes(vs, port.number, lookup, scope)]
-        out.append({"name": f"{domain}:{port.number}", "host": domain, "port": port.number,
-                    "domains": [domain], "routes": routes})
+        if domain in redirect:
+            routes = [{"name": "https-redirect", "match": [], "redirect": {"scheme": "https", "redirect_code": 301}}]
+        else:
+            routes = [r for vs, scope in by_domain[domain] for r in translate_http_routes(vs, port, lookup, scope)]
+        out.append({"name": f"{domain}:{port}", "host": domain, "port": port, "domains": [domain], "routes": routes})
     return out
 
 

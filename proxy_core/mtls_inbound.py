@@ -49,6 +49,26 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return asyncio.sslproto.SSLProtocol
 
 
+def layer_tls(transport: asyncio.Transport, ctx: TlsWrap, app: asyncio.Protocol, data: bytes,
+              on_handshake: Callable[[asyncio.Future[Any]], None]) -> None:
+    """Terminate TLS on an accepted ``transport`` whose first ``data`` (the ClientHello) was
+    already read: the event loop's TLS transport, fed those bytes through its buffer, with
+    ``app`` as its application protocol once the handshake is done (``on_handshake`` is
+    told how it ended)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    waiter.add_done_callback(on_handshake)
+    tls = _ssl_protocol_class(loop)(loop, app, ctx, waiter, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+    transport.set_protocol(tls)
+    tls.connection_made(transport)
+    while data:   # the protocol's buffer is normally far larger than one ClientHello
+        buf = tls.get_buffer(len(data))
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        tls.buffer_updated(n)
+        data = data[n:]
+
+
 class InboundSniffer(asyncio.Protocol):
     """Reads the first bytes of an inbound connection and installs the protocol they call for."""
 
@@ -102,20 +122,8 @@ class InboundSniffer(asyncio.Protocol):
         tls.data_received(data)
 
     def _ssl_protocol(self, transport: asyncio.Transport, ctx: Any, data: bytes) -> None:
-        """An HTTP tunnel: the event loop's TLS transport, fed through its buffer."""
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        waiter.add_done_callback(self._handshake_done)
-        tls = _ssl_protocol_class(loop)(loop, _Gate(self.mtls, self.connection), TlsWrap(ctx), waiter,
-                                        server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
-        while data:   # the protocol's buffer is normally far larger than one ClientHello
-            buf = tls.get_buffer(len(data))
-            n = min(len(buf), len(data))
-            buf[:n] = data[:n]
-            tls.buffer_updated(n)
-            data = data[n:]
+        """An HTTP tunnel: the event loop's TLS transport."""
+        layer_tls(transport, TlsWrap(ctx), _Gate(self.mtls, self.connection), data, self._handshake_done)
 
     def _handshake_done(self, waiter: asyncio.Future[Any]) -> None:
         if waiter.cancelled():

@@ -150,7 +150,7 @@ class _State:
         self.security = security            # by cluster; empty when no policy applies
         self.resilience = resilience        # by cluster; only clusters with limits or outlier detection
         self.caches = caches                # by destination service; empty when no policy applies
-        self.gateway_routers = gateway_routers or {}   # by gateway listener name
+        self.gateway_routers = gateway_routers or {}   # by gateway listener name (or route key, HTTPS)
         self._ops: dict[int, tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]] = {}
 
     def header_ops(self, route: Route, wc: WeightedCluster) -> tuple[tuple[HeaderOps, ...], tuple[HeaderOps, ...]]:
@@ -181,8 +181,11 @@ class _State:
                           if ep.node == snapshot.node_id and ep.via is None)
         limiters = build_host_limiters(snapshot, previous.rate_limits if previous else None, clock, quota)
         caches = build_caches(snapshot, previous.caches if previous else None, cache_counters)
-        gateway_routers = {gl.name: Router(snapshot, gl.virtual_hosts)
-                           for gl in (snapshot.gateway.listeners if snapshot.gateway is not None else ())}
+        gateway_routers = {}
+        for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
+            gateway_routers[gl.name] = Router(snapshot, gl.virtual_hosts)
+            for srv in gl.servers:   # an HTTPS server routes by its own virtual hosts
+                gateway_routers[gateway_route_key(gl.name, srv.name)] = Router(snapshot, srv.virtual_hosts)
         return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security),
                    resilience, caches, gateway_routers)
 
@@ -209,6 +212,9 @@ class _Listener:
     vip: Vip | None
     server: asyncio.AbstractServer | None = None
     port: int = 0
+    tls: Any = None               # a gateway port's HTTPS servers (proxy_core.gateway_tls.TlsChains)
+    route_key: str = ""           # gateway: the router's key when not ``name`` (an HTTPS server's)
+    scheme: str = "http"          # what requests on it arrived over
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -249,6 +255,8 @@ class ProxyServer:
         self._rid = 0
         self._gateway_source: tuple[Any, SourceWorkload] | None = None
         self.gateway_errors: dict[str, str] = {}   # gateway listener -> why it could not be bound
+        from proxy_core.gateway_tls import GatewayTlsStats  # it builds on this module's connections
+        self.gateway_tls = GatewayTlsStats()        # handshakes and refusals on HTTPS gateway ports
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -277,15 +285,21 @@ class ProxyServer:
         if snapshot.inbound is not None:
             a = snapshot.inbound
             desired[("inbound", a.address, a.port)] = _Listener("inbound", "inbound", a.address, a.port, None)
+        unbound: dict[str, str] = {}
         for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
-            desired[(GATEWAY, gl.address, gl.port)] = _Listener(GATEWAY, gl.name, gl.address, gl.port, None)
+            spec = _Listener(GATEWAY, gl.name, gl.address, gl.port, None)
+            if gl.servers:
+                spec.tls, error = _gateway_chains(gl)
+                if error is not None:   # like a port it cannot bind: that port stays closed, the rest applies
+                    unbound[gl.name] = f"{gl.address}:{gl.port}: {error}"
+                    continue
+            desired[(GATEWAY, gl.address, gl.port)] = spec
         for vip in snapshot.vips:
             kind = listener_kind(vip.protocol)
             if kind is not None:
                 desired[(kind, vip.address, vip.port)] = _Listener(kind, f"{vip.address}:{vip.port}",
                                                                    vip.address, vip.port, vip)
         opened: list[_Listener] = []
-        unbound: dict[str, str] = {}
         try:
             for key, spec in desired.items():
                 if key not in self._listeners:
@@ -317,6 +331,7 @@ class ProxyServer:
             else:
                 current.vip = spec.vip  # same socket, possibly another default host
                 current.name = spec.name
+                current.tls = spec.tls  # new connections: the certificates read for this snapshot
         for key in [k for k in self._listeners if k not in desired]:
             gone = self._listeners.pop(key)
             if gone.server is not None:
@@ -328,7 +343,10 @@ class ProxyServer:
         factory: Callable[[], asyncio.Protocol] = partial(session, self, spec)
         if spec.kind == "inbound":
             factory = partial(InboundSniffer, self.mtls, factory)
-        elif spec.kind in SNIFFED_KINDS or spec.kind == GATEWAY:
+        elif spec.kind == GATEWAY:
+            from proxy_core.gateway_tls import gateway_protocol  # it builds on this module's connections
+            factory = partial(gateway_protocol, self, spec)
+        elif spec.kind in SNIFFED_KINDS:
             from proxy_core.sniff import ProtocolSniffer  # it builds on this module's connections
             factory = partial(ProtocolSniffer, self, spec)
         spec.server = await loop.create_server(factory, spec.host, spec.config_port,
@@ -416,7 +434,7 @@ class ProxyServer:
                 "destinations": destinations, "telemetry": self._telemetry_stats(),
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
-                "gateway_errors": dict(self.gateway_errors),
+                "gateway_errors": dict(self.gateway_errors), "gateway_tls": self.gateway_tls.to_dict(),
                 "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
                 "cache": cache_stats(self.cache_counters, self.state.caches), "tracing": self._tracing_stats()}
 
@@ -799,11 +817,11 @@ class Exchange:
             port, default_host = vip.port, vip.host
         elif listener.kind == GATEWAY:
             port, default_host = listener.config_port, None
-            router = self.state.gateway_routers.get(listener.name)
+            router = self.state.gateway_routers.get(listener.route_key or listener.name)
         else:
             port = split_host_port(authority)[1] or 80
             default_host = None
-        req = self.req = RequestInfo(method, path, authority, headers, "http", port, conn.peer_ip)
+        req = self.req = RequestInfo(method, path, authority, headers, listener.scheme, port, conn.peer_ip)
         vhost = router.virtual_host(authority, port, default_host) if router is not None else None
         if vhost is None:
             if listener.kind == GATEWAY:   # Envoy's gateway: no virtual host for this Host
@@ -1010,7 +1028,7 @@ class Exchange:
         ip = self.conn.peer_ip_bytes
         out.append((b"x-forwarded-for", (self.xff.encode("latin-1") + b", " + ip) if self.xff else ip))
         if not has_xfp:
-            out.append((b"x-forwarded-proto", b"http"))
+            out.append((b"x-forwarded-proto", b"https" if self.req.scheme == "https" else b"http"))
         if not has_rid:
             out.append((b"x-request-id", self.request_id.encode()))  # type: ignore[union-attr]
         for o in ops:
@@ -1733,6 +1751,22 @@ def listener_kind(protocol: str) -> str | None:
 
 SNIFFED_KINDS = frozenset(("h2", "auto"))
 GATEWAY = "gateway"
+
+
+def gateway_route_key(listener: str, server: str) -> str:
+    """The router key of one HTTPS server of a gateway port (``_State.gateway_routers``)."""
+    return f"{listener}/{server}"
+
+
+def _gateway_chains(gl: Any) -> tuple[Any, str | None]:
+    """The TLS filter chains of an HTTPS gateway port, certificate files read now; or why not."""
+    from proxy_core.gateway_tls import GatewayTlsError, build_chains  # it builds on this module's connections
+    try:
+        return build_chains(gl, lambda srv: _Listener(GATEWAY, gl.name, gl.address, gl.port, None,
+                                                      route_key=gateway_route_key(gl.name, srv.name),
+                                                      scheme="https")), None
+    except GatewayTlsError as exc:
+        return None, str(exc)
 
 
 def _joined_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

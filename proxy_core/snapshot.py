@@ -47,10 +47,26 @@ GATEWAY (Istio's ingress gateway, as the proxy of a gateway node serves it)::
                     "address": "127.0.0.1", "port": 8080,      # bound as given (0 = any free port)
                     "protocol": "http" | "http2" | "grpc" | "grpc-web",   # HTTP/1.1 and h2c accepted on each
                     "gateways": ["default/bookinfo-gateway"],  # the Gateways with servers on this port
-                    "virtual_hosts": [VHOST, ...]}]}           # as ``virtual_hosts``, for this port only
+                    "virtual_hosts": [VHOST, ...]},            # as ``virtual_hosts``, for this port only
+                   {"name": "istio-ingressgateway:8443", "address": "127.0.0.1", "port": 8443,
+                    "protocol": "https", "gateways": [...], "virtual_hosts": [],
+                    "servers": [GATEWAY_TLS_SERVER, ...]}]}    # TLS terminated here, one filter chain each
+
+GATEWAY_TLS_SERVER (one HTTPS server of a Gateway: chosen by SNI, see proxy_core/gateway_tls.py)::
+
+    {"name": "https.8443.https.bookinfo-gateway.default",    # Istio's route configuration name
+     "server_names": ["bookinfo.example.com", "*.example.org"],   # SNI names; [] = any name
+     "tls": {"mode": "SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL",
+             "server_certificate": "/etc/certs/cert.pem", "private_key": "/etc/certs/key.pem",
+             "ca_certificates": "/etc/certs/ca.pem",                # MUTUAL / OPTIONAL_MUTUAL
+             "min_protocol_version": "TLSV1_2", "max_protocol_version": "TLSV1_3",   # optional
+             "cipher_suites": ["ECDHE-RSA-AES256-GCM-SHA384"],      # optional, TLS 1.2 and below
+             "subject_alt_names": ["spiffe://client.example"]},     # optional: accepted client SANs
+     "virtual_hosts": [VHOST, ...]}                         # this server's routes only
 
 A gateway listener routes only by its own virtual hosts (``domains`` may be ``*``,
-``*.suffix``); a Host none of them names gets 404 with flag NR, never the outbound policy.
+``*.suffix``), an HTTPS one by those of the server its connection's SNI chose; a Host none
+of them names gets 404 with flag NR, never the outbound policy.
 
 CACHE (a CachePolicy, see mesh/compiler_cache.py and proxy_core/cache.py)::
 
@@ -1068,15 +1084,68 @@ class GlobalRateLimit:
         return cls(str(d["domain"]), mode, tuple(descriptors))
 
 
+GATEWAY_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+TLS_VERSIONS = ("TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTls:
+    """How one HTTPS server of the gateway terminates TLS (Istio ServerTLSSettings with files)."""
+
+    mode: str
+    server_certificate: str
+    private_key: str
+    ca_certificates: str = ""
+    min_protocol_version: str = ""
+    max_protocol_version: str = ""
+    cipher_suites: tuple[str, ...] = ()
+    subject_alt_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GatewayTls":
+        mode = str(d.get("mode", ""))
+        if mode not in GATEWAY_TLS_MODES:
+            raise ValueError(f"gateway tls mode {mode!r} is not one of {list(GATEWAY_TLS_MODES)}")
+        if mode != "SIMPLE" and not d.get("ca_certificates"):
+            raise ValueError(f"gateway tls mode {mode} needs ca_certificates")
+        for key in ("min_protocol_version", "max_protocol_version"):
+            if d.get(key) and d[key] not in TLS_VERSIONS:
+                raise ValueError(f"gateway tls {key} {d[key]!r} is not one of {list(TLS_VERSIONS)}")
+        return cls(mode=mode, server_certificate=str(d["server_certificate"]), private_key=str(d["private_key"]),
+                   ca_certificates=str(d.get("ca_certificates") or ""),
+                   min_protocol_version=str(d.get("min_protocol_version") or ""),
+                   max_protocol_version=str(d.get("max_protocol_version") or ""),
+                   cipher_suites=tuple(str(x) for x in d.get("cipher_suites") or ()),
+                   subject_alt_names=tuple(str(x) for x in d.get("subject_alt_names") or ()))
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTlsServer:
+    """One HTTPS server on a gateway port: the SNI names that choose it, its TLS, its routes."""
+
+    name: str
+    server_names: tuple[str, ...]     # empty: any name (a server with host ``*``)
+    tls: GatewayTls
+    virtual_hosts: tuple[VirtualHost, ...]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GatewayTlsServer":
+        return cls(name=str(d["name"]), server_names=tuple(str(x).lower() for x in d.get("server_names") or ()),
+                   tls=GatewayTls.from_dict(d["tls"]),
+                   virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()))
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayListener:
-    """One port of the ingress gateway: where it binds and the virtual hosts it routes by."""
+    """One port of the ingress gateway: where it binds and the virtual hosts it routes by
+    (``servers``, when set, terminate TLS and route each by its own)."""
 
     name: str
     address: str
     port: int
     protocol: str
     virtual_hosts: tuple[VirtualHost, ...]
+    servers: tuple[GatewayTlsServer, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GatewayListener":
@@ -1085,7 +1154,8 @@ class GatewayListener:
             raise ValueError(f"gateway listener port {port} is out of range")
         return cls(name=str(d.get("name") or f"gateway:{port}"), address=str(d.get("address") or "127.0.0.1"),
                    port=port, protocol=str(d.get("protocol", "http")),
-                   virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()))
+                   virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()),
+                   servers=tuple(GatewayTlsServer.from_dict(x) for x in d.get("servers") or ()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ gets the outcome as the VIP's protocol and installs a connection driver accordin
 =========  ==============================================================================
 ``h2``     HTTP/2 (http2, grpc ports): the client preface selects HTTP/2 with prior
            knowledge (h2c); anything else is served as HTTP/1.1, as Envoy's codec ``AUTO``.
-           Ingress gateway listeners (``gateway``) are driven the same way.
+           Ingress gateway listeners (``gateway``) are driven the same way, HTTPS ones
+           once TLS is terminated (``proxy_core.gateway_tls``).
 ``auto``   no declared protocol: the HTTP/2 preface -> HTTP/2; an HTTP/1.x request line
            -> HTTP/1.1; a TLS ClientHello or anything else -> the port's TCP routes.
 =========  ==============================================================================
@@ -55,13 +56,14 @@ class ProtocolSniffer(asyncio.Protocol):
     """Holds a new connection's first bytes until ``classify`` decides, then hands the
     transport (and those bytes) to the driver of that protocol."""
 
-    __slots__ = ("server", "listener", "transport", "buffer")
+    __slots__ = ("server", "listener", "transport", "buffer", "peer_principal")
 
-    def __init__(self, server: ProxyServer, listener: _Listener) -> None:
+    def __init__(self, server: ProxyServer, listener: _Listener, peer_principal: str | None = None) -> None:
         self.server = server
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.peer_principal = peer_principal   # a TLS client's identity, learnt before these bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -90,4 +92,6 @@ class ProtocolSniffer(asyncio.Protocol):
         data, self.buffer = self.buffer, b""
         transport.set_protocol(proto)
         proto.connection_made(transport)
+        if self.peer_principal is not None:
+            proto.peer_principal = self.peer_principal
         proto.data_received(data)

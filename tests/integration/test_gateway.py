@@ -1,5 +1,6 @@
 """The ingress gateway on a two-node Ray cluster: Istio's bookinfo-gateway.yaml, applied as a user
-would, then plain HTTP clients against the gateway's port on the head node.
+would, then plain HTTP clients against the gateway's port on the head node, and an HTTPS server
+(tls SIMPLE, certificate files made here) on a second port, queried with curl.
 
 The Gateway's port is rewritten from 8080 to a free ephemeral port chosen here: 8080 is a
 common port on a shared machine, and the gateway binds it on every test run.  Workloads run on
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.unit.test_tls_origination import Pki
 
 pytestmark = pytest.mark.ray
 
@@ -72,6 +75,17 @@ def wait_gateway(mesh: Any, port: int, timeout: float = 30) -> dict[str, str]:
             return gateways
         time.sleep(0.2)
     raise TimeoutError(f"no gateway listener on port {port}: {mesh.client.proxy_status()}")
+
+
+def https_gateway(port: int, cert: tuple[str, str]) -> list[dict[str, Any]]:
+    """A second Gateway: HTTPS on ``port`` for bookinfo.example.com, routed to productpage."""
+    return [{"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "bookinfo-https"},
+             "spec": {"selector": {"istio": "ingressgateway"}, "servers": [
+                 {"port": {"number": port, "name": "https", "protocol": "HTTPS"}, "hosts": ["bookinfo.example.com"],
+                  "tls": {"mode": "SIMPLE", "serverCertificate": cert[0], "privateKey": cert[1]}}]}},
+            {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bookinfo-https"},
+             "spec": {"hosts": ["bookinfo.example.com"], "gateways": ["bookinfo-https"],
+                      "http": [{"route": [{"destination": {"host": "productpage", "port": {"number": 9080}}}]}]}}]
 
 
 def meshctl(mesh: Any, *args: str) -> subprocess.CompletedProcess:
@@ -139,3 +153,17 @@ def test_bookinfo_gateway_routes_into_the_mesh(mesh, tmp_path) -> None:
     ok = [r for r in rows if r["response_code"] == 200]
     assert ok and all((r["source_workload_namespace"], r["source_principal"], r["connection_security_policy"])
                       == ("istio-system", GATEWAY_ID, "mutual_tls") for r in ok), rows
+
+    # HTTPS on another port of the same gateway, terminated there, then into the mesh as above.
+    https_port = free_port()
+    (tmp_path / "pki").mkdir()
+    pki = Pki(tmp_path / "pki")
+    mesh.apply(*https_gateway(https_port, pki.issue("bookinfo", "bookinfo.example.com", ["bookinfo.example.com"])))
+    wait_gateway(mesh, https_port)
+    out = subprocess.run(["curl", "-sS", "--max-time", "15", "--cacert", pki.ca, "--http2", "--resolve",
+                          f"bookinfo.example.com:{https_port}:127.0.0.1",
+                          f"https://bookinfo.example.com:{https_port}/productpage"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert (seen["service"], seen["path"], seen["node"]) == ("productpage", "/productpage", mesh.nodes[1])

@@ -227,14 +227,69 @@ def test_weights_rewrites_faults_and_headers_translate_as_for_the_mesh() -> None
 def test_ports_protocols_and_unserved_servers() -> None:
     https = {"port": {"number": 8443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"],
              "tls": {"mode": "SIMPLE", "serverCertificate": "/c.pem", "privateKey": "/k.pem"}}
-    gw = gateway_doc("gw", [server(8080, "*"), server(9090, "*", protocol="GRPC"), https])
+    secret = {"port": {"number": 9443, "name": "https-secret", "protocol": "HTTPS"}, "hosts": ["*"],
+              "tls": {"mode": "SIMPLE", "credentialName": "shop-cert"}}
+    passthrough = {"port": {"number": 9444, "name": "https-pass", "protocol": "HTTPS"}, "hosts": ["*"],
+                   "tls": {"mode": "PASSTHROUGH"}}
+    tls = {"port": {"number": 9445, "name": "tls", "protocol": "TLS"}, "hosts": ["*"],
+           "tls": {"mode": "ISTIO_MUTUAL"}}
+    gw = gateway_doc("gw", [server(8080, "*"), server(9090, "*", protocol="GRPC"), https, secret, passthrough, tls])
     clash = gateway_doc("later", [server(8080, "*", protocol="HTTP2")])     # the port is taken as HTTP
     snap = compile_checked([gw, clash], gateway_registry())
     got = {p: (gl["protocol"], gl["gateways"]) for p, gl in listeners(snap).items()}
-    assert got == {8080: ("http", ["default/gw"]), 9090: ("grpc", ["default/gw"])}
-    # HTTPS is valid Istio configuration: accepted, with a warning naming the field.
+    assert got == {8080: ("http", ["default/gw"]), 9090: ("grpc", ["default/gw"]), 8443: ("https", ["default/gw"])}
+    # The servers not served are valid Istio configuration: accepted, with a warning naming the field.
     docs = [Document("gw.yaml", 0, {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
                                     "metadata": {"name": "gw"}, "spec": gw.spec})]
     assert validate_documents(docs) == []
-    [warning] = document_warnings(docs)
-    assert warning.path == "spec.servers[2].port.protocol" and "HTTPS gateway servers are not served" in str(warning)
+    warnings = [(w.path, str(w)) for w in document_warnings(docs)]
+    assert [path for path, _ in warnings] == ["spec.servers[3].tls.credentialName", "spec.servers[4].tls.mode",
+                                              "spec.servers[5].port.protocol"]
+    assert "credentialName names a Kubernetes Secret" in warnings[0][1]
+    assert "PASSTHROUGH HTTPS gateway servers are not served" in warnings[1][1]
+    assert "TLS gateway servers are not served" in warnings[2][1]
+
+
+def test_https_servers_are_filter_chains_with_their_own_tls_and_virtual_hosts() -> None:
+    shop = {"port": {"number": 443, "name": "https-shop", "protocol": "HTTPS"}, "hosts": ["./shop.example.com"],
+            "tls": {"mode": "SIMPLE", "serverCertificate": "/shop.pem", "privateKey": "/shop-key.pem",
+                    "minProtocolVersion": "TLSV1_3", "cipherSuites": ["ECDHE-RSA-AES256-GCM-SHA384"]}}
+    api = {"port": {"number": 443, "name": "https-api", "protocol": "HTTPS"}, "hosts": ["*.example.org", "*"],
+           "tls": {"mode": "MUTUAL", "serverCertificate": "/api.pem", "privateKey": "/api-key.pem",
+                   "caCertificates": "/ca.pem", "subjectAltNames": ["spiffe://client"],
+                   "maxProtocolVersion": "TLS_AUTO"}}
+    gw = gateway_doc("gw", [shop, api])
+    to_productpage = vs_doc("shop", [{"route": [{"destination": {"host": "productpage"}}]}],
+                            hosts=["shop.example.com"], gateways=["gw"])
+    to_details = vs_doc("api", [{"route": [{"destination": {"host": "details"}}]}],
+                        hosts=["v1.example.org"], gateways=["gw"])
+    snap = compile_checked([gw, to_productpage, to_details], gateway_registry())
+    gl = listeners(snap)[443]
+    assert (gl["protocol"], gl["virtual_hosts"]) == ("https", [])
+    assert [(s["name"], s["server_names"], [v["domains"] for v in s["virtual_hosts"]]) for s in gl["servers"]] == [
+        ("https.443.https-shop.gw.default", ["shop.example.com"], [["shop.example.com"]]),
+        # A ``*`` host: any SNI, and every VirtualService of the Gateway binds to this server too.
+        ("https.443.https-api.gw.default", [], [["shop.example.com"], ["v1.example.org"]])]
+    assert [s["tls"] for s in gl["servers"]] == [
+        {"mode": "SIMPLE", "server_certificate": "/shop.pem", "private_key": "/shop-key.pem",
+         "min_protocol_version": "TLSV1_3", "cipher_suites": ["ECDHE-RSA-AES256-GCM-SHA384"]},
+        {"mode": "MUTUAL", "server_certificate": "/api.pem", "private_key": "/api-key.pem",
+         "ca_certificates": "/ca.pem", "subject_alt_names": ["spiffe://client"]}]
+    [route] = gl["servers"][1]["virtual_hosts"][1]["routes"]
+    assert route["route"][0]["cluster"] == f"outbound|9080||{FQDN('details')}"
+    parsed = Snapshot.from_dict(snap)
+    assert parsed.gateway is not None and parsed.gateway.listeners[0].servers[1].tls.ca_certificates == "/ca.pem"
+
+
+def test_https_redirect_makes_every_virtual_host_of_the_server_redirect() -> None:
+    redirecting = {"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["shop.example.com", "*.org"],
+                   "tls": {"httpsRedirect": True}}
+    gw = gateway_doc("gw", [redirecting, server(8080, "shop.example.com")])
+    vs = vs_doc("shop", [{"route": [{"destination": {"host": "productpage"}}]}],
+                hosts=["shop.example.com"], gateways=["gw"])
+    snap = compile_checked([gw, vs], gateway_registry())
+    by_port = {p: {v["host"]: v["routes"] for v in gl["virtual_hosts"]} for p, gl in listeners(snap).items()}
+    redirect = [{"name": "https-redirect", "match": [], "redirect": {"scheme": "https", "redirect_code": 301}}]
+    # A server host without a VirtualService gets a redirecting virtual host too, as Istio builds it.
+    assert by_port[80] == {"shop.example.com": redirect, "*.org": redirect}
+    assert by_port[8080]["shop.example.com"][0]["route"][0]["cluster"] == f"outbound|9080||{FQDN('productpage')}"

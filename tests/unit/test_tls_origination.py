@@ -54,14 +54,15 @@ class Pki:
         path.write_bytes(data)
         return str(path)
 
-    def issue(self, prefix: str, cn: str, dns: list[str]) -> tuple[str, str]:
-        """A leaf signed by the CA; (certificate path, key path)."""
+    def issue(self, prefix: str, cn: str, dns: list[str], uris: tuple[str, ...] = ()) -> tuple[str, str]:
+        """A leaf signed by the CA, with DNS and URI SANs; (certificate path, key path)."""
         key = ec.generate_private_key(ec.SECP256R1())
         builder = self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), self.ca_cert.subject,
                                 key.public_key())
-        if dns:
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]),
-                                            critical=False)
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self.ca_key, hashes.SHA256())
         return (self.write(f"{prefix}.pem", cert.public_bytes(serialization.Encoding.PEM)),
                 self.write(f"{prefix}-key.pem", key.private_bytes(serialization.Encoding.PEM,

@@ -372,6 +372,9 @@ def test_gateway_simple_tls_needs_certificates() -> None:
         ("spec.servers[0].tls.privateKey", "Required value: needed for SIMPLE tls without credentialName")]
     server["tls"] = {"mode": "SIMPLE", "credentialName": "cert"}
     assert problems("Gateway", {"servers": [server]}) == []
+    server["tls"] = {"mode": "MUTUAL", "serverCertificate": "/c.pem", "privateKey": "/k.pem"}
+    assert problems("Gateway", {"servers": [server]}) == [
+        ("spec.servers[0].tls.caCertificates", "Required value: needed for MUTUAL tls without credentialName")]
 
 
 def test_service_entry_resolution_rules() -> None:
