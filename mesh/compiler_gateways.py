@@ -155,12 +155,12 @@ def _server_tls(tls: Mapping[str, Any]) -> dict[str, Any]:
                            "private_key": str(tls["privateKey"])}
     if tls.get("caCertificates"):
         out["ca_certificates"] = str(tls["caCertificates"])
-    for field, key in (("minProtocolVersion", "min_protocol_version"), ("maxProtocolVersion", "max_protocol_version")):
-        if tls.get(field) and tls[field] != "TLS_AUTO":
-            out[key] = str(tls[field])
-    for field, key in (("cipherSuites", "cipher_suites"), ("subjectAltNames", "subject_alt_names")):
-        if tls.get(field):
-            out[key] = [str(x) for x in tls[field]]
+    for name, key in (("minProtocolVersion", "min_protocol_version"), ("maxProtocolVersion", "max_protocol_version")):
+        if tls.get(name) and tls[name] != "TLS_AUTO":
+            out[key] = str(tls[name])
+    for name, key in (("cipherSuites", "cipher_suites"), ("subjectAltNames", "subject_alt_names")):
+        if tls.get(name):
+            out[key] = [str(x) for x in tls[name]]
     return out
 
 
