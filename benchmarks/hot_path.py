@@ -25,7 +25,7 @@ from typing import Any
 import uvloop
 
 from proxy_core.accesslog import AccessLog
-from proxy_core.server import HttpConnection, ProxyServer
+from proxy_core.server import HttpConnection, ProxyServer, _Listener
 from proxy_core.snapshot import Snapshot
 from proxy_core.upstream import UpstreamConnection
 
@@ -94,7 +94,7 @@ async def run(requests: int, profile: bool) -> dict[str, float]:
     proxy = ProxyServer(Snapshot.from_dict(SNAPSHOT), access_log=AccessLog(io.StringIO()))
     proxy.loop = asyncio.get_running_loop()
     vip = proxy.state.snapshot.vips[0]
-    listener = type("Listener", (), {"kind": "vip", "name": f"{VIP}:{VPORT}", "vip": vip})()
+    listener = _Listener("vip", f"{VIP}:{VPORT}", VIP, VPORT, vip)
     for cluster in proxy.state.snapshot.clusters.values():
         for ep in cluster.endpoints:
             for _ in range(2):
