@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from proxy_core.mtls import HANDSHAKE_TIMEOUT, handshake_refusal
-from proxy_core.mtls_inbound import layer_tls
+from proxy_core.mtls_inbound import HandshakeGate, layer_tls
 from proxy_core.sni import MAX_CLIENT_HELLO, read_client_hello
 from proxy_core.snapshot import GatewayListener, GatewayTls, GatewayTlsServer
 from proxy_core.sniff import ProtocolSniffer
@@ -225,9 +225,9 @@ class GatewaySniffer(asyncio.Protocol):
         self._cancel_timer()
 
 
-class _Gate(asyncio.Protocol):
-    """The TLS layer's first application protocol: checks the client's SANs, then hands the
-    decrypted stream to the HTTP drivers."""
+class _Gate(HandshakeGate):
+    """The gateway's gate: checks the client's SANs, then hands the decrypted stream to the
+    HTTP drivers."""
 
     __slots__ = ("server", "chain")
 
@@ -251,12 +251,3 @@ class _Gate(asyncio.Protocol):
                                   uri.removeprefix("spiffe://") if uri is not None else None)
         transport.set_protocol(sniffer)  # type: ignore[attr-defined]
         sniffer.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:  # only after a refusal, before the abort lands
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass

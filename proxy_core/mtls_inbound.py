@@ -159,8 +159,25 @@ class InboundSniffer(asyncio.Protocol):
         self._cancel_timer()
 
 
-class _Gate(asyncio.Protocol):
-    """The TLS layer's first application protocol: checks the peer, then steps aside."""
+class HandshakeGate(asyncio.Protocol):
+    """A TLS layer's first application protocol: ``connection_made`` (the handshake is done)
+    checks the peer and hands the transport to the protocol that serves it, or aborts; the
+    connection reaches nothing else before that, and nothing at all after a refusal."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:  # only after a refusal, before the abort lands
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class _Gate(HandshakeGate):
+    """The inbound listener's gate: checks the peer's SVID, then steps aside."""
 
     __slots__ = ("mtls", "connection")
 
@@ -183,12 +200,3 @@ class _Gate(asyncio.Protocol):
         conn.peer_principal = principal
         transport.set_protocol(conn)  # type: ignore[attr-defined]
         conn.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:  # only after a refusal, before the abort lands
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
