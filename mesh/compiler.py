@@ -59,6 +59,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 from mesh.compiler_cache import compile_caches
@@ -146,7 +147,8 @@ def _plan_mesh(resources: Sequence[Resource], registry: RegistryState) -> _MeshP
                      telemetry=compile_telemetry(resources, services, clusters),
                      tracing_sampling=mesh_sampling(resources),
                      gateway_listeners=compile_gateway_listeners(by_kind.get("Gateway", []),
-                                                                 by_kind.get("VirtualService", []), services.get))
+                                                                 by_kind.get("VirtualService", []), services.get,
+                                                                 partial(with_idle_timeouts, rules=rules)))
 
 
 def _vips(services: Mapping[str, Service]) -> list[dict[str, Any]]:
@@ -216,13 +218,18 @@ def _l4_routes(services: Mapping[str, Service], mesh_vs: Sequence[Resource], rul
         for p in svc.ports:
             if p.protocol not in protocols:
                 continue
-            routes = translate(vs, svc.host, p.number, services.get)
-            for route in routes:
-                idle = _idle_timeout(route["route"][0]["cluster"], rules)
-                if idle is not None:
-                    route["idle_timeout"] = idle
+            routes = with_idle_timeouts(translate(vs, svc.host, p.number, services.get), rules)
             out.append({"name": f"{svc.host}:{p.number}", "host": svc.host, "port": p.number, "routes": routes})
     return out
+
+
+def with_idle_timeouts(routes: list[dict[str, Any]], rules: Sequence[Resource]) -> list[dict[str, Any]]:
+    """``routes`` (tcp or tls), each with the idle timeout of its first destination if configured."""
+    for route in routes:
+        idle = _idle_timeout(route["route"][0]["cluster"], rules)
+        if idle is not None:
+            route["idle_timeout"] = idle
+    return routes
 
 
 def _idle_timeout(cluster: str, rules: Sequence[Resource]) -> float | None:

@@ -37,20 +37,44 @@ or OPTIONAL_MUTUAL with certificate files (``serverCertificate``, ``privateKey``
   configuration ``https.<port>.<port name>.<gateway>.<namespace>``).  The proxy picks one
   per connection by SNI (``proxy_core.gateway_tls``).
 
-Other servers are not served: TLS, TCP and the rest, and HTTPS with PASSTHROUGH,
-AUTO_PASSTHROUGH or ISTIO_MUTUAL, or with ``credentialName`` (a Kubernetes Secret, which
-raymesh does not have).  They are valid Istio configuration, so Galley accepts them but
-answers the apply with a warning naming the field (``unserved_servers``; ``meshctl apply``
-prints it), and they open no port.  When two Gateways put different protocols on one port,
-the first in (namespace, name) order keeps it.  A server's ``bind`` is not honoured: every
+Servers that carry TLS the gateway does not decrypt, and plain TCP, are spliced by the
+proxy's L4 sessions (``proxy_core.tcp``), as Envoy's ``tcp_proxy`` behind a gateway listener:
+
+* ``TLS`` or ``HTTPS`` servers with ``tls.mode: PASSTHROUGH`` route by the ``tls`` rules of
+  the VirtualServices bound to them (``translate_tls_rules`` with the Gateway as scope).  As
+  Istio builds one filter chain per rule match, each match's ``sniHosts`` are intersected
+  with the server's hosts (a match left with none is dropped) and the server's SNI names
+  are the union of what remains; a passthrough server no rule reaches opens no chain.  Such
+  a server is one more filter chain of its port, next to any terminated HTTPS servers
+  there: the proxy picks by SNI among them all (``proxy_core.gateway_tls``), then routes a
+  passthrough connection by its rules in order and splices the untouched TLS bytes.
+* ``TCP`` servers route by the ``tcp`` rules of the bound VirtualServices
+  (``translate_tcp_rules``), in (namespace, name) then rule order; the first rule whose
+  proxy-side conditions hold takes the connection.  Neither kind has a default route: a
+  connection no rule takes is closed (Envoy has no filter chain or cluster for it).
+* Routes carry the idle timeout of their first destination's DestinationRule
+  (``connectionPool.tcp.idleTimeout``), as for tcp service ports.
+
+``HTTPS`` and ``TLS`` servers share a port (both are TLS filter chains); the listener's
+protocol is ``https`` when one of them terminates TLS, else ``tls``.
+
+Other servers are not served: ``TLS`` servers that terminate TLS (``SIMPLE`` / ``MUTUAL``:
+TLS then tcp routes), ``AUTO_PASSTHROUGH`` (Istio's multi-cluster SNI scheme, which routes by
+names encoding the cluster) and ``ISTIO_MUTUAL`` (mesh-internal gateways), servers with
+``credentialName`` (a Kubernetes Secret, which raymesh does not have), and protocols such
+as UDP or MONGO.  They are valid Istio configuration, so Galley accepts them but answers
+the apply with a warning naming the field (``unserved_servers``; ``meshctl apply`` prints
+it), and they open no port.  When two Gateways put different protocols on one port, the
+first in (namespace, name) order keeps it.  A server's ``bind`` is not honoured: every
 listener binds the install's gateway address.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from mesh.compiler_routes import ServiceLookup, bound_gateways, translate_http_routes
+from mesh.compiler_routes import (ServiceLookup, bound_gateways, translate_http_routes, translate_tcp_rules,
+                                  translate_tls_rules)
 from mesh.compiler_services import host_covers, labels_match, resolve_host
 from mesh.resources import Resource
 
@@ -58,11 +82,15 @@ GATEWAY_NAMESPACE = "istio-system"
 GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
 GATEWAY_LABELS = {"istio": "ingressgateway", "app": "istio-ingressgateway"}
 GATEWAY_WORKLOAD = "istio-ingressgateway"
-SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS")
-SERVED_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+SERVED_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS", "TLS", "TCP")
+TERMINATED_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+SERVED_TLS_MODES = (*TERMINATED_TLS_MODES, "PASSTHROUGH")
+TLS_SERVER_PROTOCOLS = ("HTTPS", "TLS")   # one kind of port: TLS filter chains chosen by SNI
+L4Routes = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]   # adds what DestinationRules say
 
 __all__ = ["compile_gateway_listeners", "gateway_identity", "server_domains", "unserved_servers", "GATEWAY_LABELS",
-           "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS", "SERVED_TLS_MODES"]
+           "GATEWAY_NAMESPACE", "GATEWAY_SERVICE_ACCOUNT", "SERVED_PROTOCOLS", "SERVED_TLS_MODES",
+           "TERMINATED_TLS_MODES"]
 
 
 @dataclass(slots=True)
@@ -101,39 +129,105 @@ def _unserved(server: Mapping[str, Any]) -> tuple[str, str] | None:
     if protocol not in SERVED_PROTOCOLS:
         return ("port.protocol", f"{server['port']['protocol']} gateway servers are not served yet "
                                  f"(served: {', '.join(SERVED_PROTOCOLS)})")
-    if protocol != "HTTPS":
+    if protocol not in TLS_SERVER_PROTOCOLS:
         return None
     tls = server.get("tls") or {}
+    mode = str(tls.get("mode") or "PASSTHROUGH")
+    if mode not in SERVED_TLS_MODES:
+        return ("tls.mode", f"{mode} {protocol} gateway servers are not served (served: {', '.join(SERVED_TLS_MODES)}; "
+                            "AUTO_PASSTHROUGH needs Istio's multi-cluster SNI names, ISTIO_MUTUAL a mesh-internal "
+                            "gateway)")
+    if mode == "PASSTHROUGH":
+        return None
+    if protocol == "TLS":
+        return ("tls.mode", f"{mode} TLS gateway servers (TLS terminated, then tcp routes) are not served yet: "
+                            "use PASSTHROUGH, or an HTTPS server for HTTP")
     if tls.get("credentialName") or tls.get("credentialNames"):
         field = "credentialName" if tls.get("credentialName") else "credentialNames"
         return (f"tls.{field}", f"{field} names a Kubernetes Secret, which raymesh does not have: give "
                                 "serverCertificate and privateKey (files on the gateway node); "
                                 "this server is not served")
-    mode = str(tls.get("mode") or "PASSTHROUGH")
-    if mode not in SERVED_TLS_MODES:
-        return ("tls.mode", f"{mode} HTTPS gateway servers are not served yet (served: {', '.join(SERVED_TLS_MODES)})")
     return None
 
 
 def compile_gateway_listeners(gateways: Sequence[Resource], virtual_services: Sequence[Resource],
-                              lookup: ServiceLookup) -> list[dict[str, Any]]:
-    """One listener dict per served port (ascending), without its bind address (per node)."""
+                              lookup: ServiceLookup, l4_routes: L4Routes = lambda routes: routes
+                              ) -> list[dict[str, Any]]:
+    """One listener dict per served port (ascending), without its bind address (per node).
+    ``l4_routes`` completes tcp and tls routes (the compiler adds their idle timeouts)."""
     ports = _ports([g for g in gateways if selects_gateway(g)])
-    return [_listener(p, virtual_services, lookup) for p in sorted(ports.values(), key=lambda p: p.number)]
+    return [_listener(p, virtual_services, lookup, l4_routes) for p in sorted(ports.values(), key=lambda p: p.number)]
 
 
-def _listener(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup) -> dict[str, Any]:
+def _listener(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup,
+              l4_routes: L4Routes) -> dict[str, Any]:
     out: dict[str, Any] = {"name": f"{GATEWAY_WORKLOAD}:{port.number}", "port": port.number,
                            "protocol": port.protocol.lower(),
-                           "gateways": sorted({f"{g.namespace}/{g.name}" for g, _ in port.servers})}
-    if port.protocol != "HTTPS":
+                           "gateways": sorted({f"{g.namespace}/{g.name}" for g, _ in port.servers}),
+                           "virtual_hosts": []}
+    if port.protocol == "TCP":
+        out["tcp_routes"] = l4_routes(_tcp_routes(port, virtual_services, lookup))
+    elif port.protocol != "TLS":
         out["virtual_hosts"] = _virtual_hosts(port.number, port.servers, virtual_services, lookup)
-        return out
-    out["virtual_hosts"] = []
-    out["servers"] = [{"name": f"https.{port.number}.{server['port']['name']}.{gw.name}.{gw.namespace}",
-                       "server_names": _server_names(server), "tls": _server_tls(server["tls"]),
-                       "virtual_hosts": _virtual_hosts(port.number, [(gw, server)], virtual_services, lookup)}
-                      for gw, server in port.servers]
+    else:
+        servers = [_tls_server(port.number, gw, server, virtual_services, lookup, l4_routes)
+                   for gw, server in port.servers]
+        out["servers"] = [s for s in servers if s is not None]
+        terminated = any(_tls_mode(server) != "PASSTHROUGH" for _, server in port.servers)
+        out["protocol"] = "https" if terminated else "tls"
+    return out
+
+
+def _tls_mode(server: Mapping[str, Any]) -> str:
+    return str((server.get("tls") or {}).get("mode") or "PASSTHROUGH")
+
+
+def _tls_server(port: int, gw: Resource, server: Mapping[str, Any], virtual_services: Sequence[Resource],
+                lookup: ServiceLookup, l4_routes: L4Routes) -> dict[str, Any] | None:
+    """One filter chain of a TLS port: terminated (certificate, virtual hosts) or passthrough
+    (tls routes); None for a passthrough server no rule reaches."""
+    name = f"{str(server['port']['protocol']).lower()}.{port}.{server['port']['name']}.{gw.name}.{gw.namespace}"
+    if _tls_mode(server) != "PASSTHROUGH":
+        return {"name": name, "server_names": _server_names(server), "tls": _server_tls(server["tls"]),
+                "virtual_hosts": _virtual_hosts(port, [(gw, server)], virtual_services, lookup)}
+    routes = l4_routes(_passthrough_routes(port, gw, server, virtual_services, lookup))
+    if not routes:
+        return None
+    names = list(dict.fromkeys(h for r in routes for m in r["match"] for h in m["sni_hosts"]))
+    return {"name": name, "server_names": [] if "*" in names else names, "tls": {"mode": "PASSTHROUGH"},
+            "tls_routes": routes}
+
+
+def _bound(gw: Resource, server: Mapping[str, Any], virtual_services: Sequence[Resource]) -> list[Resource]:
+    """The VirtualServices bound to ``server`` of ``gw``: naming the Gateway, with a host it admits."""
+    scope = f"{gw.namespace}/{gw.name}"
+    return [vs for vs in virtual_services if scope in bound_gateways(vs) and _domains(gw, server, vs)]
+
+
+def _passthrough_routes(port: int, gw: Resource, server: Mapping[str, Any], virtual_services: Sequence[Resource],
+                        lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The tls rules bound to a passthrough server, each match's SNI names within the server's hosts."""
+    out = []
+    for vs in _bound(gw, server, virtual_services):
+        for route in translate_tls_rules(vs, port, lookup, f"{gw.namespace}/{gw.name}"):
+            matches = []
+            for m in route["match"]:
+                names = [d for sni in m["sni_hosts"] or ["*"] for d in server_domains(gw, server, vs.namespace, sni)]
+                if names:
+                    matches.append({**m, "sni_hosts": list(dict.fromkeys(names))})
+            if matches:
+                out.append({**route, "match": matches})
+    return out
+
+
+def _tcp_routes(port: _Port, virtual_services: Sequence[Resource], lookup: ServiceLookup) -> list[dict[str, Any]]:
+    """The tcp rules bound to the TCP servers of ``port``, in server, VirtualService and rule order."""
+    out: list[dict[str, Any]] = []
+    for gw, server in port.servers:
+        for vs in _bound(gw, server, virtual_services):
+            for route in translate_tcp_rules(vs, port.number, lookup, f"{gw.namespace}/{gw.name}"):
+                if all(r["name"] != route["name"] for r in out):
+                    out.append(route)
     return out
 
 
@@ -171,6 +265,7 @@ def _ports(gateways: Sequence[Resource]) -> dict[int, _Port]:
             if _unserved(server) is not None:
                 continue
             protocol = str(server["port"]["protocol"]).upper()
+            protocol = "TLS" if protocol in TLS_SERVER_PROTOCOLS else protocol
             number = int(server["port"]["number"])
             port = out.setdefault(number, _Port(number, protocol))
             if port.protocol == protocol:

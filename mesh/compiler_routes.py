@@ -37,6 +37,9 @@ Scope for node proxies (the mesh "gateway"):
   ``destinationSubnets`` and source conditions travel to the proxy, ``port`` selects the
   port.  The service's own cluster is the last route (Istio's
   passthrough filter chain), so a name no rule claims still reaches the service.
+* At an ingress gateway (``mesh.compiler_gateways``) ``translate_tcp_rules`` and
+  ``translate_tls_rules`` give the same rules for a Gateway scope (a match's ``gateways``
+  must name it), without the default route: a gateway has no service of its own.
 * ``delegate``, ``delay.exponentialDelay`` and ``retryRemoteLocalities`` are not translated yet.
 * ``redirect.derivePort``: FROM_PROTOCOL_DEFAULT with an explicit scheme becomes that
   scheme's port (80/443); otherwise the redirect keeps the request's port.
@@ -121,40 +124,52 @@ def translate_http_routes(vs: Resource, port: int, lookup: ServiceLookup, scope:
 def translate_tcp_routes(vs: Resource | None, host: str, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
     """The tcp routes of the TCP port ``host:port``: the rules of ``vs`` that apply, in order,
     then the default route unless one of them already matches every connection."""
+    out = translate_tcp_rules(vs, port, lookup) if vs is not None else []
+    if not any(not r["match"] or any(not m for m in r["match"]) for r in out):
+        out.append(default_tcp_route(host, port))
+    return out
+
+
+def translate_tcp_rules(vs: Resource, port: int, lookup: ServiceLookup, scope: str = MESH) -> list[dict[str, Any]]:
+    """The ``tcp`` rules of ``vs`` that apply to ``port`` of ``scope``, in order (no default)."""
     out = []
-    for index, rule in enumerate((vs.spec.get("tcp") or ()) if vs is not None else ()):
+    for index, rule in enumerate(vs.spec.get("tcp") or ()):
         raw_matches = rule.get("match") or []
-        matches = [m for m in (_translate_l4_match(r, port) for r in raw_matches) if m is not None]
+        matches = [m for m in (_translate_l4_match(r, port, scope, vs.namespace) for r in raw_matches)
+                   if m is not None]
         if (raw_matches and not matches) or not rule.get("route"):
             continue
-        assert vs is not None
         destinations = _translate_destinations(vs, rule["route"], port, lookup)
         if destinations:
             out.append({"name": f"{vs.namespace}/{vs.name}/{index}", "match": matches, "route": destinations})
-    if not any(not r["match"] or any(not m for m in r["match"]) for r in out):
-        out.append(default_tcp_route(host, port))
     return out
 
 
 def translate_tls_routes(vs: Resource | None, host: str, port: int, lookup: ServiceLookup) -> list[dict[str, Any]]:
     """The tls routes of the TLS port ``host:port``: the rules of ``vs`` that apply, in order,
     then the default route (the service's own cluster for any SNI)."""
-    out = []
-    for index, rule in enumerate((vs.spec.get("tls") or ()) if vs is not None else ()):
-        matches = [m for m in (_translate_tls_match(r, port) for r in rule.get("match") or ()) if m is not None]
-        if not matches or not rule.get("route"):
-            continue
-        assert vs is not None
-        destinations = _translate_destinations(vs, rule["route"], port, lookup)
-        if destinations:
-            out.append({"name": f"{vs.namespace}/{vs.name}/{index}", "match": matches, "route": destinations})
+    out = translate_tls_rules(vs, port, lookup) if vs is not None else []
     out.append(default_tcp_route(host, port))
     return out
 
 
-def _translate_tls_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
-    """One TLSMatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
-    l4 = _translate_l4_match(m, port)
+def translate_tls_rules(vs: Resource, port: int, lookup: ServiceLookup, scope: str = MESH) -> list[dict[str, Any]]:
+    """The ``tls`` rules of ``vs`` that apply to ``port`` of ``scope``, in order (no default)."""
+    out = []
+    for index, rule in enumerate(vs.spec.get("tls") or ()):
+        matches = [m for m in (_translate_tls_match(r, port, scope, vs.namespace) for r in rule.get("match") or ())
+                   if m is not None]
+        if not matches or not rule.get("route"):
+            continue
+        destinations = _translate_destinations(vs, rule["route"], port, lookup)
+        if destinations:
+            out.append({"name": f"{vs.namespace}/{vs.name}/{index}", "match": matches, "route": destinations})
+    return out
+
+
+def _translate_tls_match(m: Mapping[str, Any], port: int, scope: str, namespace: str) -> dict[str, Any] | None:
+    """One TLSMatchAttributes, or None when it cannot apply to the listener on ``port`` of ``scope``."""
+    l4 = _translate_l4_match(m, port, scope, namespace)
     if l4 is None:
         return None
     return {"sni_hosts": [str(h).lower() for h in m.get("sniHosts") or ()], **l4}
@@ -179,9 +194,9 @@ def _source_conditions(m: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _translate_l4_match(m: Mapping[str, Any], port: int) -> dict[str, Any] | None:
-    """One L4MatchAttributes, or None when it cannot apply to the mesh listener on ``port``."""
-    if not _applies_to_port(m, port):
+def _translate_l4_match(m: Mapping[str, Any], port: int, scope: str, namespace: str) -> dict[str, Any] | None:
+    """One L4MatchAttributes, or None when it cannot apply to the listener on ``port`` of ``scope``."""
+    if not _applies_to_port(m, port, scope, namespace):
         return None
     subnets = [str(n) for n in m.get("destinationSubnets") or ()]
     return {**({"destination_subnets": subnets} if subnets else {}), **_source_conditions(m)}

@@ -24,6 +24,12 @@ Contexts are built when a snapshot is swapped in (``build_chains``): certificate
 read then, and any file that is missing or unreadable, or a key that does not match, raises
 ``GatewayTlsError`` naming the field and path; the server leaves that port unbound and shows
 the error in ``gateway_errors``, as for a port it cannot bind.
+
+A ``PASSTHROUGH`` server is one more filter chain of its port, chosen by SNI the same way
+(its names are those of its tls rules' ``sniHosts``): it has no context, and its connections
+go, ClientHello and all, to a ``proxy_core.gateway_l4`` session that routes by those rules and
+splices the bytes without decrypting them.  So one port mixes terminated and passthrough
+servers as Envoy's filter chains do on one listener.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from proxy_core.gateway_l4 import GatewayTcpSession, pass_through
 from proxy_core.mtls import HANDSHAKE_TIMEOUT, handshake_refusal
 from proxy_core.mtls_inbound import HandshakeGate, layer_tls
 from proxy_core.sni import MAX_CLIENT_HELLO, read_client_hello
@@ -68,11 +75,11 @@ class GatewayTlsStats:
 
 @dataclass(frozen=True, slots=True)
 class TlsChain:
-    """One HTTPS server ready to serve: its context, and the listener its connections carry
-    (the port's name, this server's routes, scheme ``https``)."""
+    """One TLS server ready to serve: its context (None: passthrough), and the listener its
+    connections carry (the port's name, this server's routes, scheme ``https``)."""
 
     server: GatewayTlsServer
-    context: ssl.SSLContext
+    context: ssl.SSLContext | None
     listener: Any
 
 
@@ -101,13 +108,13 @@ class TlsChains:
 
 
 def build_chains(gl: GatewayListener, listener_for: Callable[[GatewayTlsServer], Any]) -> TlsChains:
-    """Contexts for the HTTPS servers of ``gl`` (files read now); the first server claiming a
-    name keeps it.  Raises ``GatewayTlsError``."""
+    """Contexts for the TLS servers of ``gl`` (files read now; passthrough servers have none);
+    the first server claiming a name keeps it.  Raises ``GatewayTlsError``."""
     exact: dict[str, TlsChain] = {}
     wildcard: dict[str, TlsChain] = {}
     catch_all: TlsChain | None = None
     for srv in gl.servers:
-        chain = TlsChain(srv, server_context(srv.tls), listener_for(srv))
+        chain = TlsChain(srv, server_context(srv.tls) if srv.tls is not None else None, listener_for(srv))
         if not srv.server_names and catch_all is None:
             catch_all = chain
         for name in srv.server_names:
@@ -160,15 +167,19 @@ def _readable(name: str, path: str) -> None:
 
 
 def gateway_protocol(server: Any, spec: Any) -> asyncio.Protocol:
-    """The first protocol of a connection accepted on gateway port ``spec``: TLS first when
-    the port has HTTPS servers (as of now: a swap may change them), else HTTP at once."""
+    """The first protocol of a connection accepted on gateway port ``spec`` (as of now: a swap
+    may change it): the ClientHello first on a TLS port, a spliced session on a TCP port,
+    else HTTP at once."""
     if spec.tls is not None:
         return GatewaySniffer(server, spec)
+    if spec.tcp is not None:
+        return GatewayTcpSession(server, spec)
     return ProtocolSniffer(server, spec)
 
 
 class GatewaySniffer(asyncio.Protocol):
-    """Reads a ClientHello, picks the HTTPS server by its SNI, and starts TLS with that server's context."""
+    """Reads a ClientHello, picks the TLS server by its SNI, and starts TLS with that server's
+    context, or hands a passthrough server's connection to its L4 session."""
 
     __slots__ = ("server", "spec", "transport", "seen", "timer")
 
@@ -197,6 +208,9 @@ class GatewaySniffer(asyncio.Protocol):
         self._cancel_timer()
         self.seen = b""
         assert self.transport is not None
+        if chain.context is None:   # PASSTHROUGH: spliced untouched, routed by its tls rules
+            pass_through(self.server, chain.listener, chain.server.passthrough, self.transport, seen)
+            return
         layer_tls(self.transport, TlsWrap(chain.context), _Gate(self.server, chain), seen, self._handshake_done)
 
     def _handshake_done(self, waiter: asyncio.Future[Any]) -> None:

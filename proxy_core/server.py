@@ -36,6 +36,8 @@ Listeners (on loopback, except the gateway's, which bind where the install says)
   bound to the install's gateway address: requests from outside the mesh, routed only by that
   port's own virtual hosts (404 NR for any other Host, no CONNECT, no passthrough), sent on as
   the workload ``istio-ingressgateway`` (its SPIFFE id for mTLS, its name in telemetry).
+  TLS ports read the ClientHello first (``proxy_core.gateway_tls``); TLS passthrough and TCP
+  ports splice as tcp VIPs do (``proxy_core.gateway_l4``).
 * ``inbound`` -- the node-to-node entry: only ``CONNECT 127.x.y.z:port`` to an endpoint of
   this node, answered 200 and spliced.  mTLS terminates here (``proxy_core.mtls_inbound``);
   the target's PeerAuthentication mode decides whether a plaintext tunnel may pass.
@@ -184,8 +186,9 @@ class _State:
         gateway_routers = {}
         for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
             gateway_routers[gl.name] = Router(snapshot, gl.virtual_hosts)
-            for srv in gl.servers:   # an HTTPS server routes by its own virtual hosts
-                gateway_routers[gateway_route_key(gl.name, srv.name)] = Router(snapshot, srv.virtual_hosts)
+            for srv in gl.servers:   # a terminated HTTPS server routes by its own virtual hosts
+                if srv.tls is not None:
+                    gateway_routers[gateway_route_key(gl.name, srv.name)] = Router(snapshot, srv.virtual_hosts)
         return cls(snapshot, Router(snapshot), balancers, local, limiters, build_security(snapshot, security),
                    resilience, caches, gateway_routers)
 
@@ -212,7 +215,8 @@ class _Listener:
     vip: Vip | None
     server: asyncio.AbstractServer | None = None
     port: int = 0
-    tls: Any = None               # a gateway port's HTTPS servers (proxy_core.gateway_tls.TlsChains)
+    tls: Any = None               # a gateway port's TLS servers (proxy_core.gateway_tls.TlsChains)
+    tcp: Any = None               # a gateway TCP port's routes (TcpHost, see proxy_core.gateway_l4)
     route_key: str = ""           # gateway: the router's key when not ``name`` (an HTTPS server's)
     scheme: str = "http"          # what requests on it arrived over
 
@@ -287,8 +291,8 @@ class ProxyServer:
             desired[("inbound", a.address, a.port)] = _Listener("inbound", "inbound", a.address, a.port, None)
         unbound: dict[str, str] = {}
         for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
-            spec = _Listener(GATEWAY, gl.name, gl.address, gl.port, None)
-            if gl.servers:
+            spec = _Listener(GATEWAY, gl.name, gl.address, gl.port, None, tcp=gl.tcp)
+            if gl.tls:
                 spec.tls, error = _gateway_chains(gl)
                 if error is not None:   # like a port it cannot bind: that port stays closed, the rest applies
                     unbound[gl.name] = f"{gl.address}:{gl.port}: {error}"
@@ -332,6 +336,7 @@ class ProxyServer:
                 current.vip = spec.vip  # same socket, possibly another default host
                 current.name = spec.name
                 current.tls = spec.tls  # new connections: the certificates read for this snapshot
+                current.tcp = spec.tcp
         for key in [k for k in self._listeners if k not in desired]:
             gone = self._listeners.pop(key)
             if gone.server is not None:

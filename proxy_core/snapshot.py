@@ -46,11 +46,15 @@ GATEWAY (Istio's ingress gateway, as the proxy of a gateway node serves it)::
      "listeners": [{"name": "istio-ingressgateway:8080",       # access logs' listener name
                     "address": "127.0.0.1", "port": 8080,      # bound as given (0 = any free port)
                     "protocol": "http" | "http2" | "grpc" | "grpc-web",   # HTTP/1.1 and h2c accepted on each
+                                # | "https" | "tls" (TLS filter chains: ``servers``) | "tcp" (``tcp_routes``)
                     "gateways": ["default/bookinfo-gateway"],  # the Gateways with servers on this port
                     "virtual_hosts": [VHOST, ...]},            # as ``virtual_hosts``, for this port only
                    {"name": "istio-ingressgateway:8443", "address": "127.0.0.1", "port": 8443,
                     "protocol": "https", "gateways": [...], "virtual_hosts": [],
-                    "servers": [GATEWAY_TLS_SERVER, ...]}]}    # TLS terminated here, one filter chain each
+                    "servers": [GATEWAY_TLS_SERVER, ...]},     # one filter chain each, chosen by SNI
+                   {"name": "istio-ingressgateway:9000", "address": "127.0.0.1", "port": 9000,
+                    "protocol": "tcp", "gateways": [...], "virtual_hosts": [],
+                    "tcp_routes": [TCP_ROUTE, ...]}]}          # as a TCP_HOST's routes; none: closed (NR)
 
 GATEWAY_TLS_SERVER (one HTTPS server of a Gateway: chosen by SNI, see proxy_core/gateway_tls.py)::
 
@@ -63,6 +67,13 @@ GATEWAY_TLS_SERVER (one HTTPS server of a Gateway: chosen by SNI, see proxy_core
              "cipher_suites": ["ECDHE-RSA-AES256-GCM-SHA384"],      # optional, TLS 1.2 and below
              "subject_alt_names": ["spiffe://client.example"]},     # optional: accepted client SANs
      "virtual_hosts": [VHOST, ...]}                         # this server's routes only
+
+  or, passthrough (the TLS bytes are spliced untouched, see proxy_core/gateway_l4.py)::
+
+    {"name": "tls.9443.tls.bookinfo-gateway.default",
+     "server_names": ["a.example.com"],                      # the routes' SNI names
+     "tls": {"mode": "PASSTHROUGH"},
+     "tls_routes": [TLS_ROUTE, ...]}                        # as a TLS_HOST's routes; none matching: closed
 
 A gateway listener routes only by its own virtual hosts (``domains`` may be ``*``,
 ``*.suffix``), an HTTPS one by those of the server its connection's SNI chose; a Host none
@@ -1119,26 +1130,41 @@ class GatewayTls:
                    subject_alt_names=tuple(str(x) for x in d.get("subject_alt_names") or ()))
 
 
+PASSTHROUGH = "PASSTHROUGH"
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayTlsServer:
-    """One HTTPS server on a gateway port: the SNI names that choose it, its TLS, its routes."""
+    """One TLS server on a gateway port (a filter chain): the SNI names that choose it, and
+    either its TLS and routes (terminated HTTPS) or, passthrough, the tls routes its
+    connections are spliced by (``tls`` None)."""
 
     name: str
     server_names: tuple[str, ...]     # empty: any name (a server with host ``*``)
-    tls: GatewayTls
+    tls: GatewayTls | None            # None: PASSTHROUGH
     virtual_hosts: tuple[VirtualHost, ...]
+    passthrough: TlsHost | None = None   # PASSTHROUGH: the tls routes, in rule order
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GatewayTlsServer":
-        return cls(name=str(d["name"]), server_names=tuple(str(x).lower() for x in d.get("server_names") or ()),
-                   tls=GatewayTls.from_dict(d["tls"]),
+        name = str(d["name"])
+        names = tuple(str(x).lower() for x in d.get("server_names") or ())
+        if str((d.get("tls") or {}).get("mode")) == PASSTHROUGH:
+            routes = TlsHost.from_dict({"name": name, "host": name, "port": 0, "routes": d.get("tls_routes") or ()})
+            return cls(name=name, server_names=names, tls=None, virtual_hosts=(), passthrough=routes)
+        return cls(name=name, server_names=names, tls=GatewayTls.from_dict(d["tls"]),
                    virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()))
+
+
+GATEWAY_PROTOCOLS = ("http", "http2", "grpc", "grpc-web", "https", "tls", "tcp")
+TLS_GATEWAY_PROTOCOLS = ("https", "tls")   # ports whose connections start with a ClientHello
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayListener:
     """One port of the ingress gateway: where it binds and the virtual hosts it routes by
-    (``servers``, when set, terminate TLS and route each by its own)."""
+    (``servers``, on ``https`` / ``tls`` ports, are its TLS filter chains, each routed by its
+    own; ``tcp`` ports splice by ``tcp``)."""
 
     name: str
     address: str
@@ -1146,16 +1172,27 @@ class GatewayListener:
     protocol: str
     virtual_hosts: tuple[VirtualHost, ...]
     servers: tuple[GatewayTlsServer, ...] = ()
+    tcp: TcpHost | None = None        # ``tcp`` ports: the tcp routes, in rule order
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "GatewayListener":
         port = int(d["port"])
         if not 0 <= port <= 65535:
             raise ValueError(f"gateway listener port {port} is out of range")
-        return cls(name=str(d.get("name") or f"gateway:{port}"), address=str(d.get("address") or "127.0.0.1"),
-                   port=port, protocol=str(d.get("protocol", "http")),
+        protocol = str(d.get("protocol", "http"))
+        if protocol not in GATEWAY_PROTOCOLS:
+            raise ValueError(f"gateway listener protocol {protocol!r} is not one of {list(GATEWAY_PROTOCOLS)}")
+        name = str(d.get("name") or f"gateway:{port}")
+        tcp = (TcpHost.from_dict({"name": name, "host": name, "port": port, "routes": d.get("tcp_routes") or ()})
+               if protocol == "tcp" else None)
+        return cls(name=name, address=str(d.get("address") or "127.0.0.1"), port=port, protocol=protocol,
                    virtual_hosts=tuple(VirtualHost.from_dict(v) for v in d.get("virtual_hosts") or ()),
-                   servers=tuple(GatewayTlsServer.from_dict(x) for x in d.get("servers") or ()))
+                   servers=tuple(GatewayTlsServer.from_dict(x) for x in d.get("servers") or ()), tcp=tcp)
+
+    @property
+    def tls(self) -> bool:
+        """Connections start with a TLS ClientHello that picks one of ``servers``."""
+        return self.protocol in TLS_GATEWAY_PROTOCOLS
 
 
 @dataclass(frozen=True, slots=True)

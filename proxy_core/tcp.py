@@ -32,6 +32,10 @@ one step first, Envoy's ``tls_inspector``: the client's first bytes are read (no
 until its ClientHello is complete (``proxy_core.sni``), the VirtualService ``tls`` route is
 chosen by its SNI and the VIP address, and the ClientHello is the first thing the upstream
 gets.  A client that sends no complete ClientHello within ``HELLO_TIMEOUT`` is closed.
+
+The ingress gateway's TLS passthrough and TCP servers are these sessions too
+(``proxy_core.gateway_l4``): only where the routes come from (``_select_route``) and who the
+client is (the gateway itself) differ.
 """
 from __future__ import annotations
 
@@ -215,11 +219,18 @@ class TcpSession(_Half):
 
     # routing and dialing
 
-    def _select_route(self, vip: Vip) -> TcpRoute | TlsRoute | None:
-        tcp_host = self.owner.state.snapshot.tcp_routes.get((vip.host, vip.port))
+    def _select_route(self) -> TcpRoute | TlsRoute | None:
+        """The route of this connection (None: no route, ``NR``): the tcp routes of the VIP's port."""
+        vip = self.listener.vip
+        tcp_host = self.owner.state.snapshot.tcp_routes.get((vip.host, vip.port)) if vip is not None else None
         if tcp_host is None:
             return None
         return tcp_host.route_for(vip.address, self._source_if(tcp_host.uses_source))
+
+    def _authority(self) -> str:
+        """What the client asked for, for telemetry's ``destination_service`` when no cluster says."""
+        vip = self.listener.vip
+        return vip.host if vip is not None else ""
 
     def _source_if(self, needed: bool) -> SourceWorkload | None:
         """The client workload when a route tests it (``sourceLabels``), else None: the
@@ -227,9 +238,8 @@ class TcpSession(_Half):
         return self.owner.mtls.workload_of(self) if needed else None
 
     def _route(self) -> None:
-        vip = self.listener.vip
         state = self.owner.state
-        route = self._select_route(vip) if vip is not None else None
+        route = self._select_route()
         if route is None:
             self._reject(flags.NR, None, None, None)
             return
@@ -258,7 +268,7 @@ class TcpSession(_Half):
         balancer.on_start(ep)
         tls = upstream_tls(self.owner.mtls, ep, cluster, self) if ep.via is not None or cluster.tls is not None else None
         if self.owner.tcp_telemetry is not None:
-            open_session(self.owner.tcp_telemetry, self, state.snapshot, route, wc, cluster, ep, vip.host,
+            open_session(self.owner.tcp_telemetry, self, state.snapshot, route, wc, cluster, ep, self._authority(),
                          self.owner.mtls.workload_of(self), tls is not None and tls.mesh)
         task = self.loop.create_task(self.owner.dialer.open(ep, lambda: _UpstreamSide(self), cluster.connect_timeout,
                                                             tls))
@@ -273,9 +283,8 @@ class TcpSession(_Half):
     def _reject(self, flag: str, route: Any, wc: Any, cluster: Any) -> None:
         self.owner.tcp.fail(flag)
         if self.owner.tcp_telemetry is not None:
-            vip = self.listener.vip
             refuse_session(self.owner.tcp_telemetry, self.owner.state.snapshot, route, wc, cluster,
-                           vip.host if vip is not None else "", flag, self.owner.mtls.workload_of(self))
+                           self._authority(), flag, self.owner.mtls.workload_of(self))
         assert self.transport is not None
         self.transport.close()
 
@@ -420,8 +429,9 @@ class TlsSession(TcpSession):
         self.owner.tcp.hello_timeouts += 1
         self.abort()
 
-    def _select_route(self, vip: Vip) -> TlsRoute | None:
-        tls_host = self.owner.state.snapshot.tls_routes.get((vip.host, vip.port))
+    def _select_route(self) -> TlsRoute | None:
+        vip = self.listener.vip
+        tls_host = self.owner.state.snapshot.tls_routes.get((vip.host, vip.port)) if vip is not None else None
         if tls_host is None:
             return None
         return tls_host.route_for(self.sni, vip.address, self._source_if(tls_host.uses_source))

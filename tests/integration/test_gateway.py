@@ -1,6 +1,7 @@
 """The ingress gateway on a two-node Ray cluster: Istio's bookinfo-gateway.yaml, applied as a user
 would, then plain HTTP clients against the gateway's port on the head node, and an HTTPS server
-(tls SIMPLE, certificate files made here) on a second port, queried with curl.
+(tls SIMPLE, certificate files made here) on a second port, queried with curl, and a TCP server
+on a third, spliced to a workload on the other node.
 
 The Gateway's port is rewritten from 8080 to a free ephemeral port chosen here: 8080 is a
 common port on a shared machine, and the gateway binds it on every test run.  Workloads run on
@@ -88,6 +89,27 @@ def https_gateway(port: int, cert: tuple[str, str]) -> list[dict[str, Any]]:
                       "http": [{"route": [{"destination": {"host": "productpage", "port": {"number": 9080}}}]}]}}]
 
 
+def tcp_gateway(port: int) -> list[dict[str, Any]]:
+    """A third Gateway: a TCP server on ``port`` whose tcp rule splices to productpage:9080."""
+    return [{"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "bookinfo-tcp"},
+             "spec": {"selector": {"istio": "ingressgateway"}, "servers": [
+                 {"port": {"number": port, "name": "tcp", "protocol": "TCP"}, "hosts": ["*"]}]}},
+            {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bookinfo-tcp"},
+             "spec": {"hosts": ["*"], "gateways": ["bookinfo-tcp"],
+                      "tcp": [{"match": [{"port": port}],
+                               "route": [{"destination": {"host": "productpage", "port": {"number": 9080}}}]}]}}]
+
+
+def raw_http(port: int, path: str) -> bytes:
+    """An HTTP/1.1 request written as bytes on a plain TCP connection; everything until the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: productpage\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
 def meshctl(mesh: Any, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_ADDRESS=mesh.cluster.address)
     return subprocess.run([MESHCTL, *args], capture_output=True, text=True, env=env, timeout=120)
@@ -167,3 +189,13 @@ def test_bookinfo_gateway_routes_into_the_mesh(mesh, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert (seen["service"], seen["path"], seen["node"]) == ("productpage", "/productpage", mesh.nodes[1])
+
+    # A TCP server: bytes spliced (not parsed) to productpage on the other node, over the tunnel.
+    tcp_port = free_port()
+    mesh.apply(*tcp_gateway(tcp_port))
+    wait_gateway(mesh, tcp_port)
+    reply = raw_http(tcp_port, "/over-tcp")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:200]
+    seen = json.loads(body)
+    assert (seen["service"], seen["path"], seen["node"]) == ("productpage", "/over-tcp", mesh.nodes[1])

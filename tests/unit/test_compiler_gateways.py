@@ -231,23 +231,37 @@ def test_ports_protocols_and_unserved_servers() -> None:
               "tls": {"mode": "SIMPLE", "credentialName": "shop-cert"}}
     passthrough = {"port": {"number": 9444, "name": "https-pass", "protocol": "HTTPS"}, "hosts": ["*"],
                    "tls": {"mode": "PASSTHROUGH"}}
-    tls = {"port": {"number": 9445, "name": "tls", "protocol": "TLS"}, "hosts": ["*"],
-           "tls": {"mode": "ISTIO_MUTUAL"}}
-    gw = gateway_doc("gw", [server(8080, "*"), server(9090, "*", protocol="GRPC"), https, secret, passthrough, tls])
+    mutual = {"port": {"number": 9445, "name": "tls", "protocol": "TLS"}, "hosts": ["*"],
+              "tls": {"mode": "ISTIO_MUTUAL"}}
+    auto = {"port": {"number": 15443, "name": "tls-auto", "protocol": "TLS"}, "hosts": ["*.local"],
+            "tls": {"mode": "AUTO_PASSTHROUGH"}}
+    terminated_tls = {"port": {"number": 9446, "name": "tls-simple", "protocol": "TLS"}, "hosts": ["*"],
+                      "tls": {"mode": "SIMPLE", "serverCertificate": "/c.pem", "privateKey": "/k.pem"}}
+    udp = {"port": {"number": 5353, "name": "udp", "protocol": "UDP"}, "hosts": ["*"]}
+    gw = gateway_doc("gw", [server(8080, "*"), server(9090, "*", protocol="GRPC"), https, secret, passthrough, mutual,
+                            auto, terminated_tls, udp, server(9000, "*", protocol="TCP")])
     clash = gateway_doc("later", [server(8080, "*", protocol="HTTP2")])     # the port is taken as HTTP
     snap = compile_checked([gw, clash], gateway_registry())
     got = {p: (gl["protocol"], gl["gateways"]) for p, gl in listeners(snap).items()}
-    assert got == {8080: ("http", ["default/gw"]), 9090: ("grpc", ["default/gw"]), 8443: ("https", ["default/gw"])}
+    # A passthrough server no tls rule reaches and a TCP server no tcp rule reaches still open
+    # their port: every connection is closed there, as Envoy's listener without a filter chain.
+    assert got == {8080: ("http", ["default/gw"]), 9090: ("grpc", ["default/gw"]), 8443: ("https", ["default/gw"]),
+                   9444: ("tls", ["default/gw"]), 9000: ("tcp", ["default/gw"])}
+    assert listeners(snap)[9444]["servers"] == [] and listeners(snap)[9000]["tcp_routes"] == []
     # The servers not served are valid Istio configuration: accepted, with a warning naming the field.
     docs = [Document("gw.yaml", 0, {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
                                     "metadata": {"name": "gw"}, "spec": gw.spec})]
     assert validate_documents(docs) == []
     warnings = [(w.path, str(w)) for w in document_warnings(docs)]
-    assert [path for path, _ in warnings] == ["spec.servers[3].tls.credentialName", "spec.servers[4].tls.mode",
-                                              "spec.servers[5].port.protocol"]
+    assert [path for path, _ in warnings] == ["spec.servers[3].tls.credentialName", "spec.servers[5].tls.mode",
+                                              "spec.servers[6].tls.mode", "spec.servers[7].tls.mode",
+                                              "spec.servers[8].port.protocol"]
     assert "credentialName names a Kubernetes Secret" in warnings[0][1]
-    assert "PASSTHROUGH HTTPS gateway servers are not served" in warnings[1][1]
-    assert "TLS gateway servers are not served" in warnings[2][1]
+    assert "ISTIO_MUTUAL TLS gateway servers are not served" in warnings[1][1]
+    assert "AUTO_PASSTHROUGH TLS gateway servers are not served" in warnings[2][1]
+    assert "multi-cluster" in warnings[2][1]
+    assert "SIMPLE TLS gateway servers (TLS terminated, then tcp routes) are not served yet" in warnings[3][1]
+    assert "UDP gateway servers are not served yet" in warnings[4][1]
 
 
 def test_https_servers_are_filter_chains_with_their_own_tls_and_virtual_hosts() -> None:
