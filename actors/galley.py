@@ -2,7 +2,9 @@
 
 A replica is stateless apart from a cache: the truth is the ``config`` collection in the shared
 store (``actors.store``).  ``apply`` validates every document, then commits all of them as one
-revision or none; ``resourceVersion`` is the revision at which a resource last changed.  After a
+revision or none; ``resourceVersion`` is the revision at which a resource last changed.
+``get`` never answers a Secret's data (``mesh.secrets.redacted``): only the gateway nodes'
+proxy workers read it, from the store.  After a
 commit the replica notifies the Pilot replicas, which also poll as a safety net.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from actors.replicaset import find_replicas
 from actors.store import GcsKV, RevisionedStore
 from mesh.loader import Document
 from mesh.resources import Resource, resolve_kind
+from mesh.secrets import SECRET_KIND, redacted
 from mesh.validation import document_warnings, to_resources, validate_documents
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,8 @@ class ApplyOutcome:
         self.lines: list[str] = []
 
     def add(self, res: Resource, verb: str) -> None:
-        self.lines.append(f"{res.kind.lower()}.{res.group}/{res.name} {verb}" +
+        kind = f"{res.kind.lower()}.{res.group}" if res.group else res.kind.lower()
+        self.lines.append(f"{kind}/{res.name} {verb}" +
                           (f" (namespace {res.namespace})" if res.namespace != "default" else ""))
 
 
@@ -136,6 +140,7 @@ class Galley:
                  if (canonical is None or d["kind"] == canonical)
                  and (name is None or d["metadata"]["name"] == name)
                  and (namespace is None or d["metadata"].get("namespace", "default") == namespace)]
+        items = [redacted(d) if d["kind"] == SECRET_KIND else d for d in items]   # key material stays stored
         items.sort(key=lambda d: (d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]))
         return {"ok": True, "revision": rev.number, "items": items}
 

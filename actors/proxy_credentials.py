@@ -10,6 +10,11 @@ channel's ``credentials`` operation, together with the trust bundle (re-read eve
 the node's workload actors with their registration (service, namespace, labels), from which
 the proxy tells which workload opened a connection and names it in telemetry.
 The proxy itself never talks to Ray or Citadel; keys leave this node's memory for no one.
+
+On a gateway node the worker also pushes, with the ``gateway_secrets`` operation, the TLS
+Secrets its snapshot's ``credentialName`` servers name (and their ``<name>-cacert``), read
+from the config store in the gateway's namespace (``gateway_secrets_message``): Pilot
+compiles only the names into snapshots, so the key material reaches gateway nodes alone.
 """
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from actors.galley import config_store
 from actors.registry import registry_state
 from actors.workload_api import Credentials, Identity, _alive_actors, _registry
 from mesh.compiler_gateways import GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT
 from mesh.identity import IdentityError
+from mesh.secrets import gateway_secrets
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +85,24 @@ class ProxyCredentials:
 
 def new_proxy_credentials(node_id: str, ttl_seconds: float | None, refresh_seconds: float) -> ProxyCredentials:
     return ProxyCredentials(node_id, Credentials(node_id, ttl_seconds, refresh_seconds, clock=time.time))
+
+
+def credential_names(snapshot: dict[str, Any] | None) -> set[str]:
+    """The Secrets the gateway servers of a snapshot name (``credential_name``)."""
+    listeners = ((snapshot or {}).get("gateway") or {}).get("listeners") or ()
+    return {str(srv["tls"]["credential_name"]) for listener in listeners for srv in listener.get("servers") or ()
+            if (srv.get("tls") or {}).get("credential_name")}
+
+
+def _stored_resources() -> list[dict[str, Any]]:
+    return list((config_store().latest().state.get("resources") or {}).values())
+
+
+async def gateway_secrets_message(snapshot: dict[str, Any] | None,
+                                  resources: Callable[[], list[dict[str, Any]]] = _stored_resources
+                                  ) -> dict[str, Any]:
+    """The ``gateway_secrets`` message for a snapshot: the material of the Secrets its gateway
+    servers name, in the gateway's namespace (empty when it names none, which clears them)."""
+    names = credential_names(snapshot)
+    stored = await asyncio.to_thread(resources) if names else []
+    return {"op": "gateway_secrets", "secrets": gateway_secrets(stored, GATEWAY_NAMESPACE, names)}

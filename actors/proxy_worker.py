@@ -10,6 +10,8 @@ The hot path stays free of Ray: the actor starts ``python -m proxy_core`` as a c
   whether the node is an ingress gateway node (``GatewayOptions``) with its gateway address;
 * it keeps the child's mTLS credentials current (``actors.proxy_credentials``): SVIDs of the
   node's workload identities, renewed at half-life, the trust bundle and the workload pids;
+  and on a gateway node the TLS Secrets its Gateway servers name (``credentialName``), read
+  from the store and pushed before each snapshot that needs them;
 * it restarts the child with the last snapshot if it dies, and the child dies with the actor
   (PR_SET_PDEATHSIG), so a restarted actor never finds stale listeners in its way;
 * it fetches the global rate limit leases the child asks for from the Mixer replica that owns
@@ -39,7 +41,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from actors.proxy_credentials import new_proxy_credentials
+from actors.proxy_credentials import gateway_secrets_message, new_proxy_credentials
 from actors.replicaset import find_replicas
 from actors.workload_api import WorkloadApiOptions, WorkloadApiServer
 from mesh.quota import owner_index
@@ -151,6 +153,7 @@ class ProxyWorker:
         self._credentials_due = asyncio.Event()
         # The certificate chains of the SVIDs last handed to the proxy (no keys): meshctl ca svid.
         self._svids: list[dict[str, Any]] = []
+        self._secrets_pushed: tuple[int | None, dict[str, Any]] | None = None   # (proxy pid, gateway_secrets)
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class ProxyWorker:
         self._ports = dict(status.get("ports") or {})
         self._gateways = dict(status.get("gateways") or {})
         self._version = status.get("version")
+        await self._push_gateway_secrets(self._snapshot)   # a restarted proxy has none
 
     def _tracing_args(self) -> list[str]:
         """``options["tracing"]``: ``{"file": spans JSON lines path, "zipkin": collector URL,
@@ -288,7 +292,31 @@ class ProxyWorker:
                 continue
             await self._apply(snapshot)
 
+    async def _push_gateway_secrets(self, snapshot: dict[str, Any] | None) -> None:
+        """Give the proxy the Secrets ``snapshot``'s gateway servers name, before the snapshot
+        itself, so its HTTPS ports bind with them at once.  Every config change is a new snapshot
+        version, so a rotated Secret arrives here too.  The store unreachable: the proxy keeps
+        what it has."""
+        try:
+            message = await gateway_secrets_message(snapshot)
+        except Exception:
+            log.exception("could not read the gateway's TLS secrets; the proxy keeps its current ones")
+            return
+        pid = self._proc.pid if self._proc is not None else None
+        if self._secrets_pushed == (pid, message):
+            return
+        try:
+            reply = await acall(self._control_path, message)
+        except CONTROL_ERRORS:
+            return   # restarting: _start_process pushes them again
+        if reply.get("ok"):
+            self._secrets_pushed = (pid, message)
+            self._gateways = dict(reply.get("gateways") or {})
+        else:
+            log.error("proxy refused gateway secrets: %s", reply.get("error"))
+
     async def _apply(self, snapshot: dict[str, Any]) -> None:
+        await self._push_gateway_secrets(snapshot)
         try:
             reply = await acall(self._control_path, {"op": "snapshot", "snapshot": snapshot})
         except CONTROL_ERRORS:

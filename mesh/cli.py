@@ -9,7 +9,8 @@ Against a running cluster (``ray.init(address="auto")``, so it also works as
 ``ray job submit -- meshctl apply -f x.yaml``)::
 
     meshctl apply -f FILE|DIR|-        meshctl delete -f FILE|DIR|-   |  meshctl delete KIND NAME [-n NS]
-    meshctl get KIND [NAME] [-n NS] [-o yaml|json]
+    meshctl get KIND [NAME] [-n NS] [-o yaml|json]      (Secrets: never their data, -o yaml/json says REDACTED)
+    meshctl create secret tls NAME --cert FILE --key FILE [--ca FILE] [-n istio-system]
     meshctl proxy-status
     meshctl analyze [-f FILE|DIR|-] [-n NS | -A]    (the stored configuration, plus files as if applied)
     meshctl telemetry query [--group-by COLS] [--where COL=V] [-o table|json|parquet --file F [--raw]]
@@ -33,12 +34,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from mesh.analyze import LEVELS, MESSAGE_TYPES, SCHEMA_VALIDATION_ERROR, Message, analyze, at_least, with_references
+from mesh.compiler_gateways import GATEWAY_NAMESPACE
 from mesh.compiler_services import build_service_index, resources_by_kind
 from mesh.errors import MeshError
 from mesh.identity import IdentityError, load_certs
-from mesh.loader import LoadError, load_documents
+from mesh.loader import Document, LoadError, load_documents
 from mesh.registry import RegistryState
 from mesh.resources import Resource, ResourceKey
+from mesh.secrets import SECRET_KIND, secret_document
 from mesh.validation import json_shaped, validate_document, validate_documents
 
 Handler = Callable[[argparse.Namespace, TextIO], int]
@@ -91,6 +94,19 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     p.set_defaults(handler=cmd_get)
+
+    p = sub.add_parser("create", help="create a resource from files (kubectl create's shape)")
+    create = p.add_subparsers(dest="create_command", required=True)
+    c = create.add_parser("secret", help="a TLS Secret for a Gateway server's credentialName")
+    secret = c.add_subparsers(dest="secret_type", required=True)
+    c = secret.add_parser("tls", help="kubernetes.io/tls: tls.crt and tls.key (ca.crt with --ca)")
+    c.add_argument("name")
+    c.add_argument("--cert", required=True, help="PEM certificate (chain) file")
+    c.add_argument("--key", required=True, help="PEM private key file")
+    c.add_argument("--ca", default=None, help="PEM CA certificates for MUTUAL servers (ca.crt)")
+    c.add_argument("-n", "--namespace", default=GATEWAY_NAMESPACE,
+                   help=f"namespace (default {GATEWAY_NAMESPACE}, where the ingress gateway reads secrets)")
+    c.set_defaults(handler=cmd_create_secret_tls)
 
     p = sub.add_parser("proxy-status", help="which proxies run the newest configuration")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -228,7 +244,23 @@ def _client(args: argparse.Namespace):
 
 
 def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
-    docs = _load(args, out)
+    return _apply(args, _load(args, out), out)
+
+
+def cmd_create_secret_tls(args: argparse.Namespace, out: TextIO) -> int:
+    files = {"cert": args.cert, "key": args.key, "ca": args.ca}
+    pems: dict[str, bytes | None] = {}
+    for option, path in files.items():
+        try:
+            pems[option] = Path(path).read_bytes() if path else None
+        except OSError as exc:
+            print(f"error: --{option} {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    body = secret_document(args.name, args.namespace, pems["cert"] or b"", pems["key"] or b"", pems["ca"])
+    return _apply(args, [Document(f"secret tls {args.name}", 0, body)], out)
+
+
+def _apply(args: argparse.Namespace, docs: list[Document], out: TextIO) -> int:
     errors = validate_documents(docs)  # fail fast, offline; Galley validates again
     if errors:
         for e in errors:
@@ -272,6 +304,12 @@ def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     elif args.output == "yaml":
         yaml.safe_dump_all(items, out, sort_keys=False)
+    elif items and all(i["kind"] == SECRET_KIND for i in items):
+        _table(out, ["NAMESPACE", "NAME", "TYPE", "DATA", "SUBJECT", "EXPIRES"],
+               [[i["metadata"].get("namespace", "default"), i["metadata"]["name"], i.get("type", ""),
+                 ",".join((i.get("status") or {}).get("keys") or ()),
+                 ((i.get("status") or {}).get("certificate") or {}).get("subject", ""),
+                 ((i.get("status") or {}).get("certificate") or {}).get("notAfter", "")] for i in items])
     else:
         _table(out, ["NAMESPACE", "NAME", "KIND", "RESOURCEVERSION", "HOSTS"],
                [[i["metadata"].get("namespace", "default"), i["metadata"]["name"], i["kind"],

@@ -26,7 +26,13 @@ gateway listener ``0.0.0.0_<port>`` with route configuration ``http.<port>``:
 Servers whose protocol is HTTP, HTTP2, GRPC or GRPC-WEB are served (the listener accepts
 HTTP/1.1 and h2c on each), and so are HTTPS servers whose ``tls.mode`` is SIMPLE, MUTUAL
 or OPTIONAL_MUTUAL with certificate files (``serverCertificate``, ``privateKey``,
-``caCertificates``: paths on the gateway node):
+``caCertificates``: paths on the gateway node) or a ``credentialName``: a TLS Secret stored
+in the mesh (``mesh.secrets``) in the gateway's namespace, as Istio reads it over SDS.  The
+snapshot carries the Secret's name only (``credential_name``), never its material: it goes
+to every node, while the gateway node's supervisor fetches the Secret itself and pushes it
+to its proxy alone.  A Secret created or rotated later needs no new Gateway: every config
+revision is part of the snapshot version, so the gateway's supervisor sees the change and
+pushes the new material.
 
 * An HTTP server with ``tls.httpsRedirect`` makes every virtual host it contributes to
   answer 301 to ``https://`` (Envoy's ``require_tls: ALL``); its hosts without a bound
@@ -61,7 +67,7 @@ protocol is ``https`` when one of them terminates TLS, else ``tls``.
 Other servers are not served: ``TLS`` servers that terminate TLS (``SIMPLE`` / ``MUTUAL``:
 TLS then tcp routes), ``AUTO_PASSTHROUGH`` (Istio's multi-cluster SNI scheme, which routes by
 names encoding the cluster) and ``ISTIO_MUTUAL`` (mesh-internal gateways), servers with
-``credentialName`` (a Kubernetes Secret, which raymesh does not have), and protocols such
+``credentialNames`` only (several certificates per server), and protocols such
 as UDP or MONGO.  They are valid Istio configuration, so Galley accepts them but answers
 the apply with a warning naming the field (``unserved_servers``; ``meshctl apply`` prints
 it), and they open no port.  When two Gateways put different protocols on one port, the
@@ -142,10 +148,10 @@ def _unserved(server: Mapping[str, Any]) -> tuple[str, str] | None:
     if protocol == "TLS":
         return ("tls.mode", f"{mode} TLS gateway servers (TLS terminated, then tcp routes) are not served yet: "
                             "use PASSTHROUGH, or an HTTPS server for HTTP")
-    if tls.get("credentialName") or tls.get("credentialNames"):
-        field = "credentialName" if tls.get("credentialName") else "credentialNames"
-        return (f"tls.{field}", f"{field} names a Kubernetes Secret, which raymesh does not have: give "
-                                "serverCertificate and privateKey (files on the gateway node); "
+    if not tls.get("credentialName") and not tls.get("serverCertificate"):
+        field = "credentialNames" if tls.get("credentialNames") else "tlsCertificates"
+        return (f"tls.{field}", f"{field} (several certificates per server) is not served yet: name one Secret "
+                                "with credentialName, or give serverCertificate and privateKey; "
                                 "this server is not served")
     return None
 
@@ -245,10 +251,14 @@ def _server_names(server: Mapping[str, Any]) -> list[str]:
 
 def _server_tls(tls: Mapping[str, Any]) -> dict[str, Any]:
     """Istio ServerTLSSettings -> the snapshot's TLS settings of one HTTPS server."""
-    out: dict[str, Any] = {"mode": str(tls["mode"]), "server_certificate": str(tls["serverCertificate"]),
-                           "private_key": str(tls["privateKey"])}
-    if tls.get("caCertificates"):
-        out["ca_certificates"] = str(tls["caCertificates"])
+    out: dict[str, Any] = {"mode": str(tls["mode"])}
+    if tls.get("credentialName"):   # the Secret's name only: its material reaches the gateway node alone
+        out["credential_name"] = str(tls["credentialName"])
+    else:
+        out["server_certificate"] = str(tls["serverCertificate"])
+        out["private_key"] = str(tls["privateKey"])
+        if tls.get("caCertificates"):
+            out["ca_certificates"] = str(tls["caCertificates"])
     for name, key in (("minProtocolVersion", "min_protocol_version"), ("maxProtocolVersion", "max_protocol_version")):
         if tls.get(name) and tls[name] != "TLS_AUTO":
             out[key] = str(tls[name])

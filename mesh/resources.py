@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mesh.secrets import secret_spec
+
 DEFAULT_NAMESPACE = "default"
 
 # kind -> API group.  Versions accepted per group are in API_VERSIONS.
@@ -52,14 +54,20 @@ for _kind, _aliases in {
     "Telemetry": ("telemetry", "telemetries"),  # Istio's short name is the singular itself
     "RateLimitPolicy": ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
     "CachePolicy": ("cachepolicy", "cachepolicies", "cp"),
+    "Secret": ("secret", "secrets"),
 }.items():
     for _a in _aliases:
         KIND_ALIASES[_a] = _kind
 
+# Kubernetes core kinds the mesh stores (group "", apiVersion "v1"): the ingress gateway's TLS
+# secrets (``mesh.secrets``).  They have no ``spec``: ``Resource.spec`` holds their ``type`` and
+# ``data``, and ``to_dict`` writes them back at the top level.
+CORE_KINDS: dict[str, str] = {"Secret": "v1"}
+
 
 def resolve_kind(name: str) -> str | None:
     """Map ``vs``, ``virtualservices``, ``VirtualService`` ... to the canonical kind, or None."""
-    if name in KIND_GROUPS:
+    if name in KIND_GROUPS or name in CORE_KINDS:
         return name
     return KIND_ALIASES.get(name.lower())
 
@@ -92,18 +100,20 @@ class Resource:
 
     @property
     def group(self) -> str:
-        return self.api_version.split("/", 1)[0]
+        group, slash, _ = self.api_version.partition("/")
+        return group if slash else ""   # the core group ("v1")
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> "Resource":
         """Build from an already validated Kubernetes-style document."""
         meta = doc.get("metadata") or {}
+        spec = secret_spec(doc) if doc["kind"] in CORE_KINDS else dict(doc.get("spec") or {})
         return cls(
             api_version=doc["apiVersion"],
             kind=doc["kind"],
             name=meta["name"],
             namespace=meta.get("namespace") or DEFAULT_NAMESPACE,
-            spec=dict(doc.get("spec") or {}),
+            spec=spec,
             labels=dict(meta.get("labels") or {}),
             annotations=dict(meta.get("annotations") or {}),
             resource_version=int(meta.get("resourceVersion") or 0),
@@ -119,6 +129,8 @@ class Resource:
         if self.resource_version:
             meta["resourceVersion"] = str(self.resource_version)
             meta["generation"] = self.generation
+        if self.kind in CORE_KINDS:
+            return {"apiVersion": self.api_version, "kind": self.kind, "metadata": meta, **self.spec}
         return {"apiVersion": self.api_version, "kind": self.kind, "metadata": meta, "spec": self.spec}
 
     def same_content(self, other: "Resource") -> bool:

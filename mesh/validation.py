@@ -1,5 +1,6 @@
 """Validation of Istio networking, security and telemetry objects (and raymesh's
-RateLimitPolicy and CachePolicy) before Galley commits them.
+RateLimitPolicy and CachePolicy) before Galley commits them.  Kubernetes ``Secret``s (the
+gateway's TLS credentials) have no spec: ``mesh.secrets`` checks them.
 
 Three layers, in the order the Kubernetes apiserver and Istio's validating webhook apply them:
 
@@ -33,10 +34,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mesh.compiler_gateways import unserved_servers
+from mesh.compiler_gateways import GATEWAY_NAMESPACE, unserved_servers
 from mesh.durations import DurationError, parse_duration_exact
 from mesh.loader import Document
-from mesh.resources import API_VERSIONS, DEFAULT_NAMESPACE, KIND_GROUPS, Resource
+from mesh.resources import API_VERSIONS, CORE_KINDS, DEFAULT_NAMESPACE, KIND_GROUPS, Resource
+from mesh.secrets import SECRET_FIELDS, SECRET_KIND, secret_issues
 from proxy_core.telemetry_expr import ExpressionError, parse_filter, parse_value
 
 try:  # Python >= 3.11
@@ -81,8 +83,11 @@ def validate_document(doc: Document) -> list[FieldError]:
     body = json_shaped(doc.body)
     kind = body.get("kind") if isinstance(body.get("kind"), str) else ""
     issues: _Issues = []
-    _check_envelope(body, issues)
-    if not issues:
+    if kind in CORE_KINDS:   # a Secret: no spec, its data checked by mesh.secrets
+        _check_secret(body, issues)
+    else:
+        _check_envelope(body, issues)
+    if not issues and kind not in CORE_KINDS:
         spec_issues: _Issues = []
         _check_schema(body["spec"], _spec_schema(kind), "spec", spec_issues)
         if not spec_issues:
@@ -113,9 +118,13 @@ def validate_documents(docs: list[Document]) -> list[FieldError]:
 
 def document_warnings(docs: list[Document]) -> list[FieldError]:
     """Valid configuration raymesh accepts but does not act on yet, each naming its field:
-    Gateway servers the ingress gateway does not serve (``mesh.compiler_gateways``)."""
+    Gateway servers the ingress gateway does not serve (``mesh.compiler_gateways``), and
+    Secrets outside the gateway's namespace, where it never looks."""
     out = []
     for doc in docs:
+        if doc.body.get("kind") == SECRET_KIND and _namespace(doc.body) != GATEWAY_NAMESPACE:
+            out.append(FieldError(doc.source, doc.index, SECRET_KIND, _display_name(doc.body), "metadata.namespace",
+                                  f"the ingress gateway reads credentialName secrets in {GATEWAY_NAMESPACE} only"))
         if doc.body.get("kind") == "Gateway":
             resource = Resource.from_dict(json_shaped(doc.body))
             out += [FieldError(doc.source, doc.index, "Gateway", _display_name(doc.body), path, reason)
@@ -194,7 +203,8 @@ def _check_envelope(body: dict[str, Any], out: _Issues) -> None:
     if kind is None:
         out.append(("kind", "Required value"))
     elif not isinstance(kind, str) or kind not in KIND_GROUPS:
-        out.append(("kind", f"unknown kind {json.dumps(kind)}; supported kinds: {', '.join(sorted(KIND_GROUPS))}"))
+        out.append(("kind", f"unknown kind {json.dumps(kind)}; supported kinds: "
+                           f"{', '.join(sorted([*KIND_GROUPS, *CORE_KINDS]))}"))
     else:
         _check_api_version(kind, body.get("apiVersion"), out)
     _check_metadata(body.get("metadata"), out)
@@ -203,6 +213,15 @@ def _check_envelope(body: dict[str, Any], out: _Issues) -> None:
         out.append(("spec", "Required value"))
     elif not isinstance(spec, dict):
         out.append(("spec", f"must be of type object, got {_type_name(spec)}"))
+
+
+def _check_secret(body: dict[str, Any], out: _Issues) -> None:
+    """A Kubernetes Secret: its own top-level fields, metadata as for every kind, then its data."""
+    for key in body:
+        if key not in SECRET_FIELDS:
+            out.append((str(key), "unknown field"))
+    _check_metadata(body.get("metadata"), out)
+    out.extend(secret_issues(body))
 
 
 def _check_api_version(kind: str, api_version: Any, out: _Issues) -> None:

@@ -17,6 +17,10 @@ request gets exactly one reply.  Operations:
 * ``{"op": "credentials", "trust_domain": ..., "roots": [...], "svids": [...], "workloads": [...]}``
   -> ``{"ok": true, "identities": [...]}``: the node's SVIDs, trust bundle and workload pids
   (``proxy_core.mtls.Credentials``); new handshakes use them, open connections keep theirs.
+* ``{"op": "gateway_secrets", "secrets": {name: {"tls.crt": PEM, "tls.key": PEM, "ca.crt": PEM}}}``
+  -> ``{"ok": true, "gateways": {...}}``: the TLS Secrets of the gateway's ``credentialName``
+  servers (all of them: the set replaces the last one); the gateway's TLS contexts are rebuilt
+  at once (``proxy_core.gateway_tls.GatewaySecrets``).
 * ``{"op": "quota_needs", "wait": 0.1}`` -> ``{"ok": true, "asks": [ASK, ...]}``: a long poll for the
   global rate limit leases the proxy wants (``proxy_core.quota``), answered as soon as a bucket runs
   low or after ``wait`` seconds; the supervisor gets them from Mixer and answers with
@@ -36,6 +40,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from proxy_core.gateway_tls import GatewaySecrets
 from proxy_core.mtls import Credentials
 from proxy_core.server import ProxyServer
 from proxy_core.snapshot import Snapshot
@@ -116,6 +121,15 @@ class ControlServer:
                     self.after_swap()
             return {"ok": True, "version": snapshot.version, "ports": proxy.ports, "vips": proxy.vip_ports(),
                     "gateways": proxy.gateway_ports()}
+        if op == "gateway_secrets":
+            try:
+                secrets = GatewaySecrets({str(name): {str(k): str(v) for k, v in keys.items()}
+                                          for name, keys in (message.get("secrets") or {}).items()})
+            except (AttributeError, TypeError) as exc:
+                return {"ok": False, "error": f"bad gateway_secrets message: {exc}"}
+            async with self._swap_lock:
+                await proxy.set_gateway_secrets(secrets)
+            return {"ok": True, "gateways": proxy.gateway_ports()}
         if op == "credentials":
             try:
                 creds = Credentials.from_dict(message)

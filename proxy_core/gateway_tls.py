@@ -23,7 +23,11 @@ principal (access logs' ``downstream_peer_uri_san``).
 Contexts are built when a snapshot is swapped in (``build_chains``): certificate files are
 read then, and any file that is missing or unreadable, or a key that does not match, raises
 ``GatewayTlsError`` naming the field and path; the server leaves that port unbound and shows
-the error in ``gateway_errors``, as for a port it cannot bind.
+the error in ``gateway_errors``, as for a port it cannot bind.  A server with
+``credential_name`` takes its certificate from the Secrets the supervisor pushed
+(``GatewaySecrets``, Istio's SDS): a push rebuilds the contexts at once, so a rotated Secret
+serves new handshakes without a new Gateway, and a Secret that is missing leaves the port
+unbound the same way (Envoy serves no certificate there) until it arrives.
 
 A ``PASSTHROUGH`` server is one more filter chain of its port, chosen by SNI the same way
 (its names are those of its tls rules' ``sniHosts``): it has no context, and its connections
@@ -35,16 +39,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from proxy_core.gateway_l4 import GatewayTcpSession, pass_through
 from proxy_core.mtls import HANDSHAKE_TIMEOUT, handshake_refusal
 from proxy_core.mtls_inbound import HandshakeGate, layer_tls
 from proxy_core.sni import MAX_CLIENT_HELLO, read_client_hello
-from proxy_core.snapshot import GatewayListener, GatewayTls, GatewayTlsServer
+from proxy_core.snapshot import CACERT_SUFFIX, GatewayListener, GatewayTls, GatewayTlsServer
+from proxy_core.snapshot import SECRET_CA as CA
+from proxy_core.snapshot import SECRET_CERT as CERT
+from proxy_core.snapshot import SECRET_KEY as KEY
 from proxy_core.sniff import ProtocolSniffer
 from proxy_core.tls_session import TlsWrap, harden
 
@@ -107,14 +116,45 @@ class TlsChains:
         return self.any
 
 
-def build_chains(gl: GatewayListener, listener_for: Callable[[GatewayTlsServer], Any]) -> TlsChains:
-    """Contexts for the TLS servers of ``gl`` (files read now; passthrough servers have none);
-    the first server claiming a name keeps it.  Raises ``GatewayTlsError``."""
+@dataclass(frozen=True, slots=True)
+class GatewaySecrets:
+    """The TLS Secrets of the gateway's namespace that the supervisor pushed (``gateway_secrets``
+    on the control channel): name -> PEM text by key (``tls.crt``, ``tls.key``, ``ca.crt``).
+    Only gateway nodes get them, and only those the snapshot's ``credential_name``s reach."""
+
+    by_name: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def material(self, tls: GatewayTls) -> tuple[str, str, str]:
+        """(certificate chain, key, client CA or "") for a ``credential_name`` server.  As Istio:
+        MUTUAL's CA is the Secret's ``ca.crt``, else ``ca.crt`` of the Secret ``<name>-cacert``."""
+        name = tls.credential_name
+        secret = self.by_name.get(name)
+        if secret is None:
+            raise GatewayTlsError(f"credentialName {name}: no Secret {name} in the gateway's namespace "
+                                  f"(meshctl create secret tls {name} --cert FILE --key FILE -n istio-system)")
+        if not secret.get(CERT) or not secret.get(KEY):
+            raise GatewayTlsError(f"credentialName {name}: Secret {name} has no {CERT} and {KEY}")
+        ca = ""
+        if tls.mode != "SIMPLE":
+            ca = secret.get(CA) or (self.by_name.get(name + CACERT_SUFFIX) or {}).get(CA) or ""
+            if not ca:
+                raise GatewayTlsError(f"credentialName {name}: {tls.mode} needs the client CA: {CA} in Secret "
+                                      f"{name} or in Secret {name}{CACERT_SUFFIX}")
+        return secret[CERT], secret[KEY], ca
+
+
+NO_SECRETS = GatewaySecrets()
+
+
+def build_chains(gl: GatewayListener, listener_for: Callable[[GatewayTlsServer], Any],
+                 secrets: GatewaySecrets = NO_SECRETS) -> TlsChains:
+    """Contexts for the TLS servers of ``gl`` (files read now, or ``secrets``; passthrough servers
+    have none); the first server claiming a name keeps it.  Raises ``GatewayTlsError``."""
     exact: dict[str, TlsChain] = {}
     wildcard: dict[str, TlsChain] = {}
     catch_all: TlsChain | None = None
     for srv in gl.servers:
-        chain = TlsChain(srv, server_context(srv.tls) if srv.tls is not None else None, listener_for(srv))
+        chain = TlsChain(srv, server_context(srv.tls, secrets) if srv.tls is not None else None, listener_for(srv))
         if not srv.server_names and catch_all is None:
             catch_all = chain
         for name in srv.server_names:
@@ -125,11 +165,12 @@ def build_chains(gl: GatewayListener, listener_for: Callable[[GatewayTlsServer],
     return TlsChains(exact, wildcard, catch_all)
 
 
-def server_context(tls: GatewayTls) -> ssl.SSLContext:
+def server_context(tls: GatewayTls, secrets: GatewaySecrets = NO_SECRETS) -> ssl.SSLContext:
     """The ``SSLContext`` of one HTTPS server; raises ``GatewayTlsError`` naming the field."""
+    material = secrets.material(tls) if tls.credential_name else None
     for name, path in (("serverCertificate", tls.server_certificate), ("privateKey", tls.private_key),
                        ("caCertificates", tls.ca_certificates)):
-        if path:
+        if path and material is None:
             _readable(name, path)
     ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     try:
@@ -138,11 +179,7 @@ def server_context(tls: GatewayTls) -> ssl.SSLContext:
             ctx.maximum_version = _VERSIONS[tls.max_protocol_version]
     except ValueError as exc:
         raise GatewayTlsError(f"minProtocolVersion/maxProtocolVersion: {exc}") from None
-    try:
-        ctx.load_cert_chain(tls.server_certificate, tls.private_key)
-    except (ssl.SSLError, ValueError) as exc:
-        raise GatewayTlsError(f"serverCertificate {tls.server_certificate} / privateKey {tls.private_key}: "
-                              f"not a certificate and its matching key ({exc})") from None
+    _load_identity(ctx, tls, material)
     if tls.cipher_suites:
         try:
             ctx.set_ciphers(":".join(tls.cipher_suites))
@@ -150,12 +187,43 @@ def server_context(tls: GatewayTls) -> ssl.SSLContext:
             raise GatewayTlsError(f"cipherSuites {list(tls.cipher_suites)}: {exc}") from None
     if tls.mode != "SIMPLE":
         try:
-            ctx.load_verify_locations(cafile=tls.ca_certificates)
+            if material is None:
+                ctx.load_verify_locations(cafile=tls.ca_certificates)
+            else:
+                ctx.load_verify_locations(cadata=material[2])
         except ssl.SSLError as exc:
-            raise GatewayTlsError(f"caCertificates {tls.ca_certificates}: no certificate in it ({exc})") from None
+            where = f"caCertificates {tls.ca_certificates}" if material is None else \
+                f"credentialName {tls.credential_name}: {CA}"
+            raise GatewayTlsError(f"{where}: no certificate in it ({exc})") from None
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.mode == "MUTUAL" else ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols(ALPN)
     return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, tls: GatewayTls, material: tuple[str, str, str] | None) -> None:
+    """The server's certificate and key: from its files, or from its Secret's PEM."""
+    try:
+        if material is None:
+            ctx.load_cert_chain(tls.server_certificate, tls.private_key)
+        else:
+            _load_pem_chain(ctx, material[0], material[1])
+    except (ssl.SSLError, ValueError) as exc:
+        where = (f"serverCertificate {tls.server_certificate} / privateKey {tls.private_key}" if material is None
+                 else f"credentialName {tls.credential_name}: {CERT} / {KEY}")
+        raise GatewayTlsError(f"{where}: not a certificate and its matching key ({exc})") from None
+
+
+def _load_pem_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    """``ssl`` loads a certificate and key from files only: write them to a private directory
+    (0700, files 0600, which ``mkdtemp`` and ``O_EXCL`` guarantee), load, and remove it."""
+    with tempfile.TemporaryDirectory(prefix="raymesh-gateway-tls-") as private:
+        paths = []
+        for name, pem in ((CERT, cert_pem), (KEY, key_pem)):
+            path = os.path.join(private, name)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(pem)
+            paths.append(path)
+        ctx.load_cert_chain(paths[0], paths[1])
 
 
 def _readable(name: str, path: str) -> None:

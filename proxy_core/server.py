@@ -259,8 +259,9 @@ class ProxyServer:
         self._rid = 0
         self._gateway_source: tuple[Any, SourceWorkload] | None = None
         self.gateway_errors: dict[str, str] = {}   # gateway listener -> why it could not be bound
-        from proxy_core.gateway_tls import GatewayTlsStats  # it builds on this module's connections
+        from proxy_core.gateway_tls import GatewaySecrets, GatewayTlsStats  # it builds on this module's connections
         self.gateway_tls = GatewayTlsStats()        # handshakes and refusals on HTTPS gateway ports
+        self.gateway_secrets = GatewaySecrets()     # credentialName material, pushed by the supervisor
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -281,6 +282,13 @@ class ProxyServer:
         await self._reconcile(snapshot)
         self.state = new_state
 
+    async def set_gateway_secrets(self, secrets: Any) -> None:
+        """Install the TLS Secrets pushed for ``credentialName`` servers and rebuild the gateway's
+        TLS contexts now (Istio's SDS: a rotated Secret needs no new snapshot); a port whose
+        Secret is missing closes, with the reason in ``gateway_errors``."""
+        self.gateway_secrets = secrets
+        await self._reconcile(self.state.snapshot)
+
     async def _reconcile(self, snapshot: Snapshot) -> None:
         desired: dict[tuple[str, str, int], _Listener] = {}
         if snapshot.http_proxy is not None:
@@ -293,7 +301,7 @@ class ProxyServer:
         for gl in snapshot.gateway.listeners if snapshot.gateway is not None else ():
             spec = _Listener(GATEWAY, gl.name, gl.address, gl.port, None, tcp=gl.tcp)
             if gl.tls:
-                spec.tls, error = _gateway_chains(gl)
+                spec.tls, error = _gateway_chains(gl, self.gateway_secrets)
                 if error is not None:   # like a port it cannot bind: that port stays closed, the rest applies
                     unbound[gl.name] = f"{gl.address}:{gl.port}: {error}"
                     continue
@@ -440,6 +448,7 @@ class ProxyServer:
                 "mirror": self.mirrors.stats(), "tcp": self.tcp.stats(),
                 "security": self.security.stats.to_dict(), "mtls": self.mtls.stats(),
                 "gateway_errors": dict(self.gateway_errors), "gateway_tls": self.gateway_tls.to_dict(),
+                "gateway_secrets": sorted(self.gateway_secrets.by_name),   # names only, never material
                 "clusters": {name: r.stats() for name, r in self.state.resilience.items()},
                 "cache": cache_stats(self.cache_counters, self.state.caches), "tracing": self._tracing_stats()}
 
@@ -1763,13 +1772,14 @@ def gateway_route_key(listener: str, server: str) -> str:
     return f"{listener}/{server}"
 
 
-def _gateway_chains(gl: Any) -> tuple[Any, str | None]:
-    """The TLS filter chains of an HTTPS gateway port, certificate files read now; or why not."""
+def _gateway_chains(gl: Any, secrets: Any) -> tuple[Any, str | None]:
+    """The TLS filter chains of an HTTPS gateway port, certificate files (or pushed Secrets)
+    read now; or why not."""
     from proxy_core.gateway_tls import GatewayTlsError, build_chains  # it builds on this module's connections
     try:
         return build_chains(gl, lambda srv: _Listener(GATEWAY, gl.name, gl.address, gl.port, None,
                                                       route_key=gateway_route_key(gl.name, srv.name),
-                                                      scheme="https")), None
+                                                      scheme="https"), secrets), None
     except GatewayTlsError as exc:
         return None, str(exc)
 

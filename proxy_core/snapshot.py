@@ -1096,17 +1096,22 @@ class GlobalRateLimit:
 
 
 GATEWAY_TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+SECRET_CERT, SECRET_KEY, SECRET_CA = "tls.crt", "tls.key", "ca.crt"   # a Kubernetes TLS Secret's keys
+CACERT_SUFFIX = "-cacert"        # Istio: MUTUAL's client CA may be a Secret of its own, ``<name>-cacert``
 TLS_VERSIONS = ("TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayTls:
-    """How one HTTPS server of the gateway terminates TLS (Istio ServerTLSSettings with files)."""
+    """How one HTTPS server of the gateway terminates TLS (Istio ServerTLSSettings): with files
+    on the node, or with ``credential_name``, a Secret whose material the supervisor pushes to
+    this proxy alone (``proxy_core.gateway_tls.GatewaySecrets``); the snapshot holds its name only."""
 
     mode: str
-    server_certificate: str
-    private_key: str
+    server_certificate: str = ""
+    private_key: str = ""
     ca_certificates: str = ""
+    credential_name: str = ""
     min_protocol_version: str = ""
     max_protocol_version: str = ""
     cipher_suites: tuple[str, ...] = ()
@@ -1117,13 +1122,17 @@ class GatewayTls:
         mode = str(d.get("mode", ""))
         if mode not in GATEWAY_TLS_MODES:
             raise ValueError(f"gateway tls mode {mode!r} is not one of {list(GATEWAY_TLS_MODES)}")
-        if mode != "SIMPLE" and not d.get("ca_certificates"):
+        credential = str(d.get("credential_name") or "")
+        if not credential and not (d.get("server_certificate") and d.get("private_key")):
+            raise ValueError("gateway tls needs credential_name, or server_certificate and private_key")
+        if mode != "SIMPLE" and not credential and not d.get("ca_certificates"):
             raise ValueError(f"gateway tls mode {mode} needs ca_certificates")
         for key in ("min_protocol_version", "max_protocol_version"):
             if d.get(key) and d[key] not in TLS_VERSIONS:
                 raise ValueError(f"gateway tls {key} {d[key]!r} is not one of {list(TLS_VERSIONS)}")
-        return cls(mode=mode, server_certificate=str(d["server_certificate"]), private_key=str(d["private_key"]),
-                   ca_certificates=str(d.get("ca_certificates") or ""),
+        return cls(mode=mode, server_certificate=str(d.get("server_certificate") or ""),
+                   private_key=str(d.get("private_key") or ""), ca_certificates=str(d.get("ca_certificates") or ""),
+                   credential_name=credential,
                    min_protocol_version=str(d.get("min_protocol_version") or ""),
                    max_protocol_version=str(d.get("max_protocol_version") or ""),
                    cipher_suites=tuple(str(x) for x in d.get("cipher_suites") or ()),

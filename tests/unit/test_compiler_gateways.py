@@ -246,22 +246,22 @@ def test_ports_protocols_and_unserved_servers() -> None:
     # A passthrough server no tls rule reaches and a TCP server no tcp rule reaches still open
     # their port: every connection is closed there, as Envoy's listener without a filter chain.
     assert got == {8080: ("http", ["default/gw"]), 9090: ("grpc", ["default/gw"]), 8443: ("https", ["default/gw"]),
-                   9444: ("tls", ["default/gw"]), 9000: ("tcp", ["default/gw"])}
+                   9443: ("https", ["default/gw"]), 9444: ("tls", ["default/gw"]), 9000: ("tcp", ["default/gw"])}
     assert listeners(snap)[9444]["servers"] == [] and listeners(snap)[9000]["tcp_routes"] == []
+    # credentialName compiles to the Secret's name only: its material never enters a snapshot.
+    assert listeners(snap)[9443]["servers"][0]["tls"] == {"mode": "SIMPLE", "credential_name": "shop-cert"}
     # The servers not served are valid Istio configuration: accepted, with a warning naming the field.
     docs = [Document("gw.yaml", 0, {"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
                                     "metadata": {"name": "gw"}, "spec": gw.spec})]
     assert validate_documents(docs) == []
     warnings = [(w.path, str(w)) for w in document_warnings(docs)]
-    assert [path for path, _ in warnings] == ["spec.servers[3].tls.credentialName", "spec.servers[5].tls.mode",
-                                              "spec.servers[6].tls.mode", "spec.servers[7].tls.mode",
-                                              "spec.servers[8].port.protocol"]
-    assert "credentialName names a Kubernetes Secret" in warnings[0][1]
-    assert "ISTIO_MUTUAL TLS gateway servers are not served" in warnings[1][1]
-    assert "AUTO_PASSTHROUGH TLS gateway servers are not served" in warnings[2][1]
-    assert "multi-cluster" in warnings[2][1]
-    assert "SIMPLE TLS gateway servers (TLS terminated, then tcp routes) are not served yet" in warnings[3][1]
-    assert "UDP gateway servers are not served yet" in warnings[4][1]
+    assert [path for path, _ in warnings] == ["spec.servers[5].tls.mode", "spec.servers[6].tls.mode",
+                                              "spec.servers[7].tls.mode", "spec.servers[8].port.protocol"]
+    assert "ISTIO_MUTUAL TLS gateway servers are not served" in warnings[0][1]
+    assert "AUTO_PASSTHROUGH TLS gateway servers are not served" in warnings[1][1]
+    assert "multi-cluster" in warnings[1][1]
+    assert "SIMPLE TLS gateway servers (TLS terminated, then tcp routes) are not served yet" in warnings[2][1]
+    assert "UDP gateway servers are not served yet" in warnings[3][1]
 
 
 def test_https_servers_are_filter_chains_with_their_own_tls_and_virtual_hosts() -> None:

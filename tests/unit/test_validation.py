@@ -60,8 +60,8 @@ def test_unknown_kind_lists_supported_kinds() -> None:
     (error,) = validate_document(doc("Sidecar", {}))
     assert error.path == "kind"
     assert error.reason == ('unknown kind "Sidecar"; supported kinds: AuthorizationPolicy, CachePolicy, DestinationRule, '
-                            "Gateway, PeerAuthentication, RateLimitPolicy, RequestAuthentication, ServiceEntry, "
-                            "Telemetry, VirtualService, WorkloadEntry")
+                            "Gateway, PeerAuthentication, RateLimitPolicy, RequestAuthentication, Secret, "
+                            "ServiceEntry, Telemetry, VirtualService, WorkloadEntry")
 
 
 def test_api_version_must_match_kind() -> None:
