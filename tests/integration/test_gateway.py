@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
+
+from mesh.client import NAMESPACE
 
 from tests.unit.test_tls_origination import Pki
 
@@ -87,6 +90,22 @@ def https_gateway(port: int, cert: tuple[str, str]) -> list[dict[str, Any]]:
             {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bookinfo-https"},
              "spec": {"hosts": ["bookinfo.example.com"], "gateways": ["bookinfo-https"],
                       "http": [{"route": [{"destination": {"host": "productpage", "port": {"number": 9080}}}]}]}}]
+
+
+def credential_gateway(port: int) -> list[dict[str, Any]]:
+    """A fourth Gateway, as Istio's docs write it: HTTPS whose certificate is the Secret bookinfo-credential."""
+    docs = https_gateway(port, ("", ""))
+    for doc in docs:
+        doc["metadata"]["name"] = "bookinfo-credential"
+    docs[0]["spec"]["servers"][0]["tls"] = {"mode": "SIMPLE", "credentialName": "bookinfo-credential"}
+    docs[1]["spec"]["gateways"] = ["bookinfo-credential"]
+    return docs
+
+
+def https_get(port: int, ca: str, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "15", "--cacert", ca, "--resolve",
+                           f"bookinfo.example.com:{port}:127.0.0.1", f"https://bookinfo.example.com:{port}{path}"],
+                          capture_output=True, text=True, timeout=30)
 
 
 def tcp_gateway(port: int) -> list[dict[str, Any]]:
@@ -189,6 +208,33 @@ def test_bookinfo_gateway_routes_into_the_mesh(mesh, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert (seen["service"], seen["path"], seen["node"]) == ("productpage", "/productpage", mesh.nodes[1])
+
+    # credentialName: the Gateway first (its port stays closed, the reason in proxy-status), then
+    # the Secret with meshctl create secret tls, as Istio's docs do it with kubectl.
+    cred_port = free_port()
+    applied = tmp_path / "credential-gateway.yaml"
+    applied.write_text(yaml.safe_dump_all(credential_gateway(cred_port)))
+    assert meshctl(mesh, "apply", "-f", str(applied)).returncode == 0
+    deadline, errors = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and not errors:
+        head = next(r for r in mesh.client.proxy_status() if r["node"] == mesh.nodes[0])
+        errors = {k: v for k, v in (head.get("gateway_errors") or {}).items() if str(cred_port) in k}
+        time.sleep(0.2)
+    assert "no Secret bookinfo-credential" in next(iter(errors.values()), ""), errors
+    cert = pki.issue("cred", "bookinfo.example.com", ["bookinfo.example.com"])
+    r = meshctl(mesh, "create", "secret", "tls", "bookinfo-credential", "--cert", cert[0], "--key", cert[1])
+    assert r.returncode == 0 and "secret/bookinfo-credential created" in r.stdout, r.stderr
+    wait_gateway(mesh, cred_port)
+    out = https_get(cred_port, pki.ca, "/productpage")
+    assert out.returncode == 0 and json.loads(out.stdout)["node"] == mesh.nodes[1], out.stderr
+    r = meshctl(mesh, "get", "secret", "-n", "istio-system", "-o", "yaml")
+    assert r.returncode == 0 and "REDACTED" in r.stdout and "BEGIN" not in r.stdout
+    assert Path(cert[1]).read_text().splitlines()[1] not in r.stdout
+    # The worker node is no gateway: its proxy never received the Secret.
+    stats = {node: ray.get(ray.get_actor(f"proxy-{node[:16]}", namespace=NAMESPACE).status.remote())["stats"]
+             for node in mesh.nodes[:2]}
+    assert (stats[mesh.nodes[0]]["gateway_secrets"], stats[mesh.nodes[1]]["gateway_secrets"]) == (
+        ["bookinfo-credential"], [])
 
     # A TCP server: bytes spliced (not parsed) to productpage on the other node, over the tunnel.
     tcp_port = free_port()
