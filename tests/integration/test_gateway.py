@@ -230,6 +230,9 @@ def test_bookinfo_gateway_routes_into_the_mesh(mesh, tmp_path) -> None:
     r = meshctl(mesh, "get", "secret", "-n", "istio-system", "-o", "yaml")
     assert r.returncode == 0 and "REDACTED" in r.stdout and "BEGIN" not in r.stdout
     assert Path(cert[1]).read_text().splitlines()[1] not in r.stdout
+    r = meshctl(mesh, "get", "secret", "-n", "istio-system")
+    assert r.stdout.split("\n")[0].split() == ["NAMESPACE", "NAME", "TYPE", "DATA", "SUBJECT", "EXPIRES"], r.stdout
+    assert "bookinfo-credential   kubernetes.io/tls   tls.crt,tls.key   CN=bookinfo.example.com" in r.stdout, r.stdout
     # The worker node is no gateway: its proxy never received the Secret.
     stats = {node: ray.get(ray.get_actor(f"proxy-{node[:16]}", namespace=NAMESPACE).status.remote())["stats"]
              for node in mesh.nodes[:2]}
