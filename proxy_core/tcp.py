@@ -201,9 +201,14 @@ class TcpSession(_Half):
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        self._accept(transport)
         assert self.transport is not None
         self.transport.pause_reading()   # until the upstream is connected
+        self._route()
+
+    def _accept(self, transport: asyncio.BaseTransport) -> None:
+        """What every accepted session does first: no Nagle, counted, finished on close."""
+        Pipe.connection_made(self, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -211,7 +216,6 @@ class TcpSession(_Half):
         tcp.downstream_connections_total += 1
         tcp.sessions.add(self)
         self.on_close = self._finish
-        self._route()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
@@ -383,14 +387,7 @@ class TlsSession(TcpSession):
         self.routed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        Pipe.connection_made(self, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tcp = self.owner.tcp
-        tcp.downstream_connections_total += 1
-        tcp.sessions.add(self)
-        self.on_close = self._finish
+        self._accept(transport)     # reading goes on: the ClientHello decides the route
         self.hello_timer = self.loop.call_later(HELLO_TIMEOUT, self._hello_timeout)
 
     def data_received(self, data: bytes) -> None:
