@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-COMPILED = ("http1", "server", "upstream", "router", "lb", "policy", "accesslog", "stats", "telemetry")
+COMPILED = ("http1", "server", "upstream", "router", "lb", "policy", "accesslog", "stats", "telemetry", "coalesce")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

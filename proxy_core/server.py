@@ -65,6 +65,8 @@ from proxy_core.accesslog import AccessLog
 from proxy_core.grpc_wire import http_to_grpc_status, trailers_only
 from proxy_core.http2_upstream import H2UpstreamPool, StreamRefused
 from proxy_core.cache import CacheFilter, CacheStats, HttpCache, build_caches, cache_stats
+from proxy_core.coalesce import WriteBatch, coalescing, direct
+from proxy_core.coalesce import flush as flush_held
 from proxy_core.http1 import ProtocolError, RequestHead, ResponseHead
 from proxy_core.lb import LoadBalancer, make_balancer
 from proxy_core.mirror import MIRROR_MAX_IN_FLIGHT, MIRROR_TIMEOUT, MirrorSender
@@ -244,6 +246,9 @@ class ProxyServer:
         self.access_log = access_log or AccessLog(enabled=False)
         self.mtls = Mtls()                      # SVIDs pushed by the supervisor; off until the first push
         self.pool = pool or UpstreamPool(MtlsDialer(self.mtls))
+        # HTTP/1.1 connections, both sides, write once per loop iteration (proxy_core.coalesce).
+        self.writes = WriteBatch()
+        self.pool.writes = self.writes
         self.dialer: Dialer = self.pool.dialer
         self.h2_pool = H2UpstreamPool(self.dialer)   # clusters whose port speaks HTTP/2 (http2, grpc)
         self.mirrors = MirrorSender(self.pool, self.h2_pool, self.mtls, mirror_limit)
@@ -501,7 +506,8 @@ class HttpConnection:
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        server = self.server
+        self.transport = coalescing(transport, server.writes)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = peer[0]
@@ -510,7 +516,6 @@ class HttpConnection:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server = self.server
         if server.peer_identity is not None:
             self.peer_principal = server.peer_identity(transport)
         if self.listener.kind != "inbound":
@@ -534,6 +539,7 @@ class HttpConnection:
 
     def eof_received(self) -> bool:
         self.eof = True
+        flush_held(self.transport)   # returning False closes the transport: what it holds goes first
         tunnel = self.tunnel
         if tunnel is not None:
             ex = self.active
@@ -1415,10 +1421,11 @@ class Exchange:
             self.route_timer.cancel()
             self.route_timer = None
         pipe = Pipe()
-        conn.transport.set_protocol(pipe)
-        pipe.connection_made(conn.transport)
+        up = conn.transport = direct(conn.transport)
+        up.set_protocol(pipe)
+        pipe.connection_made(up)
         conn.parser.sink = UpgradeRest(pipe)   # the origin's first frames, read with the 101
-        self._splice(pipe, conn.transport)
+        self._splice(pipe, up)
 
     def upstream_error(self, exc: ProtocolError) -> None:
         if self.done:
@@ -1581,6 +1588,8 @@ class Exchange:
     def _splice(self, pipe: Pipe, up: asyncio.Transport) -> None:
         self.pipe = pipe
         conn = self.conn
+        # A pipe half-closes and closes from the loop's callbacks: its writes go out at once.
+        conn.transport = direct(conn.transport)
         pending, self.tunnel_pending = self.tunnel_pending or [], None
         if pending:
             up.write(b"".join(pending))

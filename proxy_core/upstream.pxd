@@ -30,6 +30,7 @@ cdef class UpstreamPool:
     cdef public dict _idle
     cdef public object _evictor
     cdef public long connects
+    cdef public object writes
 
     cpdef UpstreamConnection take_idle(self, object key)
     cpdef release(self, UpstreamConnection conn)

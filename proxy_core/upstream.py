@@ -20,6 +20,7 @@ import asyncio
 import time
 from typing import Any, Callable, Hashable, Protocol, TypeVar
 
+from proxy_core.coalesce import WriteBatch, coalescing
 from proxy_core.http1 import HeaderList, MessageSink, ProtocolError, ResponseParser
 from proxy_core.snapshot import Endpoint
 
@@ -252,6 +253,7 @@ class UpstreamPool:
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._evictor: asyncio.TimerHandle | None = None
         self.connects = 0
+        self.writes: WriteBatch | None = None   # set by the proxy: new connections coalesce their writes
 
     def take_idle(self, key: PoolKey) -> UpstreamConnection | None:
         """A live idle connection to ``key`` (most recently used first), or None."""
@@ -267,6 +269,7 @@ class UpstreamPool:
         """A new connection; ``tls`` (``mtls_client.UpstreamTls``) secures it and keys its pool."""
         key = pool_key(endpoint) if tls is None else (endpoint.pool_key, tls.key)
         conn = await self.dialer.open(endpoint, lambda: UpstreamConnection(key), timeout, tls)
+        conn.transport = coalescing(conn.transport, self.writes)
         self.connects += 1
         return conn
 

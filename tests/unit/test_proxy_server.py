@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ import pytest
 
 from proxy_core import control
 from proxy_core.accesslog import AccessLog
+from proxy_core.server import HttpConnection, _Listener
 from proxy_core.snapshot import Snapshot
 from tests.unit.conftest import Echo, Reply, Seen, closed_port, cluster, snapshot, vhost
 
@@ -147,6 +149,40 @@ async def test_pipelined_requests_are_answered_in_order(env) -> None:
     req = b"".join(b"GET /%d HTTP/1.1\r\nHost: reviews:9080\r\n\r\n" % i for i in range(3))
     out = await raw_exchange(p.ports["http_proxy"], req + b"GET /last HTTP/1.1\r\nHost: reviews:9080\r\nConnection: close\r\n\r\n")
     assert re.findall(rb"\r\n\r\n(/\d|/last)", out) == [b"/0", b"/1", b"/2", b"/last"]
+
+
+async def test_requests_sent_with_the_clients_eof_are_answered_in_full(env) -> None:
+    """The proxy holds its writes until the end of the loop iteration (proxy_core.coalesce): a
+    client's EOF must not close the connection before the held response leaves, for a local
+    reply as for a proxied one."""
+    up = await env.upstream(lambda s: Reply(body=b"from " + s.target.encode()))
+    routes = [{"name": "static", "match": [{"uri": {"prefix": "/static"}}],
+               "direct_response": {"status": 200, "body": "local"}},
+              {"name": "default", "route": [{"cluster": CL}]}]
+    p = await env.proxy(reviews(routes, up.port))
+    port = p.ports["http_proxy"]
+    for path, body in ((b"/static", b"local"), (b"/up", b"from /up")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+        writer.write_eof()
+        out = await asyncio.wait_for(reader.read(), 10)   # to the proxy's EOF
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\n" + body), out
+    # A TLS transport can deliver the request and the EOF in one callback: the local reply,
+    # held when the EOF arrives, still goes out before the loop closes the connection.
+    ours, theirs = socket.socketpair()
+    listener = _Listener("http_proxy", "http_proxy", "127.0.0.1", port, None)
+    transport, conn = await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: HttpConnection(p, listener), ours)
+    conn.data_received(b"GET /static HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
+    if not conn.eof_received():
+        transport.close()          # what the event loop does when eof_received returns False
+    theirs.settimeout(10)
+    out = b""
+    while chunk := await asyncio.to_thread(theirs.recv, 65536):
+        out += chunk
+    theirs.close()
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\nlocal"), out
 
 
 async def test_chunked_upload_is_streamed_before_the_client_finishes(env) -> None:

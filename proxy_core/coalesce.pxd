@@ -1,0 +1,22 @@
+# C types for coalesce.py when it is compiled (see setup.py); the .py stays the source.
+cimport cython
+
+
+@cython.final
+cdef class CoalescingTransport:
+    cdef public object transport
+    cdef public WriteBatch batch
+    cdef list _held
+
+    cpdef write(self, object data)
+    cpdef flush(self)
+
+
+@cython.final
+cdef class WriteBatch:
+    cdef list _pending
+    cdef bint _scheduled
+    cdef object _flush_cb
+
+    cpdef add(self, CoalescingTransport transport)
+    cpdef flush(self)

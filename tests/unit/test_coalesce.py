@@ -1,0 +1,127 @@
+"""Write coalescing (proxy_core.coalesce) on real loopback sockets: held writes leave at the
+end of the loop iteration, as one write, in order, and nothing held is lost or reordered by
+close, write_eof or the switch to direct writes."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from proxy_core.coalesce import CoalescingTransport, WriteBatch, coalescing, direct, flush
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class _Recorder(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+
+async def pair() -> tuple[Any, socket.socket]:
+    """A real transport on one end of a connected loopback pair; the other end, non-blocking."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    transport, _ = await loop.connect_accepted_socket(_Recorder, ours)
+    return transport, theirs
+
+
+def received(sock: socket.socket) -> bytes:
+    """What has arrived so far, without waiting."""
+    out = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return out
+        if not data:
+            return out + b"<EOF>"
+        out += data
+
+
+async def next_iteration() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_writes_are_held_until_the_iteration_ends_then_leave_in_order() -> None:
+    batch = WriteBatch()
+    raw_a, peer_a = await pair()
+    raw_b, peer_b = await pair()
+    a, b = CoalescingTransport(raw_a, batch), CoalescingTransport(raw_b, batch)
+    a.write(b"one ")
+    b.write(b"other")
+    a.write(b"two ")
+    a.write(b"")          # nothing to send: not a write
+    a.write(b"three")
+    assert received(peer_a) == b"" and received(peer_b) == b""
+    assert a.get_write_buffer_size() == len(b"one two three")
+    await next_iteration()
+    assert received(peer_a) == b"one two three"
+    assert received(peer_b) == b"other"
+    a.write(b"again")     # a new iteration: held again, flushed again
+    assert received(peer_a) == b""
+    await next_iteration()
+    assert received(peer_a) == b"again"
+    a.close(); b.close()
+
+
+async def test_close_and_write_eof_send_what_was_held_first() -> None:
+    batch = WriteBatch()
+    raw, peer = await pair()
+    t = CoalescingTransport(raw, batch)
+    t.write(b"last words")
+    t.write_eof()
+    await next_iteration()
+    assert received(peer) == b"last words<EOF>"
+    raw2, peer2 = await pair()
+    t2 = CoalescingTransport(raw2, batch)
+    t2.write(b"goodbye")
+    t2.close()
+    await next_iteration()
+    assert received(peer2) == b"goodbye<EOF>"
+
+
+async def test_abort_drops_what_was_held() -> None:
+    batch = WriteBatch()
+    raw, peer = await pair()
+    t = CoalescingTransport(raw, batch)
+    t.write(b"never sent")
+    t.abort()
+    await next_iteration()
+    try:
+        got = received(peer)
+    except ConnectionResetError:
+        got = b"<EOF>"
+    assert got == b"<EOF>"
+
+
+async def test_direct_flushes_then_writes_at_once() -> None:
+    batch = WriteBatch()
+    raw, peer = await pair()
+    t = coalescing(raw, batch)
+    assert coalescing(t, batch) is t and coalescing(raw, None) is raw
+    t.write(b"held ")
+    assert direct(t) is raw
+    assert received(peer) == b"held "
+    t.write(b"through")     # the wrapper, still referenced somewhere, now writes straight away
+    assert received(peer) == b"through"
+    assert direct(raw) is raw
+    flush(raw)              # a plain transport: nothing to do
+    raw.close()
+
+
+async def test_a_connection_gone_meanwhile_drops_its_bytes_and_spares_the_others() -> None:
+    batch = WriteBatch()
+    raw_a, peer_a = await pair()
+    raw_b, peer_b = await pair()
+    a, b = CoalescingTransport(raw_a, batch), CoalescingTransport(raw_b, batch)
+    a.write(b"lost")
+    b.write(b"kept")
+    raw_a.close()           # closed underneath the wrapper, as the loop does after a peer's EOF
+    await next_iteration()
+    assert received(peer_a) == b"<EOF>"
+    assert received(peer_b) == b"kept"
+    b.close()
