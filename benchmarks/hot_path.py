@@ -25,6 +25,7 @@ from typing import Any
 import uvloop
 
 from proxy_core.accesslog import AccessLog
+from proxy_core.coalesce import coalescing
 from proxy_core.server import HttpConnection, ProxyServer, _Listener
 from proxy_core.snapshot import Snapshot
 from proxy_core.upstream import UpstreamConnection
@@ -92,24 +93,28 @@ class _Transport:
 
 async def run(requests: int, profile: bool) -> dict[str, float]:
     proxy = ProxyServer(Snapshot.from_dict(SNAPSHOT), access_log=AccessLog(io.StringIO()))
-    proxy.loop = asyncio.get_running_loop()
+    proxy.loop = proxy.writes.loop = asyncio.get_running_loop()
     vip = proxy.state.snapshot.vips[0]
     listener = _Listener("vip", f"{VIP}:{VPORT}", VIP, VPORT, vip)
     for cluster in proxy.state.snapshot.clusters.values():
         for ep in cluster.endpoints:
             for _ in range(2):
                 conn = UpstreamConnection(ep.pool_key)
-                conn.connection_made(_Transport())
+                conn.connection_made(coalescing(_Transport(), proxy.writes))   # as UpstreamPool.connect does
                 proxy.pool.release(conn)
     down = HttpConnection(proxy, listener)
     down_transport = _Transport()
     down.connection_made(down_transport)
 
+    writes = proxy.writes   # what the event loop runs at the end of each iteration
+
     def one() -> None:
         down.data_received(REQUEST)
         upstream = down.active.upstream
-        upstream.transport.out.clear()
+        writes.flush()
+        upstream.transport.transport.out.clear()   # the _Transport under the coalescing one
         upstream.data_received(RESPONSE)
+        writes.flush()
         down_transport.out.clear()
         if proxy.telemetry is not None and proxy.telemetry.rows_buffered >= 4096:
             proxy.telemetry.drain()  # what the supervisor does every second

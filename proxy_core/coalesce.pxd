@@ -14,9 +14,11 @@ cdef class CoalescingTransport:
 
 @cython.final
 cdef class WriteBatch:
+    cdef public object loop
     cdef list _pending
     cdef bint _scheduled
     cdef object _flush_cb
+    cdef object _context
 
     cpdef add(self, CoalescingTransport transport)
     cpdef flush(self)

@@ -24,6 +24,7 @@ callbacks).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Any
 
@@ -33,19 +34,26 @@ log = logging.getLogger(__name__)
 class WriteBatch:
     """The transports with held writes, flushed once per loop iteration."""
 
-    __slots__ = ("_pending", "_scheduled", "_flush_cb")
+    __slots__ = ("loop", "_pending", "_scheduled", "_flush_cb", "_context")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop     # None: the running loop, looked up at each first write of an iteration
         self._pending: list[CoalescingTransport] = []
         self._scheduled = False
         self._flush_cb = self.flush
+        # The flush runs no code of the requests', so it needs none of their context variables:
+        # a context of its own spares call_soon a copy of the current one every iteration.
+        self._context = contextvars.Context()
 
     def add(self, transport: CoalescingTransport) -> None:
         """``transport`` holds bytes now; it is written at the end of this iteration."""
         self._pending.append(transport)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_cb)
+            loop = self.loop
+            if loop is None:
+                loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush_cb, context=self._context)
 
     def flush(self) -> None:
         self._scheduled = False

@@ -434,8 +434,15 @@ def reason_phrase(status: int) -> bytes:
 
 
 def _header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """``name: value\\r\\n`` for every header, as one bytes object (one join, no per-line concatenation)."""
-    return b"".join([b"%s: %s\r\n" % h for h in headers])
+    """``name: value\\r\\n`` for every header, as one bytes object: the pieces go into one
+    list and one join (no per-line formatting or concatenation)."""
+    parts: list[bytes] = []
+    for h in headers:
+        parts.append(h[0])
+        parts.append(b": ")
+        parts.append(h[1])
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def request_head(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

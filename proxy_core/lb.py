@@ -46,12 +46,16 @@ class LoadBalancer(Protocol):
 
 
 class _Balancer:
-    """Shared state: the endpoints, their keys, the random source; no-op request hooks."""
+    """Shared state: the endpoints, their keys, the random source; no-op request hooks.
+
+    Compiled (see setup.py), it and the round-robin and least-request balancers are
+    extension types whose fields are C struct members (``lb.pxd``): the pick runs per request.
+    """
 
     __slots__ = ("endpoints", "_keys", "_rng")
 
     def __init__(self, endpoints: tuple[Endpoint, ...], rng: random.Random) -> None:
-        self.endpoints = endpoints
+        self.endpoints = tuple(endpoints)
         self._keys = tuple(ep.key for ep in endpoints)
         self._rng = rng
 

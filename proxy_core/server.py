@@ -278,6 +278,7 @@ class ProxyServer:
     async def start(self) -> None:
         # Cached: asyncio.get_running_loop() costs a getpid() syscall per call on 3.11.
         self.loop = asyncio.get_running_loop()
+        self.writes.loop = self.loop
         await self._reconcile(self.state.snapshot)
 
     async def swap(self, snapshot: Snapshot) -> None:

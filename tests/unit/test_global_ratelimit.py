@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import time
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,11 @@ async def supervise(sock: str, ledger: QuotaLedger | None, stop: asyncio.Event) 
 ])
 async def test_proxy_limits_through_leases(tmp_path: Path, mixer_up: bool, failure_mode: str,
                                            expected: tuple[int, ...]) -> None:
+    # The counter's windows are minutes of wall-clock time: a test that crossed into the next
+    # minute would rightly get a fresh allowance, so it starts clear of the boundary.
+    to_boundary = 60.0 - time.time() % 60.0
+    if to_boundary < 3.0:
+        await asyncio.sleep(to_boundary + 0.05)
     up = await Upstream(name="reviews").start()
     proxy = ProxyServer(Snapshot.from_dict(global_snapshot(up.port, failure_mode, limit=3)))
     await proxy.start()
