@@ -44,6 +44,9 @@ def _quote(text: str) -> str:
             _QUOTED.clear()
         quoted = _QUOTED[text] = _q(text)
     return quoted
+# "000" .. "999": the milliseconds of start_time, without a format spec per line.
+_MILLIS = tuple(f"{ms:03d}" for ms in range(1000))
+
 _FLUSH_INTERVAL = 1.0
 DEFAULT_ROTATE_ROWS = 100_000
 DEFAULT_ROTATE_SECONDS = 60.0
@@ -195,7 +198,7 @@ class AccessLog:
         sec = int(start_time)
         day_time = self._sec_text if sec == self._sec else self._second(sec)
         self._lines.append(
-            f'{{"start_time":"{day_time}.{int((start_time - sec) * 1000):03d}Z","method":{_quote(method)},'
+            f'{{"start_time":"{day_time}.{_MILLIS[int((start_time - sec) * 1000)]}Z","method":{_quote(method)},'
             f'"path":{_quote(path)},"protocol":"{protocol}","response_code":{response_code},'
             f'"response_flags":"{response_flags}","bytes_received":{bytes_received},"bytes_sent":{bytes_sent},'
             f'"duration":{duration_ms},'

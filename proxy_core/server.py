@@ -123,7 +123,7 @@ _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close"))
 _REQUEST_SPECIAL = HOP_BY_HOP_BYTES | {b"host", b"x-forwarded-for", b"expect", b"x-forwarded-proto", b"x-request-id"}
 _CONNECT_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
-_RID_PREFIX = str(uuid.uuid4())[:24]  # "xxxxxxxx-xxxx-4xxx-yxxx-": random per process
+_RID_FORMAT = str(uuid.uuid4())[:24] + "%012x"  # "xxxxxxxx-xxxx-4xxx-yxxx-" random per process, then a count
 
 
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
@@ -425,7 +425,7 @@ class ProxyServer:
 
     def next_request_id(self) -> str:
         self._rid += 1
-        return f"{_RID_PREFIX}{self._rid:012x}"
+        return _RID_FORMAT % self._rid
 
     def record(self, destination: str, status: int, duration_ms: float, response_flags: str) -> None:
         """One finished request; every total in ``stats()`` is derived from these records."""
@@ -1142,7 +1142,11 @@ class Exchange:
         retries = self.route.retries if self.route is not None else None
         if retries is not None and retries.per_try_timeout:
             self.try_timer = self.loop.call_later(retries.per_try_timeout, self._on_try_timeout)
-        h2, tls = upstream_plan(self.server.mtls, ep, self.cluster, self.conn, self.head.upgrade)
+        cluster = self.cluster
+        if ep.via is None and cluster.tls is None and not cluster.http2 and not cluster.use_downstream_protocol:
+            h2, tls = False, None   # loopback plaintext HTTP/1.1: upstream_plan's answer, without the call
+        else:
+            h2, tls = upstream_plan(self.server.mtls, ep, cluster, self.conn, self.head.upgrade)
         self.up_tls = tls
         if self.resilience is not None:   # circuit breakers: idle connection, dial, queue or 503 UO
             if not h2:
@@ -1710,19 +1714,21 @@ class Exchange:
         status = self.status
         flag_list = self.flags
         response_flags = ",".join(flag_list) if flag_list else flags.NONE
-        server.record(self.cluster.service if self.cluster is not None else "unknown", status, duration_ms,
-                      response_flags)
+        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", status,
+                                   duration_ms, response_flags)   # ProxyServer.record, inlined
         telemetry = server.telemetry
         if telemetry is not None and self.head.method != b"CONNECT":
             head_bytes = len(self.up_head) if self.attempt else request_head_size(self.head)
+            source = self.conn.source   # found once per connection (Mtls.workload_of)
             telemetry.record(self.state.snapshot, self.route, self.wc, self.cluster, self.endpoint, self.req,
                              self.t_wall, status, response_flags, duration_ms, self.bytes_received + head_bytes,
-                             self.bytes_sent + self.resp_head_bytes, server.mtls.workload_of(self.conn),
+                             self.bytes_sent + self.resp_head_bytes,
+                             source if source is not None else server.mtls.workload_of(self.conn),
                              self.up_tls is not None and self.up_tls.mesh, self.grpc_status)
         if server.tracer is not None:
             trace_finished(server.tracer, self, duration_ms, response_flags)
         alog = server.access_log
-        if alog.enabled and access_log_allowed(self):
+        if alog.enabled and (not self.state.snapshot.telemetry.configured or access_log_allowed(self)):
             req = self.req
             head = self.head
             headers = req.headers if req is not None else {}
