@@ -1,6 +1,7 @@
 # C types for the connection driver and the exchange of server.py when it is compiled
 # (see setup.py); server.py stays the source and runs unchanged without this file.
 cimport cython
+from proxy_core.accesslog cimport AccessLog
 from proxy_core.http1 cimport RequestHead, RequestParser, ResponseHead
 from proxy_core.router cimport RequestInfo
 from proxy_core.upstream cimport UpstreamConnection
@@ -121,5 +122,6 @@ cdef class Exchange:
     cpdef on_end(self, list trailers)
     cpdef flush(self)
     cpdef _response_head(self, ResponseHead rh)
+    @cython.locals(alog=AccessLog)
     cpdef _complete(self, bint upstream_reusable)
     cpdef _finish_downstream(self)
