@@ -48,15 +48,33 @@ def retry_on_status(policy: RetryPolicy, status: int) -> bool:
     ``"503"`` (a number)          that status
     ============================  =========================================================
     """
+    return status in retried_statuses(policy)
+
+
+_RETRIED: dict[int, tuple[RetryPolicy, frozenset[int]]] = {}
+
+
+def retried_statuses(policy: RetryPolicy) -> frozenset[int]:
+    """Every status ``policy`` retries (the table of ``retry_on_status``), worked out once per
+    policy object: it is asked for every response of a route with retries."""
+    entry = _RETRIED.get(id(policy))
+    if entry is not None and entry[0] is policy:
+        return entry[1]
     on = policy.retry_on
-    if status >= 500:
-        if "5xx" in on or (status in _GATEWAY_ERRORS and "gateway-error" in on):
-            return True
-    elif status == 409 and "retriable-4xx" in on:
-        return True
-    if status in policy.retriable_status_codes and "retriable-status-codes" in on:
-        return True
-    return status in _numeric_codes(on)
+    codes = set(_numeric_codes(on))
+    if "5xx" in on:
+        codes.update(range(500, 1000))
+    elif "gateway-error" in on:
+        codes.update(_GATEWAY_ERRORS)
+    if "retriable-4xx" in on:
+        codes.add(409)
+    if "retriable-status-codes" in on:
+        codes.update(policy.retriable_status_codes)
+    statuses = frozenset(codes)
+    if len(_RETRIED) >= 4096:
+        _RETRIED.clear()
+    _RETRIED[id(policy)] = (policy, statuses)   # the policy is held: its id stays its own
+    return statuses
 
 
 # gRPC status code -> the retry_on entry that retries it (Envoy's x-envoy-retry-grpc-on).

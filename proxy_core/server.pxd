@@ -3,14 +3,16 @@
 cimport cython
 from proxy_core.accesslog cimport AccessLog
 from proxy_core.http1 cimport RequestHead, RequestParser, ResponseHead
-from proxy_core.router cimport RequestInfo
+from proxy_core.router cimport RequestInfo, Router
+from proxy_core.stats cimport StatsRecorder
+from proxy_core.telemetry cimport TelemetryRecorder
 from proxy_core.upstream cimport UpstreamConnection
 
 
 @cython.final
 cdef class _State:
     cdef public object snapshot
-    cdef public object router
+    cdef public Router router
     cdef public dict balancers
     cdef public object local_endpoints
     cdef public dict rate_limits
@@ -108,6 +110,7 @@ cdef class Exchange:
     cdef public object grpc_status
     cdef public object cache
 
+    @cython.locals(router=Router, req=RequestInfo)
     cpdef start(self)
     cpdef _to_cluster(self)
     cpdef _prepare_upstream(self, str path, str authority, tuple ops)
@@ -122,6 +125,6 @@ cdef class Exchange:
     cpdef on_end(self, list trailers)
     cpdef flush(self)
     cpdef _response_head(self, ResponseHead rh)
-    @cython.locals(alog=AccessLog)
+    @cython.locals(alog=AccessLog, telemetry=TelemetryRecorder, destinations=StatsRecorder)
     cpdef _complete(self, bint upstream_reusable)
     cpdef _finish_downstream(self)

@@ -1714,8 +1714,9 @@ class Exchange:
         status = self.status
         flag_list = self.flags
         response_flags = ",".join(flag_list) if flag_list else flags.NONE
-        server.destinations.record(self.cluster.service if self.cluster is not None else "unknown", status,
-                                   duration_ms, response_flags)   # ProxyServer.record, inlined
+        destinations = server.destinations   # ProxyServer.record, inlined
+        destinations.record(self.cluster.service if self.cluster is not None else "unknown", status, duration_ms,
+                            response_flags)
         telemetry = server.telemetry
         if telemetry is not None and self.head.method != b"CONNECT":
             head_bytes = len(self.up_head) if self.attempt else request_head_size(self.head)
