@@ -1,5 +1,8 @@
 # C types for the parsers of http1.py when it is compiled (see setup.py); the .py stays the source.
 
+cdef frozenset _FRAMING
+
+
 cdef class _Head:
     pass
 
@@ -44,6 +47,7 @@ cdef class _Parser:
     cdef public int _error_status
     cdef public int _large_status
 
+    cpdef on_header(self, bytes name, bytes value)
     cpdef _begin_message(self)
     cpdef _end_head(self)
     cpdef _trailer(self, bytes name, bytes value)
