@@ -16,9 +16,12 @@ cdef class CoalescingTransport:
 cdef class WriteBatch:
     cdef public object loop
     cdef list _pending
+    cdef list _finished
     cdef bint _scheduled
     cdef object _flush_cb
     cdef object _context
 
     cpdef add(self, CoalescingTransport transport)
+    cpdef record_later(self, object item)
+    cdef _schedule(self)
     cpdef flush(self)

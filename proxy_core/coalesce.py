@@ -19,7 +19,9 @@ returning False) call ``flush`` first.
 
 The HTTP/1.1 exchange uses it on both sides; byte tunnels switch to ``direct`` writes once
 the connection becomes one (their half-close handling writes and closes from the loop's
-callbacks).
+callbacks).  A finished exchange's bookkeeping (stats, telemetry, access log) also waits for
+the flush (``record_later``) and runs after the writes: a response is not held back by the
+records of the requests finished before it in the same iteration, nor by its own.
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ log = logging.getLogger(__name__)
 class WriteBatch:
     """The transports with held writes, flushed once per loop iteration."""
 
-    __slots__ = ("loop", "_pending", "_scheduled", "_flush_cb", "_context")
+    __slots__ = ("loop", "_pending", "_finished", "_scheduled", "_flush_cb", "_context")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop     # None: the running loop, looked up at each first write of an iteration
         self._pending: list[CoalescingTransport] = []
+        self._finished: list[Any] = []    # whose record() runs after the writes
         self._scheduled = False
         self._flush_cb = self.flush
         # The flush runs no code of the requests', so it needs none of their context variables:
@@ -49,20 +52,37 @@ class WriteBatch:
         """``transport`` holds bytes now; it is written at the end of this iteration."""
         self._pending.append(transport)
         if not self._scheduled:
-            self._scheduled = True
-            loop = self.loop
-            if loop is None:
-                loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush_cb, context=self._context)
+            self._schedule()
+
+    def record_later(self, item: Any) -> None:
+        """Call ``item.record()`` once this iteration's writes are out: a request's bookkeeping
+        (stats, telemetry, access log) need not hold back its response, nor the others'."""
+        self._finished.append(item)
+        if not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        loop = self.loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        loop.call_soon(self._flush_cb, context=self._context)
 
     def flush(self) -> None:
         self._scheduled = False
         pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        for transport in pending:
-            transport.flush()
+        if pending:
+            self._pending = []
+            for transport in pending:
+                transport.flush()
+        finished = self._finished
+        if finished:
+            self._finished = []
+            for item in finished:
+                try:
+                    item.record()
+                except Exception:   # a bug in one request's bookkeeping spares the others'
+                    log.exception("recording a finished request failed")
 
 
 class CoalescingTransport:

@@ -59,6 +59,7 @@ cdef class Exchange:
     cdef public object loop
     cdef public double t0
     cdef public double t_wall
+    cdef public double duration_ms
     cdef public list flags
     cdef public list body
     cdef public list tried
@@ -125,6 +126,7 @@ cdef class Exchange:
     cpdef on_end(self, list trailers)
     cpdef flush(self)
     cpdef _response_head(self, ResponseHead rh)
-    @cython.locals(alog=AccessLog, telemetry=TelemetryRecorder, destinations=StatsRecorder)
     cpdef _complete(self, bint upstream_reusable)
+    @cython.locals(alog=AccessLog, telemetry=TelemetryRecorder, destinations=StatsRecorder)
+    cpdef record(self)
     cpdef _finish_downstream(self)

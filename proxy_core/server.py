@@ -415,6 +415,7 @@ class ProxyServer:
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
             conn.abort()
+        self.writes.flush()   # what the last iteration left: its writes go nowhere now, its records count
         self.tcp.close()
         self.mirrors.close()
         self.pool.close()
@@ -719,6 +720,7 @@ class Exchange:
         self.loop = server.loop
         self.t0 = time.monotonic()
         self.t_wall = time.time()
+        self.duration_ms = 0.0                         # set when it completes
         self.flags: list[str] = []
         self.body: list[bytes] = []
         self.tried: list[str] = []
@@ -1710,7 +1712,19 @@ class Exchange:
             self.conn.resume(_PAUSE_BODY)
         server = self.server
         server.counters.active_requests -= 1
-        duration_ms = (time.monotonic() - self.t0) * 1000.0
+        self.duration_ms = (time.monotonic() - self.t0) * 1000.0
+        # Stats, telemetry, trace and access log wait until the response has left with this
+        # iteration's writes (proxy_core.coalesce): the client does not wait on the bookkeeping.
+        server.writes.record_later(self)
+        if self.pipe is not None:
+            self.conn.active = None
+            return
+        self._finish_downstream()
+
+    def record(self) -> None:
+        """The finished exchange's stats, telemetry, trace span and access log line."""
+        server = self.server
+        duration_ms = self.duration_ms
         status = self.status
         flag_list = self.flags
         response_flags = ",".join(flag_list) if flag_list else flags.NONE
@@ -1743,10 +1757,6 @@ class Exchange:
                      ep.key if ep is not None else None, self.wc.cluster if self.wc is not None else None,
                      self.route.name if self.route is not None else None, self.conn.peer, self.conn.listener.name,
                      self.conn.peer_principal, self.grpc_status)
-        if self.pipe is not None:
-            self.conn.active = None
-            return
-        self._finish_downstream()
 
     def _finish_downstream(self) -> None:
         """Hand the connection back once both the response and the request body are done."""

@@ -125,3 +125,31 @@ async def test_a_connection_gone_meanwhile_drops_its_bytes_and_spares_the_others
     assert received(peer_a) == b"<EOF>"
     assert received(peer_b) == b"kept"
     b.close()
+
+
+async def test_records_run_after_the_writes_and_one_failure_spares_the_others(caplog) -> None:
+    batch = WriteBatch()
+    raw, peer = await pair()
+    t = CoalescingTransport(raw, batch)
+    seen: list[tuple[str, bytes]] = []
+
+    class Finished:
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        def record(self) -> None:
+            seen.append((self.name, received(peer)))   # what the client has by then
+            if self.fail:
+                raise RuntimeError("bookkeeping bug")
+
+    t.write(b"response")
+    batch.record_later(Finished("first", fail=True))
+    batch.record_later(Finished("second"))
+    assert seen == []
+    await next_iteration()
+    assert seen == [("first", b"response"), ("second", b"")]
+    assert "recording a finished request failed" in caplog.text
+    batch.record_later(Finished("alone"))   # no write pending: the record still runs
+    await next_iteration()
+    assert seen[-1] == ("alone", b"")
+    t.close()
