@@ -46,11 +46,14 @@ async def next_iteration() -> None:
     await asyncio.sleep(0)
 
 
+async def two_on(batch: WriteBatch) -> tuple[CoalescingTransport, socket.socket, CoalescingTransport, socket.socket]:
+    """Two coalescing transports sharing ``batch``, each with its peer socket."""
+    (raw_a, peer_a), (raw_b, peer_b) = await pair(), await pair()
+    return CoalescingTransport(raw_a, batch), peer_a, CoalescingTransport(raw_b, batch), peer_b
+
+
 async def test_writes_are_held_until_the_iteration_ends_then_leave_in_order() -> None:
-    batch = WriteBatch()
-    raw_a, peer_a = await pair()
-    raw_b, peer_b = await pair()
-    a, b = CoalescingTransport(raw_a, batch), CoalescingTransport(raw_b, batch)
+    a, peer_a, b, peer_b = await two_on(WriteBatch())
     a.write(b"one ")
     b.write(b"other")
     a.write(b"two ")
@@ -68,34 +71,19 @@ async def test_writes_are_held_until_the_iteration_ends_then_leave_in_order() ->
     a.close(); b.close()
 
 
-async def test_close_and_write_eof_send_what_was_held_first() -> None:
-    batch = WriteBatch()
-    raw, peer = await pair()
-    t = CoalescingTransport(raw, batch)
-    t.write(b"last words")
-    t.write_eof()
-    await next_iteration()
-    assert received(peer) == b"last words<EOF>"
-    raw2, peer2 = await pair()
-    t2 = CoalescingTransport(raw2, batch)
-    t2.write(b"goodbye")
-    t2.close()
-    await next_iteration()
-    assert received(peer2) == b"goodbye<EOF>"
-
-
-async def test_abort_drops_what_was_held() -> None:
-    batch = WriteBatch()
-    raw, peer = await pair()
-    t = CoalescingTransport(raw, batch)
-    t.write(b"never sent")
-    t.abort()
+@pytest.mark.parametrize("end, expected", [
+    ("write_eof", b"last words<EOF>"), ("close", b"last words<EOF>"), ("abort", b"<EOF>")])
+async def test_ending_the_stream_writes_what_was_held_first_except_abort(end: str, expected: bytes) -> None:
+    a, peer, other, _ = await two_on(WriteBatch())
+    a.write(b"last words")
+    getattr(a, end)()
+    other.close()
     await next_iteration()
     try:
         got = received(peer)
-    except ConnectionResetError:
+    except ConnectionResetError:   # an abort may reset rather than end the stream
         got = b"<EOF>"
-    assert got == b"<EOF>"
+    assert got == expected
 
 
 async def test_direct_flushes_then_writes_at_once() -> None:
@@ -114,13 +102,10 @@ async def test_direct_flushes_then_writes_at_once() -> None:
 
 
 async def test_a_connection_gone_meanwhile_drops_its_bytes_and_spares_the_others() -> None:
-    batch = WriteBatch()
-    raw_a, peer_a = await pair()
-    raw_b, peer_b = await pair()
-    a, b = CoalescingTransport(raw_a, batch), CoalescingTransport(raw_b, batch)
+    a, peer_a, b, peer_b = await two_on(WriteBatch())
     a.write(b"lost")
     b.write(b"kept")
-    raw_a.close()           # closed underneath the wrapper, as the loop does after a peer's EOF
+    a.transport.close()     # closed underneath the wrapper, as the loop does after a peer's EOF
     await next_iteration()
     assert received(peer_a) == b"<EOF>"
     assert received(peer_b) == b"kept"
