@@ -19,11 +19,23 @@ class _Recorder(asyncio.Protocol):
         self.transport = transport
 
 
+_PEERS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_peers() -> Any:
+    yield
+    while _PEERS:
+        _PEERS.pop().close()
+
+
 async def pair() -> tuple[Any, socket.socket]:
-    """A real transport on one end of a connected loopback pair; the other end, non-blocking."""
+    """A real transport on one end of a connected loopback pair; the other end, non-blocking
+    (closed after the test)."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
+    _PEERS.append(theirs)
     transport, _ = await loop.connect_accepted_socket(_Recorder, ours)
     return transport, theirs
 
@@ -84,6 +96,7 @@ async def test_ending_the_stream_writes_what_was_held_first_except_abort(end: st
     except ConnectionResetError:   # an abort may reset rather than end the stream
         got = b"<EOF>"
     assert got == expected
+    a.close()
 
 
 async def test_direct_flushes_then_writes_at_once() -> None:
