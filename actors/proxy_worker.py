@@ -138,6 +138,7 @@ class ProxyWorker:
         self._control_path = os.path.join(self._dir, "control.sock")
         self._proc: subprocess.Popen | None = None
         self._snapshot: dict[str, Any] | None = None
+        self._running: dict[str, Any] | None = None   # the snapshot the proxy process acknowledged
         self._version: str | None = None
         self._ports: dict[str, int] = {}
         self._gateways: dict[str, str] = {}       # ingress gateway listener -> bound address:port
@@ -188,8 +189,9 @@ class ProxyWorker:
 
     async def _start_process(self) -> None:
         path = os.path.join(self._dir, "snapshot.json")
+        snapshot = self._bootstrap()
         with open(path, "w") as f:
-            json.dump(self._bootstrap(), f)
+            json.dump(snapshot, f)
         if os.path.exists(self._control_path):
             os.unlink(self._control_path)
         env = dict(os.environ, **(self.options.get("proxy_env") or {}))
@@ -212,6 +214,7 @@ class ProxyWorker:
         self._ports = dict(status.get("ports") or {})
         self._gateways = dict(status.get("gateways") or {})
         self._version = status.get("version")
+        self._running = snapshot if snapshot.get("version") == self._version else None
         await self._push_gateway_secrets(self._snapshot)   # a restarted proxy has none
 
     def _tracing_args(self) -> list[str]:
@@ -324,7 +327,7 @@ class ProxyWorker:
             self._snapshot = snapshot
             return
         if reply.get("ok"):
-            self._snapshot = snapshot
+            self._snapshot = self._running = snapshot
             self._version = snapshot["version"]
             self._synced_at = time.time()
             self._credentials_due.set()
@@ -465,6 +468,11 @@ class ProxyWorker:
                 "gateways": dict(self._gateways),
                 "pid": self._proc.pid if self._proc else None, "restarts": self._restarts,
                 "synced_at": self._synced_at, "telemetry_dropped": self._telemetry_dropped, "stats": stats}
+
+    async def config(self) -> dict[str, Any]:
+        """The snapshot this node's proxy runs (the last one it acknowledged), for
+        ``meshctl proxy-config``; it holds no key material (SVIDs and secrets travel apart)."""
+        return {"proxy": self.name, "node_id": self.node_id, "version": self._version, "snapshot": self._running}
 
     async def svids(self) -> list[dict[str, Any]]:
         """The SVIDs this node's proxy holds: SPIFFE id and certificate chain (PEM), never a key."""

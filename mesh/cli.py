@@ -12,6 +12,7 @@ Against a running cluster (``ray.init(address="auto")``, so it also works as
     meshctl get KIND [NAME] [-n NS] [-o yaml|json]      (Secrets: never their data, -o yaml/json says REDACTED)
     meshctl create secret tls NAME --cert FILE --key FILE [--ca FILE] [-n istio-system]
     meshctl proxy-status
+    meshctl proxy-config listeners|routes|clusters|endpoints|all PROXY [-o table|json|yaml]
     meshctl analyze [-f FILE|DIR|-] [-n NS | -A]    (the stored configuration, plus files as if applied)
     meshctl telemetry query [--group-by COLS] [--where COL=V] [-o table|json|parquet --file F [--raw]]
 
@@ -37,6 +38,10 @@ from mesh.analyze import LEVELS, MESSAGE_TYPES, SCHEMA_VALIDATION_ERROR, Message
 from mesh.compiler_gateways import GATEWAY_NAMESPACE
 from mesh.compiler_services import build_service_index, resources_by_kind
 from mesh.errors import MeshError
+from mesh.proxy_config import HEADERS as PROXY_CONFIG_HEADERS
+from mesh.proxy_config import SECTIONS
+from mesh.proxy_config import rows as proxy_config_rows
+from mesh.proxy_config import section as proxy_config_section
 from mesh.identity import IdentityError, load_certs
 from mesh.loader import Document, LoadError, load_documents
 from mesh.registry import RegistryState
@@ -111,6 +116,12 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("proxy-status", help="which proxies run the newest configuration")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(handler=cmd_proxy_status)
+
+    p = sub.add_parser("proxy-config", help="what one proxy runs: listeners, routes, clusters, endpoints")
+    p.add_argument("section", choices=(*SECTIONS, "all"), help="what to show")
+    p.add_argument("proxy", help="a proxy as proxy-status names it (proxy-<node>), or the start of its node id")
+    p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    p.set_defaults(handler=cmd_proxy_config)
 
     p = sub.add_parser("top", help="per destination service: requests/s, success rate, latency percentiles")
     p.add_argument("--since", type=float, default=60.0, help="seconds back (default 60)")
@@ -334,6 +345,34 @@ def cmd_proxy_status(args: argparse.Namespace, out: TextIO) -> int:
                [[r["proxy"], r["node"][:16], r["status"], r["acked"] or "-", r["latest"] or "-",
                  _gateway_cell(r)] for r in rows])
     return 0 if all(r["status"] == "SYNCED" for r in rows) else 1
+
+
+def cmd_proxy_config(args: argparse.Namespace, out: TextIO) -> int:
+    """istioctl proxy-config for a raymesh proxy: the snapshot it acknowledged, as tables, or
+    the snapshot's sections (-o json|yaml)."""
+    try:
+        config = _client(args).proxy_config(args.proxy)
+    except LookupError as exc:
+        raise MeshError([str(exc)]) from None
+    snapshot = config.get("snapshot")
+    if snapshot is None:
+        raise MeshError([f"{config['proxy']} runs no configuration yet"])
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    if args.output != "table":
+        body = {"proxy": config["proxy"], "node": config["node_id"], "version": config["version"]}
+        for name in sections:
+            body.update(proxy_config_section(snapshot, name))
+        if args.output == "json":
+            json.dump(body, out, indent=2)
+            out.write("\n")
+        else:
+            yaml.safe_dump(body, out, sort_keys=False)
+        return 0
+    for i, name in enumerate(sections):
+        if len(sections) > 1:
+            print(("\n" if i else "") + f"{name.upper()} ({config['proxy']}, version {config['version']})", file=out)
+        _table(out, PROXY_CONFIG_HEADERS[name], proxy_config_rows(snapshot, name))
+    return 0
 
 
 def _gateway_cell(row: dict[str, Any]) -> str:

@@ -175,6 +175,21 @@ class MeshClient:
                 log.warning("the proxy of node %s did not answer", node_id)
         return out
 
+    def proxy_config(self, proxy: str) -> dict[str, Any]:
+        """What one proxy runs (``ProxyWorker.config``): ``proxy`` is its name (``proxy-<node>``,
+        as ``proxy_status`` lists it) or the start of its node id.  LookupError when none or
+        several match, or when it does not answer."""
+        nodes = sorted(self.registry().get("nodes") or {})
+        matches = [n for n in nodes if f"proxy-{n[:16]}" == proxy] or [n for n in nodes if n.startswith(proxy)]
+        if len(matches) != 1:
+            known = ", ".join(f"proxy-{n[:16]}" for n in nodes) or "none"
+            raise LookupError(f"{'no' if not matches else 'more than one'} proxy matches {proxy!r} (proxies: {known})")
+        name = f"proxy-{matches[0][:16]}"
+        try:
+            return ray.get(ray.get_actor(name, namespace=NAMESPACE).config.remote(), timeout=10)
+        except (ValueError, *FAILOVER_ERRORS) as exc:
+            raise LookupError(f"{name} did not answer: {exc}") from None
+
     def proxy_status(self) -> list[dict[str, Any]]:
         """One row per proxy: its node, acked version, Pilot's latest version and SYNCED/STALE."""
         latest = self.pilot_status()["versions"]

@@ -144,3 +144,42 @@ def test_analyze_live_configuration_with_files_applied_over_it(mesh, tmp_path):
         "with the following labels: app=inventory,version=v3",
         f'Error [IST0101] (VirtualService default/inventory {extra}:0) Referenced host not found: "invetnory"']
     assert meshctl(mesh, "get", "vs").stdout.strip().count("\n") == 0   # still nothing stored
+
+
+def test_proxy_config_shows_what_each_proxy_runs(mesh):
+    from mesh.loader import load_documents
+
+    mesh.deploy("reviews", "v1", node_index=1)
+    mesh.deploy("reviews", "v2", node_index=1)
+    mesh.wait_endpoints("reviews", 2)
+    mesh.apply(*[d.body for d in load_documents([str(SAMPLES / "destination-rule-all.yaml"),
+                                                 str(SAMPLES / "virtual-service-reviews-test-v2.yaml")])])
+    here, there = mesh.nodes[0], mesh.nodes[1]
+    proxy = f"proxy-{here[:16]}"
+    v2 = "|v2|reviews.default.svc.cluster.local"
+
+    r = meshctl(mesh, "proxy-config", "routes", proxy)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "DOMAINS", "MATCH", "ROUTE", "DESTINATION"]
+    jason = [ln for ln in lines if "end-user exact=jason" in ln]
+    assert len(jason) == 1 and v2 in jason[0] and "default/reviews/0" in jason[0], r.stdout
+
+    # By node id prefix, as JSON: the acknowledged snapshot's clusters, endpoints on the other node via its tunnel.
+    r = meshctl(mesh, "proxy-config", "endpoints", here[:12], "-o", "json")
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["proxy"] == proxy and body["node"] == here and body["version"]
+    [cluster] = [c for name, c in body["clusters"].items() if name.endswith(v2)]
+    [ep] = cluster["endpoints"]
+    assert ep["node"] == there and ep["via"]["port"] > 0 and ep["labels"]["version"] == "v2"
+
+    r = meshctl(mesh, "proxy-config", "all", proxy, "-o", "yaml")
+    doc = yaml.safe_load(r.stdout)
+    assert {"listeners", "vips", "virtual_hosts", "clusters"} <= set(doc) and doc["node"] == here
+
+    table = meshctl(mesh, "proxy-config", "all", proxy).stdout
+    assert "LISTENERS (" in table and "HTTP_PROXY" in table and "INBOUND" in table and "ENDPOINTS (" in table
+
+    r = meshctl(mesh, "proxy-config", "clusters", "proxy-nope")
+    assert r.returncode == 1 and "no proxy matches 'proxy-nope'" in r.stderr and proxy in r.stderr
