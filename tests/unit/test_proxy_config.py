@@ -5,27 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mesh import proxy_config as pc
-from tests.unit.test_compiler import DESTINATION_RULE_ALL, FQDN, NODE_B, REVIEWS_TEST_V2, compile_checked, load
-
-REVIEWS_50_V3 = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: reviews
-spec:
-  hosts:
-  - reviews
-  http:
-  - route:
-    - destination:
-        host: reviews
-        subset: v1
-      weight: 50
-    - destination:
-        host: reviews
-        subset: v3
-      weight: 50
-"""
+from tests.unit.test_compiler import (DESTINATION_RULE_ALL, FQDN, NODE_B, REVIEWS_50_V3, REVIEWS_TEST_V2,
+                                     compile_checked, load)
 
 
 def by(rows: list[list[str]], column: int, value: str) -> list[list[str]]:
