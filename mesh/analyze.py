@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mesh.compiler_clusters import select_destination_rule
-from mesh.compiler_gateways import server_domains
+from mesh.compiler_gateways import GATEWAY_NAMESPACE, server_domains
 from mesh.compiler_routes import MESH, binds_mesh, gateway_ref
 from mesh.compiler_security import ROOT_NAMESPACE
 from mesh.compiler_services import Service, host_covers, labels_match, resolve_host, resources_by_kind
@@ -212,6 +212,21 @@ def check_gateway_references(ctx: _Context) -> None:
                 ctx.report(vs, VS_HOST_NOT_IN_GATEWAY, missing, f"{vs.namespace}/{vs.name}", f"{gw.namespace}/{gw.name}")
 
 
+def check_gateway_credentials(ctx: _Context) -> None:
+    """IST0101 for a Gateway server whose ``tls.credentialName`` (or ``credentialNames``) names
+    no Secret where the ingress gateway reads them (``istio-system``), as Istio's gateway
+    secret analyzer reports it: the server's port would stay closed."""
+    secrets = {s.name for s in ctx.by_kind.get("Secret", []) if s.namespace == GATEWAY_NAMESPACE}
+    for gw in ctx.by_kind.get("Gateway", []):
+        names: list[str] = []
+        for server in gw.spec.get("servers") or ():
+            tls = server.get("tls") or {}
+            names += [str(n) for n in (tls.get("credentialName"), *(tls.get("credentialNames") or ())) if n]
+        for name in dict.fromkeys(names):
+            if name not in secrets:
+                ctx.report(gw, REFERENCED_RESOURCE_NOT_FOUND, "credentialName", name)
+
+
 def check_mesh_host_conflicts(ctx: _Context) -> None:
     """IST0109: two mesh VirtualServices for one host; only one of them is applied."""
     owners: dict[str, list[Resource]] = {}
@@ -351,7 +366,8 @@ def check_namespace_wide_duplicates(ctx: _Context) -> None:
                     ctx.report(r, mtype, names, namespace, group[0].name)
 
 
-ANALYZERS: tuple[Analyzer, ...] = (check_destinations, check_gateway_references, check_mesh_host_conflicts,
+ANALYZERS: tuple[Analyzer, ...] = (check_destinations, check_gateway_references, check_gateway_credentials,
+                                   check_mesh_host_conflicts,
                                    check_unreachable_rules, check_destination_rules, check_selectors,
                                    check_namespace_wide_duplicates)
 

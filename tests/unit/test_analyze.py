@@ -126,6 +126,41 @@ spec:
         'Error [IST0101] (VirtualService default/shop) Referenced gateway not found: "missing-gateway"']
 
 
+def test_gateway_credential_names_without_their_secret():
+    found = resources("""
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: secure, namespace: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["*/shop.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+  - port: {number: 8443, name: https-admin, protocol: HTTPS}
+    hosts: ["*/admin.example.com"]
+    tls: {mode: MUTUAL, credentialName: admin-cert}
+  - port: {number: 9443, name: https-api, protocol: HTTPS}
+    hosts: ["*/api.example.com"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: shop-cert, namespace: istio-system}
+type: kubernetes.io/tls
+stringData: {tls.crt: x, tls.key: y}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: admin-cert, namespace: edge}
+type: kubernetes.io/tls
+stringData: {tls.crt: x, tls.key: y}
+""")
+    # admin-cert exists, but not where the ingress gateway reads Secrets (istio-system).
+    assert [str(m) for m in run(found)] == [
+        'Error [IST0101] (Gateway edge/secure) Referenced credentialName not found: "admin-cert"']
+
+
 def test_two_mesh_virtual_services_for_one_host_conflict():
     found = resources("""
 apiVersion: networking.istio.io/v1
