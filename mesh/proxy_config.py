@@ -85,10 +85,11 @@ def endpoint_rows(snapshot: dict[str, Any]) -> list[list[str]]:
     here = (snapshot.get("node") or {}).get("id")
     for name, c in sorted((snapshot.get("clusters") or {}).items()):
         for ep in c.get("endpoints") or ():
-            node = ep.get("node")
-            via = ep.get("via")
-            where = "local" if node is None or node == here else f"{str(node)[:16]} via {via['address']}:{via['port']}" \
-                if via else str(node)[:16]
+            node, via = ep.get("node"), ep.get("via")
+            if node is None or node == here:
+                where = "local"
+            else:
+                where = str(node)[:16] + (f" via {via['address']}:{via['port']}" if via else "")
             labels = ",".join(f"{k}={v}" for k, v in sorted((ep.get("labels") or {}).items())) or "-"
             out.append([f"{ep['address']}:{ep['port']}", where, labels, name])
     return out
@@ -103,6 +104,9 @@ def _domains(domains: Any, shown: int = 3) -> str:
     return text + f" + {len(domains) - shown} more" if len(domains) > shown else text or "-"
 
 
+_CONDITIONS = (("headers", "header"), ("query_params", "query param"), ("without_headers", "without header"))
+
+
 def _match(matches: Any) -> str:
     """One line for a route's match conditions (any of them, each all of its parts), as Envoy's
     route dump summarises them: uri first, then the other conditions by name."""
@@ -113,10 +117,10 @@ def _match(matches: Any) -> str:
         bits = []
         for kind, value in (m.get("uri") or {}).items():
             bits.append(f"{value}*" if kind == "prefix" else f"~{value}" if kind == "regex" else str(value))
-        for key in ("headers", "query_params", "without_headers"):
+        for key, label in _CONDITIONS:
             for name, cond in (m.get(key) or {}).items():
                 text = ",".join(f"{k}={v}" for k, v in (cond or {}).items()) if isinstance(cond, dict) else str(cond)
-                bits.append(f"{key.rstrip('s').replace('_', ' ')} {name}{'' if not text else ' ' + text}")
+                bits.append(f"{label} {name}" + (f" {text}" if text else ""))
         for key in ("method", "authority", "port", "source_labels", "source_namespace"):
             if m.get(key):
                 bits.append(f"{key.replace('_', ' ')} {m[key]}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Mapping
 
 from proxy_core.router import RequestInfo, split_host_port
@@ -25,56 +24,11 @@ HOP_BY_HOP_BYTES: frozenset[bytes] = frozenset(h.encode() for h in HOP_BY_HOP)
 
 # -- retries ---------------------------------------------------------------------------------
 
-_GATEWAY_ERRORS = frozenset({502, 503, 504})
-
-
-@lru_cache(maxsize=256)
-def _numeric_codes(retry_on: frozenset[str]) -> frozenset[int]:
-    """Status codes listed directly in ``retry_on`` (Istio accepts ``retryOn: "503,5xx"``)."""
-    return frozenset(int(x) for x in retry_on if x.isdigit())
-
-
 def retry_on_status(policy: RetryPolicy, status: int) -> bool:
-    """Whether a response with ``status`` should be retried under ``policy``.
-
-    ============================  =========================================================
-    ``retry_on`` entry            statuses retried
-    ============================  =========================================================
-    ``5xx``                       500-599
-    ``gateway-error``             502, 503, 504
-    ``retriable-4xx``             409
-    ``retriable-status-codes``    ``policy.retriable_status_codes`` (Envoy needs this entry
-                                  for the list to count)
-    ``"503"`` (a number)          that status
-    ============================  =========================================================
-    """
-    return status in retried_statuses(policy)
-
-
-_RETRIED: dict[int, tuple[RetryPolicy, frozenset[int]]] = {}
-
-
-def retried_statuses(policy: RetryPolicy) -> frozenset[int]:
-    """Every status ``policy`` retries (the table of ``retry_on_status``), worked out once per
-    policy object: it is asked for every response of a route with retries."""
-    entry = _RETRIED.get(id(policy))
-    if entry is not None and entry[0] is policy:
-        return entry[1]
-    on = policy.retry_on
-    codes = set(_numeric_codes(on))
-    if "5xx" in on:
-        codes.update(range(500, 1000))
-    elif "gateway-error" in on:
-        codes.update(_GATEWAY_ERRORS)
-    if "retriable-4xx" in on:
-        codes.add(409)
-    if "retriable-status-codes" in on:
-        codes.update(policy.retriable_status_codes)
-    statuses = frozenset(codes)
-    if len(_RETRIED) >= 4096:
-        _RETRIED.clear()
-    _RETRIED[id(policy)] = (policy, statuses)   # the policy is held: its id stays its own
-    return statuses
+    """Whether a response with ``status`` should be retried under ``policy``: one of the
+    statuses its ``retry_on`` entries name, worked out when the policy is built
+    (``RetryPolicy.statuses``, where the table of entries is)."""
+    return status in policy.statuses
 
 
 # gRPC status code -> the retry_on entry that retries it (Envoy's x-envoy-retry-grpc-on).

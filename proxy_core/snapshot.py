@@ -449,10 +449,39 @@ class Rewrite:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
+    """Envoy's retry policy of a route.  ``statuses`` are the response statuses it retries,
+    worked out once here from ``retry_on`` (a response is checked against them every time):
+
+    ============================  =========================================================
+    ``retry_on`` entry            statuses retried
+    ============================  =========================================================
+    ``5xx``                       500 and above
+    ``gateway-error``             502, 503, 504
+    ``retriable-4xx``             409
+    ``retriable-status-codes``    ``retriable_status_codes`` (Envoy needs this entry for
+                                  the list to count)
+    ``"503"`` (a number)          that status (Istio accepts ``retryOn: "503,5xx"``)
+    ============================  =========================================================
+    """
+
     attempts: int = 0
     per_try_timeout: float | None = None
     retry_on: frozenset[str] = frozenset()
     retriable_status_codes: frozenset[int] = frozenset()
+    statuses: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        on = self.retry_on
+        codes = {int(x) for x in on if x.isdigit()}
+        if "5xx" in on:
+            codes.update(range(500, 1000))
+        elif "gateway-error" in on:
+            codes.update((502, 503, 504))
+        if "retriable-4xx" in on:
+            codes.add(409)
+        if "retriable-status-codes" in on:
+            codes.update(self.retriable_status_codes)
+        object.__setattr__(self, "statuses", frozenset(codes))
 
 
 @dataclass(frozen=True, slots=True)
